@@ -1,0 +1,5 @@
+import sys
+
+from yunque.cli import main
+
+sys.exit(main())

@@ -1,0 +1,250 @@
+"""The `yunque` command: each subcommand maps its flags onto one config and calls one stage.
+
+Errors a user can fix (bad paths, bad flags, corrupt files) print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG_PRETRAIN = """examples:
+  yunque pretrain --out runs/py --minutes 5                 # built-in corpus (Python's own source and docs)
+  yunque pretrain --out runs/shakespeare --data input.txt --tokenizer bytes --preset mini --max-steps 2000
+  yunque pretrain --out runs/py --resume                     # continue an interrupted run exactly
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="yunque", description="yunque: train, fine-tune, evaluate and serve GPT-style language "
+                                          "models on a laptop CPU or a GPU cluster.",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="start with `yunque speedrun`: it trains a tokenizer and a model on Python's own source "
+                      "code and docs in about ten minutes, then writes a report.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    tok = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    toksub = tok.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=Parser)
+    tt = toksub.add_parser("train", help="train a tokenizer on text files", description=(
+        "Train a byte-level BPE tokenizer (Hugging Face `tokenizers`) and save it as OUT/tokenizer.json."))
+    tt.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                    help="text files, folders or jsonl; default: the built-in corpus")
+    tt.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size including special tokens")
+    tt.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    tt.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+
+    pt = sub.add_parser("pretrain", help="pretrain a model by next-token prediction",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG_PRETRAIN,
+                        description="Pretrain a GPT on unlabeled text. Writes a model dir: config.json, "
+                                    "model.safetensors, tokenizer.json, train_state.pt, metrics.jsonl, loss.png.")
+    pt.add_argument("--out", required=True, help="run directory (becomes the model dir)")
+    pt.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                    help="text files, folders or jsonl; default: the built-in corpus")
+    pt.add_argument("--text-field", default="text", help="jsonl field holding the text")
+    pt.add_argument("--preset", default="mini", help="model size: tiny, mini, small, base, medium, large, gpt2-tiny, "
+                                                     "gpt2-small (default: mini)")
+    pt.add_argument("--tokenizer", default=None, metavar="DIR|bytes",
+                    help="reuse a tokenizer dir, or 'bytes' for one token per byte; default: train a BPE")
+    pt.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when a tokenizer is trained")
+    for name in ("n_layer", "n_head", "n_kv_head", "d_model"):
+        pt.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"override the preset's {name}")
+    pt.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default: 16)")
+    pt.add_argument("--seq-len", type=int, default=None, help="training context (default: the preset's)")
+    pt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    budget = pt.add_mutually_exclusive_group()
+    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1000)")
+    budget.add_argument("--minutes", type=float, default=None, help="train for this wall-clock time instead")
+    pt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    pt.add_argument("--warmup-steps", type=int, default=100)
+    pt.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    pt.add_argument("--weight-decay", type=float, default=0.1)
+    pt.add_argument("--dropout", type=float, default=0.0)
+    pt.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="bf16 autocast where the hardware is fast at it (auto), or force one")
+    pt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    pt.add_argument("--eval-every", type=int, default=250, help="validate every N steps")
+    pt.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    pt.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    pt.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gen = sub.add_parser("generate", help="continue a prompt with a model",
+                         description="Generate text from MODEL_DIR, streamed as it is produced.")
+    gen.add_argument("model", metavar="MODEL_DIR")
+    gen.add_argument("prompt")
+    add_sampling_flags(gen)
+
+    info = sub.add_parser("info", help="describe a model dir")
+    info.add_argument("model", metavar="MODEL_DIR")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    ppl = sub.add_parser("perplexity", help="loss, perplexity and bits per byte of a model on text")
+    ppl.add_argument("model", metavar="MODEL_DIR")
+    ppl.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--json", action="store_true", help="print JSON")
+
+    sr = sub.add_parser("speedrun", help="the main job: tokenizer + model on the built-in corpus, then a report",
+                        description="Train a BPE tokenizer and a model on Python's standard library source and "
+                                    "documentation (no network needed), then write report.md and report.json.")
+    sr.add_argument("--out", default="runs/speedrun", help="run directory (default: runs/speedrun)")
+    sr.add_argument("--minutes", type=float, default=6.0, help="pretraining budget in minutes (default: 6)")
+    sr.add_argument("--preset", default=None, help="model size (default: the speedrun's own)")
+    sr.add_argument("--seed", type=int, default=0)
+    sr.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def cmd_tokenizer(args) -> int:
+    from yunque.data.sources import SkipReport, iter_documents
+    from yunque.tokenizer.bpe import train_bpe
+
+    report = SkipReport()
+    texts = (d.text for d in iter_documents(args.data, text_field=args.text_field, report=report))
+    tok = train_bpe(texts, args.vocab_size, show_progress=sys.stderr.isatty())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tok.save(args.out)
+    if report.total:
+        print(report.summary())
+    print(f"wrote {Path(args.out) / 'tokenizer.json'} ({tok.vocab_size} tokens)")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from yunque.train.loop import LoopConfig
+    from yunque.train.pretrain import PretrainConfig, main
+
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_kv_head", "d_model")
+                 if getattr(args, k) is not None}
+    if args.dropout:
+        overrides["dropout"] = args.dropout
+    max_steps = args.max_steps if args.max_steps is not None or args.minutes is not None else 1000
+    loop = LoopConfig(out_dir=args.out, max_steps=max_steps, minutes=args.minutes, lr=args.lr,
+                      warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
+                      grad_accum=args.grad_accum, precision=args.precision, compile=args.compile,
+                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      progress=not args.no_progress, device=args.device)
+    cfg = PretrainConfig(out=args.out, data=tuple(args.data), text_field=args.text_field, preset=args.preset,
+                         tokenizer=args.tokenizer, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                         seq_len=args.seq_len, model_overrides=overrides, val_fraction=args.val_fraction,
+                         seed=args.seed, loop=loop)
+    s = main(cfg)
+    val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
+    print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['tokens_seen']:,} tokens, "
+          f"{s['precision']}) in {s['wall_seconds']:.0f}s: loss {s['loss']:.4f}{val} -> {args.out}")
+    return 0
+
+
+def sampling_params(args):
+    from yunque.engine.engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_generate(args) -> int:
+    from yunque.engine.engine import Engine
+    from yunque.modeldir import load_model
+
+    params = sampling_params(args)
+    model, tok = load_model(args.model)
+    engine = Engine(model, tok)
+    prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
+    sys.stdout.write(args.prompt)
+    for piece in engine.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from yunque.modeldir import describe
+
+    d = describe(args.model)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for key, value in d.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        print(f"{key:>18}: {value}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from yunque.data.sources import SkipReport, iter_documents
+    from yunque.eval.perplexity import text_perplexity
+    from yunque.modeldir import load_model
+
+    model, tok = load_model(args.model)
+    report = SkipReport()
+    texts = [d.text for d in iter_documents(args.data, text_field=args.text_field, report=report)]
+    r = text_perplexity(model, tok, texts, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['tokens']:,} tokens, {r['bytes']:,} bytes: loss {r['loss']:.4f} nats/token, "
+              f"perplexity {r['perplexity']:.2f}, {r['bits_per_byte']:.4f} bits/byte")
+    if report.total:
+        print(report.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_speedrun(args) -> int:
+    from yunque.speedrun import SpeedrunConfig, main
+
+    kwargs = {"preset": args.preset} if args.preset else {}
+    r = main(SpeedrunConfig(out=args.out, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
+                            **kwargs))
+    print(f"validation {r['val_bits_per_byte']:.3f} bits/byte vs unigram {r['unigram_bits_per_byte']:.3f} "
+          f"in {r['wall_seconds']:.0f}s; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+COMMANDS = {"tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "info": cmd_info,
+            "perplexity": cmd_perplexity, "speedrun": cmd_speedrun}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None or (args.command == "tokenizer" and args.tokenizer_command is None):
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("yunque: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, FloatingPointError) as e:
+        if args.debug:
+            raise
+        print(f"yunque {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

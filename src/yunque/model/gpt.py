@@ -1,0 +1,204 @@
+"""The transformer, top to bottom: norms -> rotary -> attention -> MLP -> block -> GPT.
+
+One ModelConfig covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings) and the
+Llama/Mistral/Qwen family (RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases).
+Shapes: B batch, T time (new tokens), S keys attended, H query heads, K key/value heads, D head dim,
+C channels (d_model), V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from yunque.config import ModelConfig
+from yunque.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,) of rotary embeddings (Su et al. 2021), with Llama 3 scaling if configured."""
+    D = cfg.dim_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = cfg.rope_scaling
+    if s and s.get("rope_type", "llama3") == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    elif s and s.get("rope_type") == "linear":
+        inv_freq = inv_freq / s["factor"]
+    return inv_freq.float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by position; cos/sin are (B or 1, 1, T, D). Half-split layout, as in HF Llama."""
+    return (x * cos + rotate_half(x) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_head
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias)  # one matmul for q, k, v
+        self.proj = nn.Linear(q, cfg.d_model, bias=cfg.bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None,
+                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
+        causal = mask is None and kv_cache is None
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=K != H)  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = cfg.ff_dim
+        self.up = nn.Linear(cfg.d_model, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)  # gate and up fused
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up  # SwiGLU, Shazeer 2020
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg, cfg.d_model)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, kv_cache, layer):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask, kv_cache, layer))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer: token ids (B, T) -> next-token logits (B, T, V)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos == "rope":
+            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            elif name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T). With a cache, ids are the next T tokens after kv_cache.pos."""
+        B, T = ids.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        pad = kv_cache.pad if kv_cache is not None else None
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.cfg.max_seq_len}; "
+                             f"shorten the input or use a longer-context model")
+        pos = torch.arange(start, start + T, device=ids.device).unsqueeze(0)  # (1, T)
+        if pad is not None:
+            pos = (pos - pad.unsqueeze(1)).clamp(min=0)  # (B, T): a padded row starts counting at its first token
+        x = self.tok_emb(ids)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos)
+        x = self.drop(x)
+        rope = None
+        if self.pos_emb is None:
+            angles = pos.unsqueeze(-1).float() * self.inv_freq  # (B|1, T, D/2)
+            angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # (B|1, 1, T, D)
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        mask = self._mask(T, start, pad, ids.device) if kv_cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.norm_f(x))
+
+    @staticmethod
+    def _mask(T: int, start: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """Boolean attention mask (B|1, 1, T, start+T) for a cached step; None when every key is visible."""
+        if pad is None and T == 1:
+            return None
+        q = torch.arange(start, start + T, device=device).view(1, 1, T, 1)
+        k = torch.arange(start + T, device=device).view(1, 1, 1, start + T)
+        mask = k <= q
+        if pad is not None:
+            # padding keys are hidden; a padding query sees itself so that no row of the softmax is empty
+            mask = mask & ((k >= pad.view(-1, 1, 1, 1)) | (k == q))
+        return mask

@@ -1,0 +1,157 @@
+"""Model directories on disk: config.json + model.safetensors + tokenizer.json.
+
+Every stage reads and writes this layout. Weights load only from safetensors (no pickled code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from yunque.config import ModelConfig
+from yunque.model.gpt import GPT
+from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
+
+CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write a file through `write(tmp_path)`, fsync it and rename it into place, so a crash leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def weights_of(model: GPT) -> dict[str, torch.Tensor]:
+    """State dict without the tied output head (safetensors stores each tensor once)."""
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_config(model_dir: str | Path, cfg: ModelConfig) -> None:
+    text = json.dumps({"model_type": "yunque", **cfg.to_dict()}, indent=2) + "\n"
+    atomic_write(Path(model_dir) / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def save_weights(model_dir: str | Path, model: GPT, metadata: dict[str, str] | None = None) -> None:
+    atomic_write(Path(model_dir) / WEIGHTS, lambda p: save_file(weights_of(model), str(p), metadata=metadata))
+
+
+def save_model(model_dir: str | Path, model: GPT, tokenizer: Tokenizer) -> None:
+    """Write a complete model dir (config, weights, tokenizer)."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_config(model_dir, model.cfg)
+    tokenizer.save(model_dir)
+    save_weights(model_dir, model)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / CONFIG
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"{model_dir}: not a model directory; pass a directory made by `yunque pretrain`")
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; a model directory needs {CONFIG}, {WEIGHTS} and {TOKENIZER}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
+    d.pop("model_type", None)
+    try:
+        return ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata) of a model dir; a clear error for a missing or truncated file."""
+    path = Path(model_dir) / WEIGHTS
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the model directory has no weights (was training interrupted "
+                         f"before the first checkpoint?)")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
+
+
+def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
+    """Load (model in eval mode, tokenizer) from a model dir."""
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    state, _ = load_weights(model_dir)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device=device)
+    load_state(model, state, model_dir)
+    if cfg.pos == "rope":
+        from yunque.model.gpt import rope_frequencies
+        model.inv_freq = rope_frequencies(cfg).to(device)
+    return model.eval(), tokenizer
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy weights into model, naming missing, unexpected or mis-shaped tensors."""
+    expected = weights_of(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); the model directory is corrupt")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                             f"{tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=False)
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+
+
+def describe(model_dir: str | Path) -> dict:
+    """What `yunque info` shows: architecture, size, cost per token, context, tokenizer, training summary."""
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    weights = model_dir / WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing; the model directory has no weights")
+    style = "llama" if cfg.pos == "rope" else "gpt2"
+    d = {
+        "model": str(model_dir),
+        "architecture": f"{style}-style decoder: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads"
+                        + (f" ({cfg.kv_heads} kv heads)" if cfg.kv_heads != cfg.n_head else "")
+                        + f", {cfg.pos} positions, {cfg.norm}, {cfg.mlp}",
+        "parameters": f"{cfg.num_params():,} ({cfg.num_params(embeddings=False):,} without embeddings)",
+        "flops_per_token": f"{cfg.flops_per_token():,} (training, at full context)",
+        "context": cfg.max_seq_len,
+        "tokenizer": f"{tokenizer.kind}, {tokenizer.vocab_size} tokens",
+        "weights": f"{weights.stat().st_size / 2**20:.1f} MiB",
+    }
+    metrics = model_dir / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if records:
+            last = records[-1]
+            vals = [r["val_loss"] for r in records if "val_loss" in r]
+            d["training"] = {"steps": last["step"], "final_loss": last["loss"],
+                             "val_loss": vals[-1] if vals else None,
+                             "minutes": round(last.get("elapsed", 0) / 60, 1)}
+    return d

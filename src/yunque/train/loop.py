@@ -1,0 +1,230 @@
+"""The one training loop. Every stage (pretraining, fine-tuning, alignment) calls `fit` with its own loss.
+
+Batches are a pure function of the step (`batches(step)`), so a resumed run sees exactly the batches of an
+uninterrupted one; with the optimizer and RNG state restored, fp32 runs on CPU resume bit-identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from yunque.model.gpt import GPT
+from yunque.train.checkpoint import load_checkpoint, save_checkpoint
+from yunque.train.optim import lr_at, make_adamw
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How to train: steps or time budget, optimizer, schedule, precision, logging and checkpoints."""
+
+    out_dir: str
+    """Run directory: checkpoints, metrics.jsonl and loss.png go here."""
+    max_steps: int | None = 1000
+    """Optimizer steps to take; None means "as many as fit in `minutes`"."""
+    minutes: float | None = None
+    """Wall-clock budget; the step count is calibrated from the first steps and then fixed."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """"cosine" or "wsd" (warmup-stable-decay)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    precision: str = "auto"
+    """"bf16" autocast, "fp32", or "auto" (bf16 where the hardware does it fast)."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    eval_every: int = 250
+    """Validate every N steps (and at the end); 0 only at the end."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the checkpoint in out_dir."""
+    progress: bool = True
+    """Show a progress bar."""
+    device: str = "cpu"
+    """Torch device string."""
+    tokens_per_step: int = 0
+    """Tokens in one optimizer step, for tokens/s (0 to skip)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps is None and self.minutes is None:
+            raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+def bf16_supported(device: str) -> bool:
+    """True where bf16 matrix products run natively (CUDA Ampere+, CPUs with AVX-512 BF16 / AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: str):
+    """bf16 autocast context (fp32 master weights), or a no-op for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step; truncated to the resume step on resume."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    self.records.append(rec)
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
+    """loss.png: training loss (and validation loss where measured) against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        cfg: LoopConfig, *, evaluate: Callable[[torch.nn.Module], float] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Train `model` on `batches(step)` (one micro-batch per call: step * grad_accum + i) with `loss_fn(model, batch)`.
+
+    Returns a summary: steps, final loss, val_loss, tokens seen, wall seconds.
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = cfg.device
+    precision = resolve_precision(cfg.precision, device)
+    opt = optimizer or make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                  device_type=device.split(":")[0])
+    step, max_steps = 0, cfg.max_steps
+    if cfg.resume:
+        state = load_checkpoint(out, model, opt)
+        step, max_steps = state["step"], state.get("max_steps", max_steps)
+    log = MetricsLog(out / "metrics.jsonl", step if cfg.resume else None)
+    train_model = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def validate() -> float | None:
+        if evaluate is None:
+            return None
+        model.eval()
+        with torch.no_grad(), autocast(precision, device):
+            value = evaluate(train_model)
+        model.train()
+        return value
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    window_start, window_steps = start, 0
+    val_loss, loss_value = None, float("nan")
+    calibrate_at = step + 10
+    model.train()
+    while max_steps is None or step < max_steps:
+        lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=max_steps, min_ratio=cfg.min_lr_ratio,
+                   kind=cfg.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            batch = batches(step * cfg.grad_accum + micro)
+            with autocast(precision, device):
+                loss = loss_fn(train_model, batch)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        if max_steps is None and step >= calibrate_at:
+            # time budget: fix the step count from the measured speed, then the schedule can decay properly
+            per_step = (time.perf_counter() - start) / window_steps
+            max_steps = max(step + 1, int(cfg.minutes * 60 / per_step))
+            if bar is not None:
+                bar.total = max_steps
+        last = max_steps is not None and step >= max_steps
+        if step % cfg.log_every == 0 or last:
+            loss_value = float(loss_sum) / cfg.grad_accum
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
+            now = time.perf_counter()
+            record = {"step": step, "loss": round(loss_value, 5), "lr": lr,
+                      "tokens_per_sec": round(cfg.tokens_per_step * window_steps / (now - window_start), 1),
+                      "elapsed": round(now - start, 2)}
+            window_start, window_steps = now, 0
+            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+                val_loss = validate()
+                if val_loss is not None:
+                    record["val_loss"] = round(val_loss, 5)
+            log.write(record)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
+                                tok_s=f"{record['tokens_per_sec']:.0f}")
+        if bar is not None:
+            bar.update(1)
+        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save_checkpoint(out, model, opt, step, {"max_steps": max_steps})
+    if bar is not None:
+        bar.close()
+    plot_losses(log.records, out / "loss.png")
+    return {"steps": step, "loss": loss_value, "val_loss": val_loss, "precision": precision,
+            "wall_seconds": time.perf_counter() - start,
+            "tokens_seen": step * cfg.tokens_per_step}

@@ -1,0 +1,117 @@
+"""Pretraining: next-token prediction on unlabeled text.
+
+text -> tokenizer (trained or loaded) -> token shards -> GPT -> fit(next_token_loss) -> model dir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yunque.config import preset
+from yunque.data.loaders import TokenWindows
+from yunque.data.shards import build_shards, open_split, shards_match
+from yunque.data.sources import SkipReport, iter_documents
+from yunque.eval.perplexity import score_windows
+from yunque.model.gpt import GPT
+from yunque.modeldir import save_config
+from yunque.tokenizer.bpe import Tokenizer, load_tokenizer, train_bpe
+from yunque.train.checkpoint import has_checkpoint
+from yunque.train.loop import LoopConfig, fit
+from yunque.train.losses import next_token_loss
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A pretraining run."""
+
+    out: str
+    """Run / model directory to create."""
+    data: tuple[str, ...] = ()
+    """Text files, folders or jsonl files; empty means the built-in corpus (Python's own source and docs)."""
+    text_field: str = "text"
+    """Field holding the text in jsonl records."""
+    preset: str = "mini"
+    """Named model size (see `yunque.config.PRESETS`)."""
+    tokenizer: str | None = None
+    """'bytes', a directory or tokenizer.json to reuse; None trains a byte-level BPE on the data."""
+    vocab_size: int = 4096
+    """Vocabulary size when a BPE tokenizer is trained."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    seq_len: int | None = None
+    """Training context; None means the preset's max_seq_len."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's (n_layer, d_model, ...)."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (each of batch_size sequences)."""
+    seed: int = 0
+    """Seed for initialisation, the data split and batch order."""
+    loop: LoopConfig | None = None
+    """Optimizer, schedule, precision, budget; out_dir is set to `out`."""
+
+
+def prepare_tokenizer(cfg: PretrainConfig, report: SkipReport) -> Tokenizer:
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    texts = (doc.text for doc in iter_documents(list(cfg.data), text_field=cfg.text_field, report=report))
+    return train_bpe(texts, cfg.vocab_size, show_progress=False)
+
+
+def main(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run pretraining; return the loop's summary plus data and model figures."""
+    out = Path(cfg.out)
+    loop = cfg.loop or LoopConfig(out_dir=cfg.out)
+    if not loop.resume and has_checkpoint(out):
+        raise ValueError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    report = SkipReport()
+    if loop.resume:
+        tokenizer = load_tokenizer(out)
+    else:
+        tokenizer = prepare_tokenizer(cfg, report)
+        tokenizer.save(out)
+    data_dir = out / "data"
+    source = repr((sorted(cfg.data), cfg.text_field))
+    if not shards_match(data_dir, tokenizer, cfg.seed, cfg.val_fraction, source=source):
+        docs = iter_documents(list(cfg.data), text_field=cfg.text_field, report=report)
+        build_shards(docs, tokenizer, data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, source=source,
+                     progress=loop.progress)
+    if report.total:
+        print(report.summary())
+    train, val = TokenWindows(open_split(data_dir, "train")), TokenWindows(open_split(data_dir, "val"))
+
+    overrides = dict(cfg.model_overrides)
+    if cfg.seq_len:
+        overrides["max_seq_len"] = cfg.seq_len
+    model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    seq_len = model_cfg.max_seq_len
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(loop.device)
+    save_config(out, model_cfg)
+
+    def batches(i: int):
+        x, y = train.sample(cfg.batch_size, seq_len, seed=cfg.seed, step=i)
+        return x.to(loop.device), y.to(loop.device)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return next_token_loss(m(x), y)
+
+    def evaluate(m) -> float:
+        nll, n = score_windows(m, val, batch_size=cfg.batch_size, seq_len=seq_len, max_batches=cfg.eval_batches,
+                               device=loop.device)
+        return nll / n
+
+    loop = LoopConfig(**{**loop.__dict__, "out_dir": str(out),
+                         "tokens_per_step": cfg.batch_size * seq_len * loop.grad_accum})
+    summary = fit(model, batches, loss_fn, loop, evaluate=evaluate)
+    summary.update(parameters=model.num_params(), model=model_cfg.to_dict(), data_dir=str(data_dir))
+    return summary
+
+

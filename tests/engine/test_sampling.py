@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from yunque.engine.sampling import filter_top_k, filter_top_p, sample
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a shared 2-core machine they spin-wait for each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def generators(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def frequencies(logits: torch.Tensor, n: int, **kwargs) -> torch.Tensor:
+    """Empirical distribution of n draws from one row of logits (V,), with one seeded generator."""
+    g = torch.Generator().manual_seed(1234)
+    ids = sample(logits.expand(n, -1), generators=[g] * n, **kwargs)
+    return torch.bincount(ids, minlength=logits.shape[-1]).float() / n
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    ids = sample(logits, temperature=0)
+    assert ids.dtype == torch.int64 and ids.shape == (4,)
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, top_k=1, generators=generators(8)), greedy)
+    assert torch.equal(sample(logits, top_p=1e-6, generators=generators(8)), greedy)
+
+
+def test_seeded_samples_are_reproducible_and_per_row():
+    logits = torch.randn(6, 100, generator=torch.Generator().manual_seed(2))
+    a = sample(logits, temperature=0.9, top_k=40, top_p=0.95, generators=generators(6, seed=7))
+    b = sample(logits, temperature=0.9, top_k=40, top_p=0.95, generators=generators(6, seed=7))
+    assert torch.equal(a, b)
+    # a row's draw depends only on its own generator: the same as sampling that row alone
+    for i in range(6):
+        alone = sample(logits[i:i + 1], temperature=0.9, top_k=40, top_p=0.95, generators=generators(1, seed=7 + i))
+        assert alone.item() == a[i].item()
+
+
+def test_bf16_logits_are_sampled_in_fp32():
+    logits = torch.randn(3, 20).bfloat16()
+    ids = sample(logits, temperature=0.7, top_p=0.9, generators=generators(3))
+    assert ids.dtype == torch.int64 and ids.shape == (3,)
+
+
+def test_frequencies_match_softmax():
+    probs = torch.tensor([0.2, 0.3, 0.5])
+    freq = frequencies(probs.log(), 20_000)
+    assert torch.allclose(freq, probs, atol=0.02), freq
+    # temperature 2 flattens: p ** (1/2), renormalized
+    hot = probs.sqrt() / probs.sqrt().sum()
+    assert torch.allclose(frequencies(probs.log(), 20_000, temperature=2.0), hot, atol=0.02)
+
+
+def test_top_k_2_never_picks_the_third():
+    probs = torch.tensor([0.5, 0.2, 0.3])
+    freq = frequencies(probs.log(), 5_000, top_k=2)
+    assert freq[1] == 0
+    assert math.isclose(freq[0].item(), 0.5 / 0.8, abs_tol=0.03)
+
+
+def test_filter_top_k_by_hand():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    inf = float("-inf")
+    assert torch.equal(filter_top_k(logits, 2), torch.tensor([[inf, 4.0, 3.0, inf]]))
+    assert torch.equal(filter_top_k(logits, 10), logits)  # k larger than the vocabulary keeps everything
+
+
+def test_filter_top_p_by_hand():
+    logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
+    kept = lambda p: torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()  # noqa: E731
+    assert kept(0.1) == [1]  # the top token alone reaches 0.1
+    assert kept(0.7) == [1, 3]  # 0.5 < 0.7 <= 0.8
+    assert kept(0.85) == [1, 2, 3]
+    assert kept(1.0) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_invalid_values_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sample(torch.zeros(1, 3), **kwargs)
