@@ -9,7 +9,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,33 @@ class ModelConfig:
     """Dropout on attention weights and residual branches while training."""
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.vocab_size > 0, "vocab_size must be positive"),
-            (self.n_layer > 0, "n_layer must be positive"),
-            (self.n_head > 0, "n_head must be positive"),
-            (self.pos in ("rope", "learned"), f"pos must be 'rope' or 'learned', got {self.pos!r}"),
-            (self.norm in ("rmsnorm", "layernorm"), f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"),
-            (self.mlp in ("swiglu", "gelu"), f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}"),
-            (self.head_dim is not None or self.d_model % self.n_head == 0,
-             f"d_model={self.d_model} is not divisible by n_head={self.n_head}"),
-            (self.n_head % self.kv_heads == 0, f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"),
-            (self.pos != "rope" or self.dim_head % 2 == 0, f"rotary needs an even head_dim, got {self.dim_head}"),
-            (self.max_seq_len > 0, "max_seq_len must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        problem = next(self._problems(), None)
+        if problem:
+            raise ValueError(problem)
+
+    def _problems(self) -> Iterator[str]:
+        # checked in order and lazily: later checks divide by fields that earlier ones have vetted
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                yield f"{name} must be positive, got {getattr(self, name)}"
+        for name in ("n_kv_head", "head_dim", "d_ff"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                yield f"{name} must be positive (or None for the default), got {getattr(self, name)}"
+        if self.pos not in ("rope", "learned"):
+            yield f"pos must be 'rope' or 'learned', got {self.pos!r}"
+        if self.norm not in ("rmsnorm", "layernorm"):
+            yield f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}"
+        if self.mlp not in ("swiglu", "gelu"):
+            yield f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}"
+        if self.head_dim is None and self.d_model % self.n_head != 0:
+            yield f"d_model={self.d_model} is not divisible by n_head={self.n_head}"
+        if self.n_head % self.kv_heads != 0:
+            yield f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}"
+        if self.pos == "rope" and self.dim_head % 2 != 0:
+            yield f"rotary needs an even head_dim, got {self.dim_head}"
+        s = self.rope_scaling
+        if s and (s.get("rope_type", "llama3") not in ("llama3", "linear") or "factor" not in s):
+            yield f"rope_scaling needs a 'factor' and rope_type 'llama3' (the default) or 'linear', got {s!r}"
 
     @property
     def kv_heads(self) -> int:
@@ -102,7 +113,7 @@ class ModelConfig:
         if self.qk_norm:
             attn += 2 * hd
         n_mats = 3 if self.mlp == "swiglu" else 2
-        mlp = n_mats * d * self.ff_dim + ((self.ff_dim + d) if self.bias else 0)
+        mlp = n_mats * d * self.ff_dim + (((n_mats - 1) * self.ff_dim + d) if self.bias else 0)  # up (fused), down
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         block = attn + mlp + 2 * norm
         total = L * block + norm

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from yunque.config import ModelConfig
@@ -22,17 +23,28 @@ CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json
 
 def atomic_write(path: str | Path, write) -> None:
     """Write a file through `write(tmp_path)`, fsync it and rename it into place, so a crash leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(files: list[tuple[str | Path, Callable[[Path], None]]]) -> None:
+    """`atomic_write` for files that belong together: every file is written and fsynced under a temporary name
+    before any is renamed, so a crash while writing (the slow part) leaves all the old files in place."""
+    renames = []
+    for path, write in files:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        renames.append((tmp, path))
+    for tmp, path in renames:
+        os.replace(tmp, path)
+    for parent in {path.parent for _, path in renames}:
+        dir_fd = os.open(parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:
@@ -48,8 +60,13 @@ def save_config(model_dir: str | Path, cfg: ModelConfig) -> None:
     atomic_write(Path(model_dir) / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
+def write_weights(path: str | Path, model: GPT, metadata: dict[str, str] | None = None) -> None:
+    """Write the weights to `path` as they are (not atomically: see `save_weights`)."""
+    save_file(weights_of(model), str(path), metadata=metadata)
+
+
 def save_weights(model_dir: str | Path, model: GPT, metadata: dict[str, str] | None = None) -> None:
-    atomic_write(Path(model_dir) / WEIGHTS, lambda p: save_file(weights_of(model), str(p), metadata=metadata))
+    atomic_write(Path(model_dir) / WEIGHTS, lambda p: write_weights(p, model, metadata))
 
 
 def save_model(model_dir: str | Path, model: GPT, tokenizer: Tokenizer) -> None:
@@ -78,16 +95,25 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, safetensors metadata) of a model dir; a clear error for a missing or truncated file."""
+def weights_metadata(model_dir: str | Path) -> dict[str, str]:
+    """Safetensors metadata of a model dir's weights, reading only the header (which safetensors checks against
+    the file size); a clear error for a missing or truncated file."""
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise ValueError(f"{path}: missing; the model directory has no weights (was training interrupted "
                          f"before the first checkpoint?)")
     try:
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            return f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
+
+
+def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata) of a model dir; a clear error for a missing or truncated file."""
+    metadata = weights_metadata(model_dir)
+    path = Path(model_dir) / WEIGHTS
+    try:
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
@@ -131,8 +157,7 @@ def describe(model_dir: str | Path) -> dict:
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     weights = model_dir / WEIGHTS
-    if not weights.is_file():
-        raise ValueError(f"{weights}: missing; the model directory has no weights")
+    weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
     style = "llama" if cfg.pos == "rope" else "gpt2"
     d = {
         "model": str(model_dir),

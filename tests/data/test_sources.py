@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from yunque.data import Document, SkipReport, builtin_corpus_files, builtin_documents, iter_documents
+from yunque.data import (
+    Document,
+    SkipReport,
+    builtin_corpus_files,
+    iter_documents,
+)
 
 
 def test_folder_yields_good_files_and_reports_the_rest(tmp_path):
@@ -82,7 +87,7 @@ def test_bom_is_stripped(tmp_path):
 def test_gzip_text_file(tmp_path):
     path = tmp_path / "notes.txt.gz"
     with gzip.open(path, "wb") as f:
-        f.write("compressed ünïcode\n".encode("utf-8"))
+        f.write("compressed ünïcode\n".encode())
     assert list(iter_documents([path])) == [Document(str(path), "compressed ünïcode\n")]
     assert list(iter_documents(str(path))) == [Document(str(path), "compressed ünïcode\n")]  # a lone path
 

@@ -8,15 +8,6 @@ from yunque.engine import Engine, SamplingParams
 from yunque.model import GPT
 from yunque.tokenizer import byte_tokenizer
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from threads, and on a shared 2-core machine they spin-wait for each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TOK = byte_tokenizer()  # ids 0..255 are bytes; EOS = 257, <|end|> = 262
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
 

@@ -111,23 +111,6 @@ class _Sequence:
         self.finish_reason = reason
 
 
-def _drop_common_padding(cache: KVCache) -> None:
-    """Shift every row left by the smallest padding among them, freeing that many positions at the end.
-
-    Needed when a long prompt has finished and shorter (more padded) rows still have context left: the padding
-    is masked in every row, so dropping it changes nothing else. Positions are unchanged since pos and pad drop
-    by the same amount.
-    """
-    assert cache.pad is not None
-    m = int(cache.pad.min())
-    assert m > 0, "the row with the least padding has used up the context, so it should have finished"
-    end = cache.pos
-    cache.k[:, :, :, :end - m] = cache.k[:, :, :, m:end].clone()
-    cache.v[:, :, :, :end - m] = cache.v[:, :, :, m:end].clone()
-    cache.pos -= m
-    cache.pad = cache.pad - m
-
-
 class Engine:
     """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming."""
 
@@ -244,7 +227,7 @@ class Engine:
                 if generators is not None:
                     generators = [generators[i] for i in keep]
             if cache.pos == cache.max_len:
-                _drop_common_padding(cache)
+                cache.drop_common_padding()
             logits = self.model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
 
 

@@ -52,3 +52,17 @@ class KVCache:
         self.v = self.v[:, rows]
         if self.pad is not None:
             self.pad = self.pad[rows]
+
+    def drop_common_padding(self) -> None:
+        """Shift every row left by the smallest padding among them, freeing that many positions at the end.
+
+        Lets shorter (more padded) rows of a batch keep generating after the longest prompt has used up the
+        context. Padding is masked in every row, and pos and pad drop by the same amount, so positions and
+        outputs are unchanged.
+        """
+        assert self.pad is not None and int(self.pad.min()) > 0, "no padding common to every row"
+        m, end = int(self.pad.min()), self.pos
+        self.k[:, :, :, :end - m] = self.k[:, :, :, m:end].clone()
+        self.v[:, :, :, :end - m] = self.v[:, :, :, m:end].clone()
+        self.pos -= m
+        self.pad = self.pad - m

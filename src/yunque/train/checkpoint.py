@@ -1,7 +1,8 @@
 """Atomic checkpoints: weights in model.safetensors, optimizer/RNG/step in train_state.pt.
 
-Each file is written to a temporary name, fsynced and renamed, so a kill during a save leaves the previous
-checkpoint loadable. Both files carry the step; resuming from a pair whose steps differ is refused.
+Both files are written in full under temporary names, fsynced, and only then renamed into place, so a kill
+during a save leaves the previous checkpoint loadable and resumable. Both files carry the step; resuming from a
+pair whose steps differ (a kill between the two renames) is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from yunque.model.gpt import GPT
-from yunque.modeldir import atomic_write, load_state, load_weights, save_weights
+from yunque.modeldir import WEIGHTS, atomic_write_all, load_state, load_weights, write_weights
 
 STATE = "train_state.pt"
 
@@ -22,8 +23,8 @@ def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     """Save weights and training state after `step` optimizer steps."""
     out_dir = Path(out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})}
-    atomic_write(out_dir / STATE, lambda p: torch.save(state, p))
-    save_weights(out_dir, model, metadata={"step": str(step)})
+    atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)),
+                      (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata={"step": str(step)}))])
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:

@@ -71,6 +71,17 @@ class LoopConfig:
             raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if (self.max_steps is not None and self.max_steps < 1) or (self.minutes is not None and self.minutes <= 0):
+            raise ValueError(f"the budget must be positive, got max_steps={self.max_steps}, minutes={self.minutes}")
+        for name in ("grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} is not available (torch {torch.__version__} finds no CUDA GPU); "
+                             f"use --device cpu")
 
 
 def bf16_supported(device: str) -> bool:
@@ -153,7 +164,8 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
     step, max_steps = 0, cfg.max_steps
     if cfg.resume:
         state = load_checkpoint(out, model, opt)
-        step, max_steps = state["step"], state.get("max_steps", max_steps)
+        # the run's own step count; None if it was killed before its time budget was calibrated
+        step, max_steps = state["step"], state.get("max_steps") or max_steps
     log = MetricsLog(out / "metrics.jsonl", step if cfg.resume else None)
     train_model = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +185,11 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     window_start, window_steps = start, 0
-    val_loss, loss_value = None, float("nan")
+    # a resumed run with no steps left reports where it ended, not nan
+    loss_value = log.records[-1]["loss"] if log.records else float("nan")
+    val_loss = next((r["val_loss"] for r in reversed(log.records) if "val_loss" in r), None)
+    first_step = step
+    budget = cfg.minutes * 60 if max_steps is None else None
     calibrate_at = step + 10
     model.train()
     while max_steps is None or step < max_steps:
@@ -194,33 +210,38 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         opt.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-        if max_steps is None and step >= calibrate_at:
-            # time budget: fix the step count from the measured speed, then the schedule can decay properly
-            per_step = (time.perf_counter() - start) / window_steps
-            max_steps = max(step + 1, int(cfg.minutes * 60 / per_step))
+        if budget is not None and step >= calibrate_at:
+            # time budget: set the step count from the measured speed so that the schedule decays on time;
+            # re-estimated every 10 steps until half the budget is spent, then fixed (and saved for resume)
+            elapsed = time.perf_counter() - start
+            max_steps = max(step + 1, step + int((budget - elapsed) * (step - first_step) / elapsed))
+            calibrate_at = step + 10 if elapsed < budget / 2 else float("inf")
             if bar is not None:
                 bar.total = max_steps
         last = max_steps is not None and step >= max_steps
-        if step % cfg.log_every == 0 or last:
+        eval_now = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        save_now = last or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if step % cfg.log_every == 0 or eval_now or save_now:
             loss_value = float(loss_sum) / cfg.grad_accum
-            if not math.isfinite(loss_value):
+            if not math.isfinite(loss_value):  # checked before every save: a diverged run never overwrites a good one
                 raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
+        if step % cfg.log_every == 0 or eval_now:
             now = time.perf_counter()
             record = {"step": step, "loss": round(loss_value, 5), "lr": lr,
                       "tokens_per_sec": round(cfg.tokens_per_step * window_steps / (now - window_start), 1),
                       "elapsed": round(now - start, 2)}
-            window_start, window_steps = now, 0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            if eval_now:
                 val_loss = validate()
                 if val_loss is not None:
                     record["val_loss"] = round(val_loss, 5)
             log.write(record)
+            window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training, not validation
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
                                 tok_s=f"{record['tokens_per_sec']:.0f}")
         if bar is not None:
             bar.update(1)
-        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        if save_now:
             save_checkpoint(out, model, opt, step, {"max_steps": max_steps})
     if bar is not None:
         bar.close()

@@ -17,7 +17,7 @@ from yunque.data.shards import build_shards, open_split, shards_match
 from yunque.data.sources import SkipReport, iter_documents
 from yunque.eval.perplexity import score_windows
 from yunque.model.gpt import GPT
-from yunque.modeldir import save_config
+from yunque.modeldir import load_config, save_config
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer, train_bpe
 from yunque.train.checkpoint import has_checkpoint
 from yunque.train.loop import LoopConfig, fit
@@ -69,6 +69,11 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     loop = cfg.loop or LoopConfig(out_dir=cfg.out)
     if not loop.resume and has_checkpoint(out):
         raise ValueError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    overrides = dict(cfg.model_overrides)
+    if cfg.seq_len is not None:  # 0 is an error for ModelConfig to report, not "the preset's"
+        overrides["max_seq_len"] = cfg.seq_len
+    if not loop.resume:
+        preset(cfg.preset, **overrides)  # a bad preset or override fails now, not after tokenizing the corpus
     out.mkdir(parents=True, exist_ok=True)
     report = SkipReport()
     if loop.resume:
@@ -86,14 +91,22 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         print(report.summary())
     train, val = TokenWindows(open_split(data_dir, "train")), TokenWindows(open_split(data_dir, "val"))
 
-    overrides = dict(cfg.model_overrides)
-    if cfg.seq_len:
-        overrides["max_seq_len"] = cfg.seq_len
-    model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **overrides)
+    if loop.resume:
+        # the run's own architecture: a config rebuilt from today's flags could mismatch the saved weights,
+        # and writing it would leave config.json disagreeing with model.safetensors
+        model_cfg = load_config(out)
+    else:
+        model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **overrides)
     seq_len = model_cfg.max_seq_len
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(loop.device)
-    save_config(out, model_cfg)
+    if not loop.resume:
+        save_config(out, model_cfg)
+    # a corpus of one short document puts nothing in the validation split (it is split by document)
+    has_val = any(len(shard) > seq_len for shard in val.shards)
+    if not has_val:
+        print(f"the validation split has no window of {seq_len + 1} tokens; training without validation "
+              f"(pass more text, or more than one file)")
 
     def batches(i: int):
         x, y = train.sample(cfg.batch_size, seq_len, seed=cfg.seed, step=i)
@@ -110,7 +123,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     loop = LoopConfig(**{**loop.__dict__, "out_dir": str(out),
                          "tokens_per_step": cfg.batch_size * seq_len * loop.grad_accum})
-    summary = fit(model, batches, loss_fn, loop, evaluate=evaluate)
+    summary = fit(model, batches, loss_fn, loop, evaluate=evaluate if has_val else None)
     summary.update(parameters=model.num_params(), model=model_cfg.to_dict(), data_dir=str(data_dir))
     return summary
 

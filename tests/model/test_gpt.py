@@ -1,0 +1,179 @@
+"""The model: sizes, shapes, causality, the KV cache against full recompute, padding, learning, config errors."""
+
+import math
+
+import pytest
+import torch
+
+from yunque.config import PRESETS, ModelConfig, preset
+from yunque.model.gpt import GPT, rope_frequencies
+from yunque.model.kv_cache import KVCache
+from yunque.train.losses import next_token_loss
+
+V = 97  # small vocabulary: tests need shapes, not language
+
+
+def tiny(name: str = "tiny", seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(preset(name, **{"vocab_size": V, "max_seq_len": 32, **overrides})).eval()
+
+
+# Configs the KV-cache and padding tests run on: rope, learned positions (GPT-2), grouped-query, qk-norm.
+VARIANTS = {
+    "rope": ("tiny", {}),
+    "learned": ("gpt2-tiny", {}),
+    "gqa": ("tiny", {"n_kv_head": 2}),
+    "qk_norm": ("tiny", {"qk_norm": True, "qkv_bias": True}),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if preset(n).num_params() < 30_000_000])
+def test_preset_parameter_count_matches_built_model(name):
+    cfg = preset(name)
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = GPT(cfg)
+    assert model.num_params() == cfg.num_params()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"bias": True},  # SwiGLU with biases: the fused up projection has 2*d_ff biases
+    {"tie_embeddings": False},
+    {"n_kv_head": 2, "qk_norm": True, "qkv_bias": True},
+    {"norm": "layernorm", "mlp": "gelu", "pos": "learned"},
+    {"head_dim": 8, "d_ff": 96},
+])
+def test_variant_parameter_count_matches_built_model(overrides):
+    cfg = preset("tiny", **overrides)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert model.num_params() == cfg.num_params()
+
+
+def test_logits_shape():
+    model = tiny()
+    ids = torch.randint(0, V, (3, 11))
+    with torch.no_grad():
+        assert model(ids).shape == (3, 11, V)
+
+
+@pytest.mark.parametrize("variant", ["rope", "learned"])
+def test_causal_changing_a_token_changes_nothing_before_it(variant):
+    name, overrides = VARIANTS[variant]
+    model = tiny(name, **overrides)
+    ids = torch.randint(0, V, (1, 16))
+    changed = ids.clone()
+    changed[0, 9] = (ids[0, 9] + 1) % V
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_prefill_then_steps_equals_full_forward(variant):
+    name, overrides = VARIANTS[variant]
+    model = tiny(name, **overrides)
+    ids = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.cfg, batch_size=2)
+        pieces = [model(ids[:, :7], kv_cache=cache)]  # prefill
+        pieces += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]  # one token at a time
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_equals_each_row_alone(variant):
+    name, overrides = VARIANTS[variant]
+    model = tiny(name, **overrides)
+    long, short = torch.randint(0, V, (10,)), torch.randint(0, V, (6,))
+    steps = torch.randint(0, V, (2, 3))  # tokens fed after the prompts, one per step
+    pad = torch.tensor([0, 4])
+    batch = torch.stack([long, torch.cat([torch.zeros(4, dtype=torch.long), short])])  # (2, 10)
+    with torch.no_grad():
+        cache = KVCache(model.cfg, 2, pad=pad)
+        prefill = model(batch, kv_cache=cache)
+        decoded = [model(steps[:, i:i + 1], kv_cache=cache) for i in range(3)]
+        for row, prompt, n_pad in ((0, long, 0), (1, short, 4)):
+            alone = model(torch.cat([prompt, steps[row]]).unsqueeze(0))[0]  # (P + 3, V), no cache, no padding
+            P = len(prompt)
+            torch.testing.assert_close(prefill[row, n_pad:], alone[:P], atol=1e-5, rtol=0)
+            got = torch.cat([d[row] for d in decoded])  # (3, V)
+            torch.testing.assert_close(got, alone[P:], atol=1e-5, rtol=0)
+
+
+def test_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=V, n_layer=2, n_head=2, d_model=32, max_seq_len=16))
+    x = torch.randint(0, V, (4, 16))
+    y = torch.randint(0, V, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(150):  # reaches 0.002; 0.1 leaves a wide margin
+        loss = next_token_loss(model(x), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[0] > math.log(V) - 0.5  # started near chance
+    assert losses[-1] < 0.1
+
+
+def test_llama3_rope_scaling_runs_and_scales_only_low_frequencies():
+    scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    model = tiny(rope_scaling=scaling)
+    base = rope_frequencies(preset("tiny"))
+    scaled = rope_frequencies(model.cfg)
+    assert scaled[0] == base[0]  # wavelength 2*pi is far below 64/4: kept
+    torch.testing.assert_close(scaled[-1], base[-1] / 8)  # wavelength far above 64/1: divided by factor
+    with torch.no_grad():
+        logits = model(torch.randint(0, V, (2, 32)))
+    assert torch.isfinite(logits).all()
+
+
+def test_too_long_input_raises():
+    model = tiny()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    cache = KVCache(model.cfg, 1)
+    with torch.no_grad():
+        model(torch.zeros(1, 30, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 3, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"d_model": 66}, "d_model=66 is not divisible by n_head=4"),
+    ({"n_kv_head": 3}, "n_head=4 is not divisible by n_kv_head=3"),
+    ({"head_dim": 7}, "rotary needs an even head_dim"),
+    ({"pos": "alibi"}, "pos must be 'rope' or 'learned'"),
+    ({"norm": "batchnorm"}, "norm must be"),
+    ({"mlp": "relu"}, "mlp must be"),
+    ({"vocab_size": 0}, "vocab_size must be positive"),
+    ({"max_seq_len": 0}, "max_seq_len must be positive"),
+    ({"n_head": 0}, "n_head must be positive"),  # not a ZeroDivisionError from the divisibility check
+    ({"d_model": 0}, "d_model must be positive"),
+    ({"n_kv_head": -2}, "n_kv_head must be positive"),
+    ({"n_kv_head": 0}, "n_kv_head must be positive"),
+    ({"d_ff": -1}, "d_ff must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"low_freq_factor": 1.0}}, "factor"),
+])
+def test_model_config_validation(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preset("tiny", **overrides)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ValueError, match="nope") as e:
+        preset("nope")
+    assert all(name in str(e.value) for name in PRESETS)
+
+
+def test_from_dict_round_trip_and_unknown_keys():
+    cfg = preset("gpt2-tiny", n_kv_head=2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown model config keys \['n_embd'\]"):
+        ModelConfig.from_dict({**cfg.to_dict(), "n_embd": 64})

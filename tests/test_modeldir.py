@@ -1,0 +1,132 @@
+"""Model directories: save/load gives identical logits; damaged directories give one clear ValueError."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from yunque.config import preset
+from yunque.model.gpt import GPT
+from yunque.modeldir import describe, load_model, save_model
+from yunque.tokenizer.bpe import byte_tokenizer
+
+TOK = byte_tokenizer()
+
+
+def tiny(name: str = "tiny", **overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset(name, vocab_size=TOK.vocab_size, max_seq_len=32, **overrides)).eval()
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    out = tmp_path / "model"
+    save_model(out, tiny(), TOK)
+    return out
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("tiny", {}),
+    ("tiny", {"tie_embeddings": False, "n_kv_head": 2, "qk_norm": True}),
+    ("gpt2-tiny", {}),
+])
+def test_round_trip_gives_identical_logits(tmp_path, name, overrides):
+    model = tiny(name, **overrides)
+    with torch.no_grad():  # untied: make the head differ from the embedding so a mix-up would show
+        model.lm_head.weight.add_(0.0 if model.cfg.tie_embeddings else 0.01)
+    save_model(tmp_path, model, TOK)
+    loaded, tok = load_model(tmp_path)
+    ids = torch.randint(0, TOK.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert not loaded.training
+    assert tok.fingerprint() == TOK.fingerprint()
+    stored = load_file(tmp_path / "model.safetensors")
+    if model.cfg.tie_embeddings:
+        assert "lm_head.weight" not in stored  # stored once
+        assert loaded.lm_head.weight is loaded.tok_emb.weight  # and still tied, so training keeps them equal
+    else:
+        assert not torch.equal(loaded.lm_head.weight, loaded.tok_emb.weight)
+
+
+def test_truncated_weights(model_dir):
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for load in (load_model, describe):
+        with pytest.raises(ValueError, match="corrupt or truncated"):
+            load(model_dir)
+
+
+def test_missing_weights(model_dir):
+    (model_dir / "model.safetensors").unlink()
+    for load in (load_model, describe):
+        with pytest.raises(ValueError, match="model.safetensors: missing"):
+            load(model_dir)
+
+
+def test_missing_config(model_dir):
+    (model_dir / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json: missing"):
+        load_model(model_dir)
+
+
+def test_corrupt_config_json(model_dir):
+    (model_dir / "config.json").write_text('{"n_layer": 2,', encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid JSON.*corrupt"):
+        load_model(model_dir)
+
+
+def edit_config(model_dir, **changes) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}), encoding="utf-8")
+
+
+def test_config_that_does_not_match_the_weights(model_dir):
+    edit_config(model_dir, d_model=128)
+    with pytest.raises(ValueError, match=r"tensor \S+ has shape \(64, 64\) but config.json implies \(128, 128\)"):
+        load_model(model_dir)
+
+
+def test_config_with_other_layers_than_the_weights(model_dir):
+    edit_config(model_dir, n_layer=3)
+    with pytest.raises(ValueError, match=r"weights do not match config.json \(missing \['blocks.2"):
+        load_model(model_dir)
+
+
+def test_config_with_an_unknown_key(model_dir):
+    edit_config(model_dir, n_embd=64)
+    with pytest.raises(ValueError, match=r"config.json: unknown model config keys \['n_embd'\]"):
+        load_model(model_dir)
+
+
+def test_config_with_an_invalid_value(model_dir):
+    edit_config(model_dir, n_head=5)
+    with pytest.raises(ValueError, match="config.json: d_model=64 is not divisible by n_head=5"):
+        load_model(model_dir)
+
+
+def test_not_a_directory_and_missing_tokenizer(tmp_path, model_dir):
+    with pytest.raises(ValueError, match="not a model directory"):
+        load_model(tmp_path / "nowhere")
+    (model_dir / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        load_model(model_dir)
+
+
+def test_describe(tmp_path):
+    save_model(tmp_path, tiny(n_kv_head=2), TOK)
+    d = describe(tmp_path)
+    assert set(d) == {"model", "architecture", "parameters", "flops_per_token", "context", "tokenizer", "weights"}
+    cfg = preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=32, n_kv_head=2)
+    assert d["architecture"] == ("llama-style decoder: 2 layers, d_model 64, 4 heads (2 kv heads), rope positions, "
+                                 "rmsnorm, swiglu")
+    assert d["parameters"].startswith(f"{cfg.num_params():,} (")
+    assert d["flops_per_token"].startswith(f"{cfg.flops_per_token():,} ")
+    assert d["context"] == 32
+    assert d["tokenizer"] == "bytes, 263 tokens"
+    assert d["weights"].endswith(" MiB")
+
+    lines = [{"step": 10, "loss": 3.0, "val_loss": 3.2, "elapsed": 30.0}, {"step": 20, "loss": 2.5, "elapsed": 90.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert describe(tmp_path)["training"] == {"steps": 20, "final_loss": 2.5, "val_loss": 3.2, "minutes": 1.5}
