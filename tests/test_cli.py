@@ -127,7 +127,8 @@ def test_interrupted_pretrain_resumes_exactly(run, text, tmp_path, capsys, monke
     fails(capsys, argv, "interrupted", code=130)
     monkeypatch.undo()
 
-    assert main([*argv, "--resume"]) == 0
+    # the run's settings (data, seed, batch, budget) come from its run.json, not from today's flags
+    assert main(["pretrain", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert "for 20 steps" in capsys.readouterr().out
     a, b = load_file(out / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same as the uninterrupted run
@@ -146,12 +147,26 @@ def test_resume_keeps_the_run_architecture(run, text, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
 
 
+def test_resume_with_more_steps_extends_the_run(run, tmp_path, capsys):
+    out = tmp_path / "R"
+    shutil.copytree(run, out)
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "30", "--no-progress"]) == 0
+    assert "for 30 steps" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30]
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    fails(capsys, ["pretrain", "--out", str(tmp_path / "R"), "--resume"], "run.json", "without --resume")
+
+
 # Bad input: each fails with one line naming the problem.
 
 def test_missing_data_path(tmp_path, capsys):
     missing = str(tmp_path / "nope.txt")
     fails(capsys, ["pretrain", "--out", str(tmp_path / "R"), "--data", missing, *TRAIN], missing,
           "no such file")
+    assert not (tmp_path / "R").exists()  # a run that fails before training leaves nothing behind
     fails(capsys, ["tokenizer", "train", "--data", missing, "--out", str(tmp_path / "T")], "no such file")
 
 

@@ -57,12 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse a tokenizer dir, or 'bytes' for one token per byte; default: train a BPE")
     pt.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when a tokenizer is trained")
     for name in ("n_layer", "n_head", "n_kv_head", "d_model"):
-        pt.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"override the preset's {name}")
+        pt.add_argument("--" + name.replace("_", "-"), dest=name, type=int, help=f"override the preset's {name}"
+                        + (" (must divide --n-head)" if name == "n_kv_head" else ""))
     pt.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch (default: 16)")
     pt.add_argument("--seq-len", type=int, default=None, help="training context (default: the preset's)")
     pt.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     budget = pt.add_mutually_exclusive_group()
-    budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 1000)")
+    budget.add_argument("--max-steps", type=int, default=None,
+                        help="optimizer steps (default: 1000; with --resume, the run's own, or a new total)")
     budget.add_argument("--minutes", type=float, default=None, help="train for this wall-clock time instead")
     pt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     pt.add_argument("--warmup-steps", type=int, default=100)
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--eval-every", type=int, default=250, help="validate every N steps")
     pt.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     pt.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
-    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pt.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its checkpoint, with the settings saved in its run.json")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     pt.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,7 +143,10 @@ def cmd_pretrain(args) -> int:
                  if getattr(args, k) is not None}
     if args.dropout:
         overrides["dropout"] = args.dropout
-    max_steps = args.max_steps if args.max_steps is not None or args.minutes is not None else 1000
+    # default budget 1000 steps; on --resume the run's own budget unless one is given
+    max_steps = args.max_steps
+    if max_steps is None and args.minutes is None and not args.resume:
+        max_steps = 1000
     loop = LoopConfig(out_dir=args.out, max_steps=max_steps, minutes=args.minutes, lr=args.lr,
                       warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
                       grad_accum=args.grad_accum, precision=args.precision, compile=args.compile,
@@ -172,8 +178,10 @@ def cmd_generate(args) -> int:
     model, tok = load_model(args.model)
     engine = Engine(model, tok)
     prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
-    sys.stdout.write(args.prompt)
-    for piece in engine.stream(prompt, params):
+    pieces = engine.stream(prompt, params)
+    first = next(pieces, "")  # the prompt is checked (length, ids) before anything is printed
+    sys.stdout.write(args.prompt + first)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -28,7 +28,8 @@ class LoopConfig:
     out_dir: str
     """Run directory: checkpoints, metrics.jsonl and loss.png go here."""
     max_steps: int | None = 1000
-    """Optimizer steps to take; None means "as many as fit in `minutes`"."""
+    """Optimizer steps to take; None means "as many as fit in `minutes`", or on resume "the run's own count"
+    (a number given on resume extends or shortens the run, and its schedule)."""
     minutes: float | None = None
     """Wall-clock budget; the step count is calibrated from the first steps and then fixed."""
     lr: float = 1e-3
@@ -67,7 +68,7 @@ class LoopConfig:
     """Tokens in one optimizer step, for tokens/s (0 to skip)."""
 
     def __post_init__(self) -> None:
-        if self.max_steps is None and self.minutes is None:
+        if self.max_steps is None and self.minutes is None and not self.resume:
             raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
@@ -164,8 +165,11 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
     step, max_steps = 0, cfg.max_steps
     if cfg.resume:
         state = load_checkpoint(out, model, opt)
-        # the run's own step count; None if it was killed before its time budget was calibrated
-        step, max_steps = state["step"], state.get("max_steps") or max_steps
+        # the run's own step count unless a new one is given; None if the run was killed before its time budget
+        # was calibrated
+        step, max_steps = state["step"], cfg.max_steps or state.get("max_steps")
+        if max_steps is None and cfg.minutes is None:
+            raise ValueError(f"{out} was stopped before its step count was known; pass --max-steps or --minutes")
     log = MetricsLog(out / "metrics.jsonl", step if cfg.resume else None)
     train_model = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -183,13 +187,15 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
     if cfg.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    window_start, window_steps = start, 0
+    # elapsed time carries on across a resume, so metrics and `yunque info` show the run's whole time
+    start = time.perf_counter() - (log.records[-1].get("elapsed", 0.0) if log.records else 0.0)
+    window_start, window_steps = time.perf_counter(), 0
     # a resumed run with no steps left reports where it ended, not nan
     loss_value = log.records[-1]["loss"] if log.records else float("nan")
     val_loss = next((r["val_loss"] for r in reversed(log.records) if "val_loss" in r), None)
     first_step = step
     budget = cfg.minutes * 60 if max_steps is None else None
+    budget_start = time.perf_counter()
     calibrate_at = step + 10
     model.train()
     while max_steps is None or step < max_steps:
@@ -213,7 +219,7 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         if budget is not None and step >= calibrate_at:
             # time budget: set the step count from the measured speed so that the schedule decays on time;
             # re-estimated every 10 steps until half the budget is spent, then fixed (and saved for resume)
-            elapsed = time.perf_counter() - start
+            elapsed = time.perf_counter() - budget_start
             max_steps = max(step + 1, step + int((budget - elapsed) * (step - first_step) / elapsed))
             calibrate_at = step + 10 if elapsed < budget / 2 else float("inf")
             if bar is not None:

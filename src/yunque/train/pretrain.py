@@ -5,13 +5,15 @@ text -> tokenizer (trained or loaded) -> token shards -> GPT -> fit(next_token_l
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from yunque.config import preset
+from yunque.config import load_json, preset, save_json
 from yunque.data.loaders import TokenWindows
 from yunque.data.shards import build_shards, open_split, shards_match
 from yunque.data.sources import SkipReport, iter_documents
@@ -63,17 +65,68 @@ def prepare_tokenizer(cfg: PretrainConfig, report: SkipReport) -> Tokenizer:
     return train_bpe(texts, cfg.vocab_size, show_progress=False)
 
 
+RUN = "run.json"
+"""The run's settings, saved at the start so that --resume trains on the same data in the same way."""
+
+
+def save_run(out: Path, cfg: PretrainConfig, loop: LoopConfig) -> None:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loop"}
+    save_json({"pretrain": fields, "loop": dataclasses.asdict(loop)}, out / RUN)
+
+
+def resumed_settings(cfg: PretrainConfig, loop: LoopConfig) -> tuple[PretrainConfig, LoopConfig]:
+    """The settings saved in the run dir; from today's flags only the budget (to extend a run), device and
+    progress bar count."""
+    path = Path(cfg.out) / RUN
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; there is no run to resume in {cfg.out} (run without --resume)")
+    saved = load_json(path)
+    pre = PretrainConfig(**{**saved["pretrain"], "data": tuple(saved["pretrain"]["data"]), "out": cfg.out})
+    old = saved["loop"]
+    loop = LoopConfig(**{**old, "betas": tuple(old["betas"]), "out_dir": cfg.out, "resume": True,
+                         "max_steps": loop.max_steps, "minutes": loop.minutes or old["minutes"],
+                         "device": loop.device, "progress": loop.progress})
+    return pre, loop
+
+
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     """Run pretraining; return the loop's summary plus data and model figures."""
     out = Path(cfg.out)
     loop = cfg.loop or LoopConfig(out_dir=cfg.out)
-    if not loop.resume and has_checkpoint(out):
+    if loop.resume:
+        cfg, loop = resumed_settings(cfg, loop)
+    elif has_checkpoint(out):
         raise ValueError(f"{out} already holds a trained model; pass --resume to continue it or choose another --out")
+    created = not out.exists()
+    try:
+        run = prepare(cfg, loop)
+    except BaseException:
+        if created:  # a run that failed before training leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    model, model_cfg, batches, evaluate, data_dir = run
+    loop = LoopConfig(**{**loop.__dict__, "out_dir": str(out),
+                         "tokens_per_step": cfg.batch_size * model_cfg.max_seq_len * loop.grad_accum})
+    summary = fit(model, batches, next_token_loss_of, loop, evaluate=evaluate)
+    summary.update(parameters=model.num_params(), model=model_cfg.to_dict(), data_dir=str(data_dir))
+    return summary
+
+
+def next_token_loss_of(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return next_token_loss(model(x), y)
+
+
+def prepare(cfg: PretrainConfig, loop: LoopConfig):
+    """Tokenizer, shards, model and the batch/eval functions of a run (fresh or resumed)."""
+    out = Path(cfg.out)
     overrides = dict(cfg.model_overrides)
     if cfg.seq_len is not None:  # 0 is an error for ModelConfig to report, not "the preset's"
         overrides["max_seq_len"] = cfg.seq_len
     if not loop.resume:
         preset(cfg.preset, **overrides)  # a bad preset or override fails now, not after tokenizing the corpus
+        if cfg.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     out.mkdir(parents=True, exist_ok=True)
     report = SkipReport()
     if loop.resume:
@@ -92,8 +145,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     train, val = TokenWindows(open_split(data_dir, "train")), TokenWindows(open_split(data_dir, "val"))
 
     if loop.resume:
-        # the run's own architecture: a config rebuilt from today's flags could mismatch the saved weights,
-        # and writing it would leave config.json disagreeing with model.safetensors
+        # the run's own architecture: a config rebuilt from today's flags could mismatch the saved weights
         model_cfg = load_config(out)
     else:
         model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, **overrides)
@@ -102,6 +154,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     model = GPT(model_cfg).to(loop.device)
     if not loop.resume:
         save_config(out, model_cfg)
+        save_run(out, cfg, loop)
     # a corpus of one short document puts nothing in the validation split (it is split by document)
     has_val = any(len(shard) > seq_len for shard in val.shards)
     if not has_val:
@@ -112,19 +165,9 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         x, y = train.sample(cfg.batch_size, seq_len, seed=cfg.seed, step=i)
         return x.to(loop.device), y.to(loop.device)
 
-    def loss_fn(m, batch):
-        x, y = batch
-        return next_token_loss(m(x), y)
-
     def evaluate(m) -> float:
         nll, n = score_windows(m, val, batch_size=cfg.batch_size, seq_len=seq_len, max_batches=cfg.eval_batches,
                                device=loop.device)
         return nll / n
 
-    loop = LoopConfig(**{**loop.__dict__, "out_dir": str(out),
-                         "tokens_per_step": cfg.batch_size * seq_len * loop.grad_accum})
-    summary = fit(model, batches, loss_fn, loop, evaluate=evaluate if has_val else None)
-    summary.update(parameters=model.num_params(), model=model_cfg.to_dict(), data_dir=str(data_dir))
-    return summary
-
-
+    return model, model_cfg, batches, evaluate if has_val else None, data_dir
