@@ -117,7 +117,9 @@ def test_not_a_directory_and_missing_tokenizer(tmp_path, model_dir):
 def test_describe(tmp_path):
     save_model(tmp_path, tiny(n_kv_head=2), TOK)
     d = describe(tmp_path)
-    assert set(d) == {"model", "architecture", "parameters", "flops_per_token", "context", "tokenizer", "weights"}
+    assert set(d) == {"model", "format", "architecture", "parameters", "flops_per_token", "context", "tokenizer",
+                      "weights"}
+    assert d["format"] == "yunque"
     cfg = preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=32, n_kv_head=2)
     assert d["architecture"] == ("llama-style decoder: 2 layers, d_model 64, 4 heads (2 kv heads), rope positions, "
                                  "rmsnorm, swiglu")

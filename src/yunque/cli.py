@@ -85,20 +85,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt with a model",
                          description="Generate text from MODEL_DIR, streamed as it is produced.")
-    gen.add_argument("model", metavar="MODEL_DIR")
+    add_model_arg(gen)
     gen.add_argument("prompt")
     add_sampling_flags(gen)
 
     info = sub.add_parser("info", help="describe a model dir")
-    info.add_argument("model", metavar="MODEL_DIR")
+    add_model_arg(info)
     info.add_argument("--json", action="store_true", help="print JSON")
 
     ppl = sub.add_parser("perplexity", help="loss, perplexity and bits per byte of a model on text")
-    ppl.add_argument("model", metavar="MODEL_DIR")
+    add_model_arg(ppl)
     ppl.add_argument("--data", nargs="+", required=True, metavar="PATH")
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--json", action="store_true", help="print JSON")
+
+    imp = sub.add_parser("import", help="convert a Hugging Face model dir into a yunque model dir",
+                         description="Convert a Hugging Face dir (GPT-2, Llama 2/3, Mistral, Qwen2/3, SmolLM2, "
+                                     "TinyLlama; safetensors) into a yunque model dir. HF dirs also work "
+                                     "directly wherever a model dir is accepted.")
+    imp.add_argument("hf_dir", metavar="HF_DIR")
+    imp.add_argument("out", metavar="OUT_DIR")
+
+    exp = sub.add_parser("export", help="write a model as a Hugging Face dir or a GGUF file",
+                         description="Export a model dir for transformers (--format hf) or llama.cpp / ollama "
+                                     "(--format gguf).")
+    add_model_arg(exp)
+    exp.add_argument("--format", choices=["hf", "gguf"], required=True)
+    exp.add_argument("out", metavar="OUT", help="output dir (hf) or .gguf file")
+    exp.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="GGUF tensor type")
+
+    pull = sub.add_parser("pull", help="download a Hugging Face model (safetensors only) into the catalogue")
+    pull.add_argument("repo_id", metavar="REPO_ID", help="e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
+    pull.add_argument("--revision", help="branch, tag or commit")
+    pull.add_argument("--token", help="Hugging Face token for gated or private repos (or set HF_TOKEN)")
+    add_catalogue_flag(pull)
+    models = sub.add_parser("models", help="list the models in the local catalogue")
+    add_catalogue_flag(models)
+    rm = sub.add_parser("rm", help="delete a model from the local catalogue")
+    rm.add_argument("name", metavar="NAME")
+    add_catalogue_flag(rm)
 
     sr = sub.add_parser("speedrun", help="the main job: tokenizer + model on the built-in corpus, then a report",
                         description="Train a BPE tokenizer and a model on Python's standard library source and "
@@ -109,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--seed", type=int, default=0)
     sr.add_argument("--no-progress", action="store_true")
     return p
+
+
+def add_catalogue_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalogue", metavar="DIR",
+                   help="model catalogue (default: $YUNQUE_HOME/models, else ~/.cache/yunque/models)")
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a model dir (yunque or Hugging Face) or a catalogue name")
+    add_catalogue_flag(p)
+
+
+def model_path(args) -> Path:
+    from yunque.interop.catalogue import catalogue_dir, resolve
+
+    return resolve(args.model, root=catalogue_dir(args.catalogue))
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -175,7 +217,7 @@ def cmd_generate(args) -> int:
     from yunque.modeldir import load_model
 
     params = sampling_params(args)
-    model, tok = load_model(args.model)
+    model, tok = load_model(model_path(args))
     engine = Engine(model, tok)
     prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
     pieces = engine.stream(prompt, params)
@@ -191,7 +233,7 @@ def cmd_generate(args) -> int:
 def cmd_info(args) -> int:
     from yunque.modeldir import describe
 
-    d = describe(args.model)
+    d = describe(model_path(args))
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -207,7 +249,7 @@ def cmd_perplexity(args) -> int:
     from yunque.eval.perplexity import text_perplexity
     from yunque.modeldir import load_model
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(model_path(args))
     report = SkipReport()
     texts = [d.text for d in iter_documents(args.data, text_field=args.text_field, report=report)]
     r = text_perplexity(model, tok, texts, batch_size=args.batch_size)
@@ -232,8 +274,57 @@ def cmd_speedrun(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from yunque.interop.hf import import_hf
+
+    import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} -> {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    src = model_path(args)
+    if args.format == "hf":
+        from yunque.interop.hf import export_hf
+
+        export_hf(src, args.out)
+    else:
+        try:
+            from yunque.interop.gguf import export_gguf
+        except ModuleNotFoundError:
+            raise ValueError("GGUF export needs the gguf package; pip install 'yunque[gguf]'") from None
+        export_gguf(src, args.out, dtype=args.dtype)
+    print(f"exported {src} -> {args.out} ({args.format})")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from yunque.interop.catalogue import catalogue_dir, pull
+
+    path = pull(args.repo_id, root=catalogue_dir(args.catalogue), revision=args.revision, token=args.token)
+    print(f"{args.repo_id} -> {path}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from yunque.interop.catalogue import catalogue_dir, format_table, list_models
+
+    root = catalogue_dir(args.catalogue)
+    rows = list_models(root)
+    print(format_table(rows) if rows else f"no models in {root}; `yunque pull REPO_ID` downloads one")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from yunque.interop.catalogue import catalogue_dir, remove
+
+    print(f"removed {remove(args.name, root=catalogue_dir(args.catalogue))}")
+    return 0
+
+
 COMMANDS = {"tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "info": cmd_info,
-            "perplexity": cmd_perplexity, "speedrun": cmd_speedrun}
+            "perplexity": cmd_perplexity, "speedrun": cmd_speedrun, "import": cmd_import, "export": cmd_export,
+            "pull": cmd_pull, "models": cmd_models, "rm": cmd_rm}
 
 
 def main(argv: list[str] | None = None) -> int:

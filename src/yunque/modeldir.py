@@ -120,7 +120,11 @@ def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load (model in eval mode, tokenizer) from a model dir."""
+    """Load (model in eval mode, tokenizer) from a model dir, ours or a Hugging Face one (see interop/hf.py)."""
+    from yunque.interop.hf import is_hf_dir, load_hf  # imported here: interop sits above modeldir
+
+    if is_hf_dir(model_dir):
+        return load_hf(model_dir, device=device)
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     state, _ = load_weights(model_dir)
@@ -154,13 +158,22 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -
 def describe(model_dir: str | Path) -> dict:
     """What `yunque info` shows: architecture, size, cost per token, context, tokenizer, training summary."""
     model_dir = Path(model_dir)
-    cfg = load_config(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    weights = model_dir / WEIGHTS
-    weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
+    from yunque.interop.hf import is_hf_dir  # imported here: interop sits above modeldir
+
+    if is_hf_dir(model_dir):
+        from yunque.interop.hf import config_from_hf, load_hf_tokenizer
+
+        hf = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
+        cfg, tokenizer, fmt = config_from_hf(hf), load_hf_tokenizer(model_dir), f"Hugging Face ({hf['model_type']})"
+        size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    else:
+        cfg, tokenizer, fmt = load_config(model_dir), load_tokenizer(model_dir), "yunque"
+        weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
+        size = (model_dir / WEIGHTS).stat().st_size
     style = "llama" if cfg.pos == "rope" else "gpt2"
     d = {
         "model": str(model_dir),
+        "format": fmt,
         "architecture": f"{style}-style decoder: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads"
                         + (f" ({cfg.kv_heads} kv heads)" if cfg.kv_heads != cfg.n_head else "")
                         + f", {cfg.pos} positions, {cfg.norm}, {cfg.mlp}",
@@ -168,7 +181,7 @@ def describe(model_dir: str | Path) -> dict:
         "flops_per_token": f"{cfg.flops_per_token():,} (training, at full context)",
         "context": cfg.max_seq_len,
         "tokenizer": f"{tokenizer.kind}, {tokenizer.vocab_size} tokens",
-        "weights": f"{weights.stat().st_size / 2**20:.1f} MiB",
+        "weights": f"{size / 2**20:.1f} MiB",
     }
     metrics = model_dir / "metrics.jsonl"
     if metrics.is_file():

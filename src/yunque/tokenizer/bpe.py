@@ -65,7 +65,7 @@ def _byte_level(model: models.Model, *, use_regex: bool) -> tokenizers.Tokenizer
     return inner
 
 
-def _is_byte_level(config: dict) -> bool:
+def is_byte_level(config: dict) -> bool:
     """Whether a tokenizer.json decodes tokens through GPT-2's byte-to-character map."""
     decoder = config.get("decoder") or {}
     parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
@@ -166,7 +166,7 @@ class Tokenizer:
     def _token_bytes(self) -> list[bytes]:
         """Exact bytes of every id, built on first use."""
         config = json.loads(self.inner.to_str())
-        byte_level = _is_byte_level(config)
+        byte_level = is_byte_level(config)
         added = {t.content for t in self.inner.get_added_tokens_decoder().values()}
         table = []
         for i in range(self._vocab_size):
