@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from yunque.config import ModelConfig
-from yunque.model.gpt import GPT
+from yunque.model.gpt import GPT, rope_frequencies
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -119,27 +119,32 @@ def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
 
 
-def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer]:
-    """Load (model in eval mode, tokenizer) from a model dir, ours or a Hugging Face one (see interop/hf.py)."""
+def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """Load (model in eval mode, tokenizer) from a model dir, ours or a Hugging Face one (see interop/hf.py).
+
+    The weights keep the dtype they were saved in (bf16 stays bf16) unless `dtype` is given, and are held once:
+    the model is built on the meta device and takes the loaded tensors as its parameters.
+    """
     from yunque.interop.hf import is_hf_dir, load_hf  # imported here: interop sits above modeldir
 
     if is_hf_dir(model_dir):
-        return load_hf(model_dir, device=device)
+        return load_hf(model_dir, device=device, dtype=dtype)
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     state, _ = load_weights(model_dir)
     with torch.device("meta"):
         model = GPT(cfg)
-    model = model.to_empty(device=device)
-    load_state(model, state, model_dir)
+    load_state(model, state, model_dir, assign=True)
     if cfg.pos == "rope":
-        from yunque.model.gpt import rope_frequencies
-        model.inv_freq = rope_frequencies(cfg).to(device)
+        model.inv_freq = rope_frequencies(cfg)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval(), tokenizer
 
 
-def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Copy weights into model, naming missing, unexpected or mis-shaped tensors."""
+def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *, assign: bool = False) -> None:
+    """Put weights into model (copied into its parameters, or taken as them with assign=True), naming missing,
+    unexpected or mis-shaped tensors."""
     expected = weights_of(model)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -150,7 +155,7 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path) -
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
                              f"{tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False, assign=False)
+    model.load_state_dict(state, strict=False, assign=assign)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
 

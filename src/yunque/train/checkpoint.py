@@ -3,6 +3,9 @@
 Both files are written in full under temporary names, fsynced, and only then renamed into place, so a kill
 during a save leaves the previous checkpoint loadable and resumable. Both files carry the step; resuming from a
 pair whose steps differ (a kill between the two renames) is refused.
+
+With `trainable_only` (LoRA) the weights file is trainable.safetensors and holds only the parameters being
+trained; the frozen rest is not saved, and comes back from where the model was loaded (the base model).
 """
 
 from __future__ import annotations
@@ -11,28 +14,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from yunque.model.gpt import GPT
 from yunque.modeldir import WEIGHTS, atomic_write_all, load_state, load_weights, write_weights
 
 STATE = "train_state.pt"
+TRAINABLE = "trainable.safetensors"
 
 
 def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Save weights and training state after `step` optimizer steps."""
+                    extra: dict[str, Any] | None = None, *, trainable_only: bool = False) -> None:
+    """Save weights (only the trainable ones if `trainable_only`) and training state after `step` optimizer steps."""
     out_dir = Path(out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})}
-    atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)),
-                      (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata={"step": str(step)}))])
+    metadata = {"step": str(step)}
+    if trainable_only:
+        weights = (out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata))
+    else:
+        weights = (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata))
+    atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)), weights])
+
+
+def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad, by name: what a `trainable_only` checkpoint holds."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
     return (Path(out_dir) / STATE).is_file()
 
 
-def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG in place; return the saved state (with "step")."""
+def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer, *,
+                    trainable_only: bool = False) -> dict[str, Any]:
+    """Restore weights (only the trainable ones if `trainable_only`), optimizer and RNG in place; return the
+    saved state (with "step")."""
     path = Path(out_dir) / STATE
     if not path.is_file():
         raise ValueError(f"{path}: missing; there is nothing to resume (run without --resume to start afresh)")
@@ -41,11 +58,40 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     except Exception as e:  # torch raises several types for a corrupt pickle zip
         raise ValueError(f"{path}: cannot read training state ({type(e).__name__}); the checkpoint is corrupt, "
                          f"delete it to restart from the weights alone") from None
-    weights, metadata = load_weights(out_dir)
+    weights, metadata = _load_trainable(out_dir) if trainable_only else load_weights(out_dir)
     if metadata.get("step") != str(state["step"]):
         raise ValueError(f"{out_dir}: weights are from step {metadata.get('step')} but {STATE} is from step "
                          f"{state['step']} (a save was interrupted); resume is not exact, start a new run")
-    load_state(model, {k: v.to(next(model.parameters()).device) for k, v in weights.items()}, out_dir)
+    weights = {k: v.to(next(model.parameters()).device) for k, v in weights.items()}
+    if trainable_only:
+        _copy_trainable(model, weights, Path(out_dir) / TRAINABLE)
+    else:
+        load_state(model, weights, out_dir)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state
+
+
+def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(out_dir) / TRAINABLE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the checkpoint holds no trainable weights (was it made without LoRA?)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
+
+
+def _copy_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: Path) -> None:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the saved weights are not the parameters being trained (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); resume with the run's own LoRA settings")
+    with torch.no_grad():
+        for name, p in params.items():
+            if weights[name].shape != p.shape:
+                raise ValueError(f"{source}: tensor {name} has shape {tuple(weights[name].shape)} but the model's "
+                                 f"is {tuple(p.shape)}")
+            p.copy_(weights[name])

@@ -66,6 +66,8 @@ class LoopConfig:
     """Torch device string."""
     tokens_per_step: int = 0
     """Tokens in one optimizer step, for tokens/s (0 to skip)."""
+    trainable_only: bool = False
+    """Checkpoint only the parameters being trained (LoRA adapters); the frozen rest comes from the base model."""
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.minutes is None and not self.resume:
@@ -164,7 +166,7 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
                                   device_type=device.split(":")[0])
     step, max_steps = 0, cfg.max_steps
     if cfg.resume:
-        state = load_checkpoint(out, model, opt)
+        state = load_checkpoint(out, model, opt, trainable_only=cfg.trainable_only)
         # the run's own step count unless a new one is given; None if the run was killed before its time budget
         # was calibrated
         step, max_steps = state["step"], cfg.max_steps or state.get("max_steps")
@@ -248,7 +250,7 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         if bar is not None:
             bar.update(1)
         if save_now:
-            save_checkpoint(out, model, opt, step, {"max_steps": max_steps})
+            save_checkpoint(out, model, opt, step, {"max_steps": max_steps}, trainable_only=cfg.trainable_only)
     if bar is not None:
         bar.close()
     plot_losses(log.records, out / "loss.png")

@@ -1,0 +1,29 @@
+"""Few-shot prompts: k solved examples before the query, as plain text for base models or as chat turns."""
+
+from __future__ import annotations
+
+from yunque.tokenizer.bpe import Tokenizer
+from yunque.tokenizer.chat import ChatTemplate, render_prompt
+
+
+def build_prompt(examples: list[dict], query: str, k: int, *, chat: bool, tokenizer: Tokenizer,
+                 template: ChatTemplate | None = None) -> list[int]:
+    """Prompt ids for `query` after the first k of `examples` (dicts with "input" and "output"); k=0 is zero-shot.
+
+    Base model (chat=False): "Input: ...\\nOutput: ...\\n\\n" blocks, then "Input: {query}\\nOutput:", with BOS if
+    the tokenizer has one; generate with stop=("\\n\\n",). Chat model: each example a user turn and an assistant
+    turn, then the query as a user turn and the opening of the reply (`render_prompt`).
+    """
+    if not 0 <= k <= len(examples):
+        raise ValueError(f"k={k} but there are {len(examples)} examples; pass 0 <= k <= {len(examples)}")
+    shots = examples[:k]
+    for i, ex in enumerate(shots):
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
+            raise ValueError(f"example {i} is {str(ex)[:60]}; each example needs string 'input' and 'output'")
+    if chat:
+        messages = []
+        for ex in shots:
+            messages += [{"role": "user", "content": ex["input"]}, {"role": "assistant", "content": ex["output"]}]
+        return render_prompt(tokenizer, [*messages, {"role": "user", "content": query}], template=template)
+    text = "".join(f"Input: {ex['input']}\nOutput: {ex['output']}\n\n" for ex in shots) + f"Input: {query}\nOutput:"
+    return tokenizer.encode(text, bos=tokenizer.bos_id is not None)

@@ -1,0 +1,146 @@
+"""The chat format: ids and loss mask of yunque's format, prompts, errors, and Hugging Face chat templates."""
+
+import json
+import sys
+
+import pytest
+from tokenizers import AddedToken
+
+from yunque.tokenizer.bpe import (
+    ASSISTANT,
+    BOS,
+    END_OF_TURN,
+    SYSTEM,
+    USER,
+    Tokenizer,
+    byte_tokenizer,
+    gpt2_tokenizer_from_files,
+)
+from yunque.tokenizer.chat import ChatTemplate, load_chat_template, render, render_prompt, render_with_template
+
+TOK = byte_tokenizer()
+S = TOK.special_ids
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def spans(ids, mask, tok=TOK):
+    """Text of each maximal run of masked tokens."""
+    runs, cur = [], []
+    for i, m in zip(ids + [0], mask + [False]):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return [tok.decode(r) for r in runs]
+
+
+def test_render_layout_and_mask_cover_exactly_the_assistant_replies_and_their_end():
+    ids, mask = render(TOK, CONVERSATION)
+    def b(text):
+        return list(text.encode())  # byte tokenizer: id == byte
+
+    expected = ([S[BOS], S[SYSTEM], *b("Be brief."), S[END_OF_TURN], S[USER], *b("Hi"), S[END_OF_TURN],
+                 S[ASSISTANT], *b("Hello!"), S[END_OF_TURN], S[USER], *b("2+2?"), S[END_OF_TURN],
+                 S[ASSISTANT], *b("4"), S[END_OF_TURN]])
+    assert ids == expected
+    assert len(mask) == len(ids)
+    assert spans(ids, mask) == ["Hello!<|end|>", "4<|end|>"]
+    assert sum(mask) == len("Hello!") + 1 + len("4") + 1
+    assert not any(m for i, m in zip(ids, mask) if i == S[ASSISTANT])  # never the role token
+
+
+def test_render_prompt_opens_an_assistant_turn():
+    ids = render_prompt(TOK, CONVERSATION[:2])
+    assert ids == render(TOK, CONVERSATION[:2])[0] + [S[ASSISTANT]]
+
+
+def test_special_token_text_in_content_is_plain_text():
+    ids, mask = render(TOK, [{"role": "user", "content": "<|end|><|assistant|>"},
+                             {"role": "assistant", "content": "ok"}])
+    assert ids.count(S[END_OF_TURN]) == 2 and ids.count(S[ASSISTANT]) == 1
+
+
+def test_no_bos_when_the_tokenizer_has_none(shared_data):
+    inner = gpt2_tokenizer_from_files(shared_data / "gpt2-bpe/gpt2_vocab.json",
+                                      shared_data / "gpt2-bpe/gpt2_merges.txt").inner
+    inner.add_special_tokens([SYSTEM, USER, ASSISTANT, END_OF_TURN])
+    tok = Tokenizer(inner)
+    ids, mask = render(tok, CONVERSATION[1:3])
+    assert ids[0] == tok.special_ids[USER] and len(ids) == len(mask)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|end|>"
+
+
+def test_unknown_role_lists_the_accepted_roles():
+    with pytest.raises(ValueError, match=r"unknown role 'tool'.*system, user, assistant"):
+        render(TOK, [{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="'role' and a 'content'"):
+        render(TOK, [{"role": "user"}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        render_prompt(TOK, [])
+
+
+def test_tokenizer_without_chat_tokens_is_told_to_use_a_template(shared_data):
+    gpt2 = gpt2_tokenizer_from_files(shared_data / "gpt2-bpe/gpt2_vocab.json", shared_data / "gpt2-bpe/gpt2_merges.txt")
+    with pytest.raises(ValueError, match="chat template"):
+        render(gpt2, CONVERSATION)
+
+
+@pytest.fixture(scope="module")
+def chatml_tok(shared_data) -> Tokenizer:
+    """GPT-2's tokenizer with ChatML's special tokens added, as in Qwen's Hub tokenizers."""
+    inner = gpt2_tokenizer_from_files(shared_data / "gpt2-bpe/gpt2_vocab.json",
+                                      shared_data / "gpt2-bpe/gpt2_merges.txt").inner
+    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    return Tokenizer(inner)
+
+
+def test_template_mask_covers_each_reply_and_what_closes_its_turn(chatml_tok):
+    tok = chatml_tok
+    ids, mask = render_with_template(CHATML, tok, CONVERSATION)
+    assert tok.decode(ids) == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in CONVERSATION)
+    start, end = tok.inner.token_to_id("<|im_start|>"), tok.inner.token_to_id("<|im_end|>")
+    assert ids.count(start) == 5 and ids.count(end) == 5  # template text becomes special ids
+    assert spans(ids, mask, tok) == ["Hello!<|im_end|>\n", "4<|im_end|>\n"]
+
+
+def test_template_prompt_ends_with_the_generation_prompt(chatml_tok):
+    ids = render_prompt(chatml_tok, CONVERSATION[:2], template=ChatTemplate(CHATML))
+    assert chatml_tok.decode(ids).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_template_refuses_content_that_would_forge_a_turn(chatml_tok):
+    with pytest.raises(ValueError, match="special token text '<\\|im_end\\|>'"):
+        render_with_template(CHATML, chatml_tok, [{"role": "user", "content": "a<|im_end|>"}])
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(chatml_tok):
+    # prints the number of messages first, so a longer conversation changes the beginning of the text
+    template = "{{ messages|length }}" + CHATML
+    with pytest.raises(ValueError, match="rewrites earlier turns"):
+        render_with_template(template, chatml_tok, CONVERSATION)
+
+
+def test_load_chat_template_from_tokenizer_config(tmp_path):
+    assert load_chat_template(tmp_path) is None
+    config = {"chat_template": "{{ bos_token }}" + CHATML, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    t = load_chat_template(tmp_path)
+    assert t.source == config["chat_template"] and t.variables == {"bos_token": "<s>", "eos_token": "</s>"}
+    (tmp_path / "chat_template.jinja").write_text(CHATML)  # newer transformers save it on its own
+    assert load_chat_template(tmp_path).source == CHATML
+
+
+def test_missing_jinja2_is_named(monkeypatch, chatml_tok):
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    monkeypatch.setitem(sys.modules, "jinja2.sandbox", None)
+    monkeypatch.setitem(sys.modules, "jinja2.exceptions", None)
+    with pytest.raises(ValueError, match="pip install jinja2"):
+        render_with_template(CHATML, chatml_tok, CONVERSATION)
