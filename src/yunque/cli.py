@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(gen)
     gen.add_argument("prompt")
     add_sampling_flags(gen)
+    gen.add_argument("--few-shot", metavar="FILE",
+                     help="jsonl of solved examples ({\"input\", \"output\"}) to put before the prompt")
+    gen.add_argument("--k", type=int, default=3, help="how many --few-shot examples to use (0: zero-shot)")
 
     info = sub.add_parser("info", help="describe a model dir")
     add_model_arg(info)
@@ -99,6 +102,55 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--text-field", default="text")
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--json", action="store_true", help="print JSON")
+
+    sft = sub.add_parser("sft", help="fine-tune a model on conversations (full or LoRA)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description="Supervised fine-tuning into a chat assistant. The loss covers assistant "
+                                     "tokens only. Data: jsonl with {\"messages\": [...]}, alpaca records "
+                                     "(instruction/input/output), prompt/completion pairs, or question/answer.",
+                         epilog="examples:\n  yunque sft --model runs/speedrun --data chats.jsonl --out runs/chat\n"
+                                "  yunque sft --model runs/speedrun --data chats.jsonl --out runs/lora --lora "
+                                "--lora-rank 8\n  yunque merge runs/speedrun runs/lora runs/merged")
+    sft.add_argument("--model", help="base model (dir or catalogue name)")
+    add_catalogue_flag(sft)
+    sft.add_argument("--data", nargs="+", default=[], metavar="FILE", help="conversation files (.jsonl, .jsonl.gz)")
+    sft.add_argument("--out", required=True, help="output dir: a model dir, or with --lora an adapter dir")
+    sft.add_argument("--lora", action="store_true", help="train low-rank adapters instead of every weight")
+    sft.add_argument("--lora-rank", type=int, default=8)
+    sft.add_argument("--lora-alpha", type=float, default=16.0)
+    sft.add_argument("--lora-dropout", type=float, default=0.0)
+    sft.add_argument("--lora-targets", nargs="+", default=["qkv", "proj", "up", "down"],
+                     help="Linear layers to adapt (default: qkv proj up down)")
+    sft.add_argument("--max-seq-len", type=int, default=None, help="longest conversation (default: the model's)")
+    sft.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
+                     help="what to do with longer conversations (both are counted and reported)")
+    sft.add_argument("--batch-size", type=int, default=8)
+    sft.add_argument("--val-fraction", type=float, default=0.05)
+    sft_budget = sft.add_mutually_exclusive_group()
+    sft_budget.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 500)")
+    sft_budget.add_argument("--minutes", type=float, default=None)
+    sft.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 LoRA, 1e-4 full)")
+    sft.add_argument("--warmup-steps", type=int, default=20)
+    sft.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    sft.add_argument("--eval-every", type=int, default=100)
+    sft.add_argument("--checkpoint-every", type=int, default=0)
+    sft.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--device", default="cpu")
+    sft.add_argument("--no-progress", action="store_true")
+
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model")
+    merge.add_argument("base", metavar="BASE")
+    merge.add_argument("adapter", metavar="ADAPTER_DIR")
+    merge.add_argument("out", metavar="OUT_DIR")
+
+    chat = sub.add_parser("chat", help="talk to a chat model in the terminal",
+                          description="Multi-turn chat with streamed replies. Commands: /reset, /system TEXT, "
+                                      "/save FILE, /exit. Reads piped input too (one message per line).")
+    add_model_arg(chat)
+    chat.add_argument("--adapter", metavar="DIR", help="a LoRA adapter dir to apply")
+    chat.add_argument("--system", help="system prompt")
+    add_sampling_flags(chat)
 
     imp = sub.add_parser("import", help="convert a Hugging Face model dir into a yunque model dir",
                          description="Convert a Hugging Face dir (GPT-2, Llama 2/3, Mistral, Qwen2/3, SmolLM2, "
@@ -219,10 +271,25 @@ def cmd_generate(args) -> int:
     params = sampling_params(args)
     model, tok = load_model(model_path(args))
     engine = Engine(model, tok)
-    prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
+    shown = args.prompt
+    if args.few_shot:
+        from dataclasses import replace
+
+        from yunque.eval.fewshot import build_prompt, load_examples
+        from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
+
+        template = load_chat_template(model_path(args))
+        chat = template is not None or (has_chat_tokens(tok) and "<|assistant|>" in tok.special_ids)
+        examples = load_examples(args.few_shot)
+        prompt = build_prompt(examples, args.prompt, args.k, chat=chat, tokenizer=tok, template=template)
+        if not chat:
+            params = replace(params, stop=(*params.stop, "\n\n"))
+        shown = ""
+    else:
+        prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
     pieces = engine.stream(prompt, params)
     first = next(pieces, "")  # the prompt is checked (length, ids) before anything is printed
-    sys.stdout.write(args.prompt + first)
+    sys.stdout.write(shown + first)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -271,6 +338,76 @@ def cmd_speedrun(args) -> int:
                             **kwargs))
     print(f"validation {r['val_bits_per_byte']:.3f} bits/byte vs unigram {r['unigram_bits_per_byte']:.3f} "
           f"in {r['wall_seconds']:.0f}s; report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def loop_flags(args, **defaults):
+    from yunque.train.loop import LoopConfig
+
+    fields = dict(max_steps=args.max_steps, minutes=args.minutes, warmup_steps=args.warmup_steps,
+                  precision=args.precision, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                  resume=args.resume, progress=not args.no_progress, device=args.device)
+    return LoopConfig(**{**defaults, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def cmd_sft(args) -> int:
+    from dataclasses import replace
+
+    from yunque.model.lora import LoraConfig
+    from yunque.train.sft import SFTConfig, default_loop, main
+
+    if not args.resume and (not args.model or not args.data):
+        raise ValueError("--model and --data are required (except with --resume)")
+    lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=tuple(args.lora_targets)) if args.lora else None
+    cfg = SFTConfig(model=str(model_path(args)) if args.model else "", data=tuple(args.data), out=args.out,
+                    lora=lora, max_seq_len=args.max_seq_len, truncation=args.truncation, batch_size=args.batch_size,
+                    val_fraction=args.val_fraction, seed=args.seed)
+    base = default_loop(cfg)
+    loop = loop_flags(args, **{**base.__dict__, "lr": args.lr or base.lr,
+                               "max_steps": None if args.resume or args.minutes else base.max_steps})
+    s = main(replace(cfg, loop=loop))
+    before = f"{s['val_loss_before']:.4f} -> " if s.get("val_loss_before") is not None else ""
+    after = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
+    print(f"fine-tuned {s['trainable_parameters']:,} of {s['parameters']:,} parameters for {s['steps']} steps: "
+          f"held-out assistant loss {before}{after} -> {args.out}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from yunque.train.sft import merge
+
+    merge(model_path(argparse.Namespace(model=args.base, catalogue=None)), args.adapter, args.out)
+    print(f"merged {args.adapter} into {args.base} -> {args.out}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from yunque.chat import ChatSession, load_chat_model, run_terminal_chat
+    from yunque.engine.engine import Engine
+
+    params = sampling_params(args)
+    model, tok, template = load_chat_model(model_path(args), args.adapter)
+    session = ChatSession(Engine(model, tok), params, system=args.system, template=template)
+    from yunque.tokenizer.chat import has_chat_tokens
+
+    if template is None and not has_chat_tokens(tok):  # fail before reading any input
+        raise ValueError(f"{args.model} has no chat tokens and no chat template; fine-tune it with `yunque sft` "
+                         f"first, or use a chat model")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def read_line():
+        if sys.stdin.isatty():
+            try:
+                return input("you: ") + "\n"
+            except EOFError:
+                return None
+        return sys.stdin.readline() or None
+
+    run_terminal_chat(session, read_line, write)
     return 0
 
 
@@ -324,7 +461,8 @@ def cmd_rm(args) -> int:
 
 COMMANDS = {"tokenizer": cmd_tokenizer, "pretrain": cmd_pretrain, "generate": cmd_generate, "info": cmd_info,
             "perplexity": cmd_perplexity, "speedrun": cmd_speedrun, "import": cmd_import, "export": cmd_export,
-            "pull": cmd_pull, "models": cmd_models, "rm": cmd_rm}
+            "pull": cmd_pull, "models": cmd_models, "rm": cmd_rm, "sft": cmd_sft, "merge": cmd_merge,
+            "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

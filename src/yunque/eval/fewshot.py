@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from yunque.tokenizer.bpe import Tokenizer
 from yunque.tokenizer.chat import ChatTemplate, render_prompt
 
@@ -27,3 +30,22 @@ def build_prompt(examples: list[dict], query: str, k: int, *, chat: bool, tokeni
         return render_prompt(tokenizer, [*messages, {"role": "user", "content": query}], template=template)
     text = "".join(f"Input: {ex['input']}\nOutput: {ex['output']}\n\n" for ex in shots) + f"Input: {query}\nOutput:"
     return tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+
+
+def load_examples(path: str | Path) -> list[dict]:
+    """Solved examples from a jsonl file, one {"input": ..., "output": ...} object a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; pass a jsonl file of {{\"input\", \"output\"}} examples")
+    examples = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not isinstance(ex.get("output"), str):
+            raise ValueError(f"{path}:{n}: each example needs string 'input' and 'output' fields")
+        examples.append(ex)
+    return examples
