@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "documentation (no network needed), then write report.md and report.json.")
     sr.add_argument("--out", default="runs/speedrun", help="run directory (default: runs/speedrun)")
     sr.add_argument("--minutes", type=float, default=6.0, help="pretraining budget in minutes (default: 6)")
+    sr.add_argument("--sft-minutes", type=float, default=2.0, help="fine-tuning budget in minutes (default: 2)")
     sr.add_argument("--preset", default=None, help="model size (default: the speedrun's own)")
     sr.add_argument("--seed", type=int, default=0)
     sr.add_argument("--no-progress", action="store_true")
@@ -334,10 +335,12 @@ def cmd_speedrun(args) -> int:
     from yunque.speedrun import SpeedrunConfig, main
 
     kwargs = {"preset": args.preset} if args.preset else {}
-    r = main(SpeedrunConfig(out=args.out, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
-                            **kwargs))
-    print(f"validation {r['val_bits_per_byte']:.3f} bits/byte vs unigram {r['unigram_bits_per_byte']:.3f} "
-          f"in {r['wall_seconds']:.0f}s; report: {Path(args.out) / 'report.md'}")
+    r = main(SpeedrunConfig(out=args.out, minutes=args.minutes, sft_minutes=args.sft_minutes, seed=args.seed,
+                            progress=not args.no_progress, **kwargs))
+    b, a = r["sft"]["before"], r["sft"]["after"]
+    print(f"validation {r['val_bits_per_byte']:.3f} bits/byte vs unigram {r['unigram_bits_per_byte']:.3f}; "
+          f"assistant: format {b['format_rate']:.0%} -> {a['format_rate']:.0%}, F1 {b['mean_f1']:.2f} -> "
+          f"{a['mean_f1']:.2f}; {r['wall_seconds']:.0f}s in all; report: {Path(args.out) / 'report.md'}")
     return 0
 
 

@@ -5,9 +5,13 @@ checkpoint loads in yunque with the same logits on a left-padded batch and the s
 yunque is bit-identical; tokenizers give transformers' ids; damaged directories give one clear ValueError.
 """
 
+import ctypes
+import gc
 import json
 import os
 import shutil
+import struct
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before transformers is imported: these tests never download
 
@@ -414,3 +418,73 @@ def test_truncated_safetensors(hf_dir):
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_model(hf_dir)
 
+
+
+def rewrite_header(path, edit) -> None:
+    """Rewrite a safetensors file with `edit(header)` applied to its JSON header (the data is kept as it is)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def first_weight(header) -> dict:
+    return header["model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:5]), "5 bytes, too short for a safetensors header"),
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "header of .* bytes runs past the end of the file"),
+    (lambda p: p.write_bytes(struct.pack("<Q", 2) + b"[]" + b"\0" * 64), "header is not a JSON object"),
+    (lambda p: rewrite_header(p, lambda h: first_weight(h).update(
+        data_offsets=[o + 10**9 for o in first_weight(h)["data_offsets"]])),
+     "tensor model.embed_tokens.weight ends at byte .* but the file has"),
+    (lambda p: rewrite_header(p, lambda h: first_weight(h).update(shape=[7, 64])),
+     "tensor model.embed_tokens.weight holds .* bytes but F32 \\(7, 64\\) needs 1792"),
+    (lambda p: rewrite_header(p, lambda h: first_weight(h).update(data_offsets="nowhere")),
+     "tensor model.embed_tokens.weight has a malformed header entry"),
+])
+def test_damaged_safetensors_headers_are_corrupt_or_truncated(hf_dir, damage, message):
+    damage(hf_dir / "model.safetensors")
+    with pytest.raises(ValueError, match=f"model.safetensors: {message}.*; the file is corrupt or truncated"):
+        load_hf(hf_dir)
+
+
+def test_unknown_safetensors_dtype_is_named(hf_dir):
+    rewrite_header(hf_dir / "model.safetensors", lambda h: first_weight(h).update(dtype="F4"))
+    with pytest.raises(ValueError, match="tensor model.embed_tokens.weight has dtype 'F4'; yunque reads F64, F32"):
+        load_hf(hf_dir)
+
+
+# ---- memory ----
+
+def high_water() -> int:
+    """Peak resident memory of this process, in bytes."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's VmHWM and clear_refs")
+@pytest.mark.parametrize("dtype, shard", [(torch.float32, None), (torch.bfloat16, "8MB")])
+def test_loading_holds_one_copy_of_the_weights(tmp_path, tok, dtype, shard):
+    """Peak resident memory grows by about the checkpoint's size, not twice it: weights are read into the model,
+    never mapped (pages of a mapped file count as resident once touched)."""
+    cfg = LlamaConfig(**{**LLAMA, "hidden_size": 256}, vocab_size=16384)  # 8.4M parameters, mostly embeddings
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).to(dtype).save_pretrained(
+        tmp_path, **({"max_shard_size": shard} if shard else {}))
+    write_hf_tokenizer(tok, tmp_path, gpt2_files=False)
+    size = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):  # glibc: hand freed heap back, so that memory the load reuses counts too
+        libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # restart the peak at the current resident size
+    base = high_water()
+    model, _ = load_hf(tmp_path)
+    growth = high_water() - base
+    assert not shard or len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert growth < 1.25 * size, f"peak grew by {growth / size:.2f}x the checkpoint's size"

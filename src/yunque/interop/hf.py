@@ -14,14 +14,15 @@ template) and generation_config.json. yunque fuses projections that HF keeps apa
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass
+from io import FileIO
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from yunque.config import ModelConfig
@@ -44,7 +45,11 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistra
 INDEX = "model.safetensors.index.json"
 EXTRA_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
 """Files kept as they are through import and export: special tokens, chat template, generation defaults."""
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+"""safetensors dtype names yunque reads; old checkpoints keep integer and bool buffers next to the weights."""
+_MODEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers old checkpoints saved
 
 
@@ -268,8 +273,61 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
 
 
-def _open_weights(model_dir: Path, stack: ExitStack) -> dict[str, tuple[Any, Path]]:
-    """Each tensor name -> (open safetensors file, its path), for model.safetensors or the shards of the index."""
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor lies in a safetensors file."""
+
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # byte offset of its data in the file
+
+
+def _read_header(path: Path) -> dict[str, _Stored]:
+    """Each tensor of a safetensors file -> where it lies, checked against the file's length.
+
+    The format: an 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (and "__metadata__"), then the data, with offsets counted from its start.
+    """
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}; the file is corrupt or truncated")
+
+    size = path.stat().st_size
+    if size < 8:
+        raise corrupt(f"{size} bytes, too short for a safetensors header")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise corrupt(f"header of {n} bytes runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            kind, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(i, int) and i >= 0 for i in (*shape, begin, end)):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"tensor {name} has a malformed header entry {entry!r}") from None
+        if kind not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {kind!r}; yunque reads {', '.join(_DTYPES)}")
+        need = math.prod(shape) * _DTYPES[kind].itemsize
+        if end - begin != need:
+            raise corrupt(f"tensor {name} holds {end - begin} bytes but {kind} {shape} needs {need}")
+        if 8 + n + end > size:
+            raise corrupt(f"tensor {name} ends at byte {8 + n + end} but the file has {size} bytes")
+        tensors[name] = _Stored(path, _DTYPES[kind], shape, 8 + n + begin)
+    return tensors
+
+
+def _find_weights(model_dir: Path) -> dict[str, _Stored]:
+    """Each tensor name -> where it lies, in model.safetensors or the shards of the index."""
     single, index = model_dir / WEIGHTS, model_dir / INDEX
     if single.is_file():
         files = [single]
@@ -279,16 +337,23 @@ def _open_weights(model_dir: Path, stack: ExitStack) -> dict[str, tuple[Any, Pat
         hint = " (pytorch_model.bin is not read: pickles can run code; re-save it with safetensors)" \
             if (model_dir / "pytorch_model.bin").is_file() else ""
         raise ValueError(f"{single}: missing, and no {INDEX} either; the directory has no weights{hint}")
-    handles = {}
+    stored = {}
     for path in files:
         if not path.is_file():
             raise ValueError(f"{path}: missing; {INDEX} lists it as a shard of the weights")
-        try:
-            f = stack.enter_context(safe_open(str(path), framework="pt"))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
-        handles.update((name, (f, path)) for name in f.keys())
-    return handles
+        stored.update(_read_header(path))
+    return stored
+
+
+def _read_into(f: FileIO, s: _Stored, out: torch.Tensor) -> None:
+    """Read tensor `s` from `f`, its file, into `out`: contiguous, on the CPU, of its dtype."""
+    buf = memoryview(out.view(-1).view(torch.uint8).numpy())
+    f.seek(s.start)
+    while buf:  # one read returns at most ~2 GiB on Linux
+        n = f.readinto(buf)
+        if not n:
+            raise ValueError(f"{s.path}: ended inside the tensor at byte {s.start}; the file is corrupt or truncated")
+        buf = buf[n:]
 
 
 def load_hf_tokenizer(model_dir: Path) -> Tokenizer:
@@ -317,39 +382,44 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
     except ValueError as e:
         raise ValueError(f"{model_dir / CONFIG}: {e}") from None
     tokenizer = load_hf_tokenizer(model_dir)
+    stored = _find_weights(model_dir)
+    prefix = "transformer." if "transformer.wte.weight" in stored else ""  # the Hub's gpt2 has none
+    with torch.device("meta"):
+        model = GPT(cfg)
+    layout = _layout(model, gpt2_prefix=prefix)
+    wanted = {h for t in layout for h in t.hf}
+    missing = sorted(wanted - set(stored))
+    unexpected = sorted(n for n in set(stored) - wanted if not n.endswith(_IGNORED)
+                        and not (n == "lm_head.weight" and cfg.tie_embeddings))
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); is config.json from another model?")
+    emb = stored[layout[0].hf[0]].dtype  # the token embedding sets the dtype
+    dtype = dtype or (emb if emb in _MODEL_DTYPES else torch.float32)
+    model = model.to(dtype).to_empty(device=device)  # cast while on meta: nothing is allocated twice
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    state = model.state_dict()
+    # Plain reads, not safe_open: the pages of a mapped file count as resident once touched, so mapping the
+    # checkpoint while filling the model peaks at twice its size. The page cache is not the process's memory.
     with ExitStack() as stack, torch.no_grad():
-        handles = _open_weights(model_dir, stack)
-        prefix = "transformer." if "transformer.wte.weight" in handles else ""  # the Hub's gpt2 has none
-        with torch.device("meta"):
-            model = GPT(cfg)
-        layout = _layout(model, gpt2_prefix=prefix)
-        wanted = {h for t in layout for h in t.hf}
-        missing = sorted(wanted - set(handles))
-        unexpected = sorted(n for n in set(handles) - wanted if not n.endswith(_IGNORED)
-                            and not (n == "lm_head.weight" and cfg.tie_embeddings))
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}); is config.json from another model?")
-        emb = layout[0].hf[0]  # the token embedding sets the dtype
-        dtype = dtype or _DTYPES.get(handles[emb][0].get_slice(emb).get_dtype(), torch.float32)
-        model = model.to(dtype).to_empty(device=device)  # cast while on meta: nothing is allocated twice
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.tok_emb.weight
-        state = model.state_dict()
+        files = {path: stack.enter_context(open(path, "rb", buffering=0))
+                 for path in sorted({stored[h].path for t in layout for h in t.hf})}
         for t in layout:
             dest, offset = state[t.name], 0
             for name, rows in zip(t.hf, t.rows):
-                f, path = handles[name]
+                s = stored[name]
                 want = (rows, *dest.shape[1:])
                 want = want[::-1] if t.transpose else want
-                have = tuple(f.get_slice(name).get_shape())
-                if have != want:
-                    raise ValueError(f"{path}: tensor {name} has shape {have} but config.json implies {want}")
-                try:
-                    x = f.get_tensor(name)
-                except (SafetensorError, OSError, RuntimeError) as e:
-                    raise ValueError(f"{path}: cannot read {name} ({e}); the file is corrupt or truncated") from None
-                dest.narrow(0, offset, rows).copy_(x.T if t.transpose else x)
+                if s.shape != want:
+                    raise ValueError(f"{s.path}: tensor {name} has shape {s.shape} but config.json implies {want}")
+                part = dest.narrow(0, offset, rows)  # contiguous: a run of whole rows of a contiguous tensor
+                if part.device.type == "cpu" and s.dtype == part.dtype and not t.transpose:
+                    _read_into(files[s.path], s, part)
+                else:  # a transpose, a cast or another device: through a copy of this one tensor
+                    x = torch.empty(s.shape, dtype=s.dtype)
+                    _read_into(files[s.path], s, x)
+                    part.copy_(x.T if t.transpose else x)
                 offset += rows
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
