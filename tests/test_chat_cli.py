@@ -97,3 +97,21 @@ def test_chat_session_drops_oldest_turns_to_fit_the_context(base):
     assert not any(m["content"].endswith("0") for m in session.messages)  # the oldest exchange went first
     with pytest.raises(ValueError, match="context"):
         session.send("y" * 500)
+
+
+def test_template_models_stop_at_their_own_end_of_turn_token(base):
+    from tokenizers import AddedToken
+
+    from yunque.chat import turn_end_strings
+    from yunque.tokenizer.bpe import Tokenizer
+    from yunque.tokenizer.chat import ChatTemplate
+
+    inner = byte_tokenizer().inner
+    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok = Tokenizer(inner)
+    chatml = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+                          {"eos_token": "<|endoftext|>"})
+    assert turn_end_strings(chatml, tok) == ("<|im_end|>", "<|endoftext|>")
+    model, _ = load_model(base)
+    session = ChatSession(Engine(model, tok), SamplingParams(stop=("STOP",)), template=chatml)
+    assert session.params.stop == ("STOP", "<|im_end|>", "<|endoftext|>")

@@ -35,6 +35,21 @@ def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
     return model, tokenizer, load_chat_template(model_dir)
 
 
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+"""End-of-turn tokens of the common chat templates (ChatML/Qwen/SmolLM, Llama 3, Phi, Gemma, Llama 2/Mistral)."""
+
+
+def turn_end_strings(template: ChatTemplate, tokenizer: Tokenizer) -> tuple[str, ...]:
+    """The special tokens that end an assistant turn under `template`: its eos_token and the usual end-of-turn
+    tokens that this vocabulary has and the template uses."""
+    vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
+    ends = [t for t in END_OF_TURN_TOKENS if t in vocab and t in template.source]
+    eos = template.variables.get("eos_token")
+    if eos and eos not in ends:
+        ends.append(eos)
+    return tuple(ends)
+
+
 class ChatSession:
     """The turns of one conversation and the model that answers them.
 
@@ -44,6 +59,10 @@ class ChatSession:
 
     def __init__(self, engine: Engine, params: SamplingParams, *, system: str | None = None,
                  template: ChatTemplate | None = None) -> None:
+        if template is not None:
+            # a Hugging Face chat model ends its turn with its own token (<|im_end|>, <|eot_id|>, </s>, ...);
+            # the engine prints special tokens as their text, so that text stops the reply
+            params = replace(params, stop=(*params.stop, *turn_end_strings(template, engine.tokenizer)))
         self.engine, self.params, self.template = engine, params, template
         self.system = system
         self.turns: list[dict[str, str]] = []
