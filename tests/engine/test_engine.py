@@ -94,12 +94,12 @@ def reference_greedy(model: GPT, prompt: list[int], n: int, stop_ids: set[int]) 
 @pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
 def test_cached_decode_equals_full_recompute(name):
     model = tiny_gpt(name)
-    rec = Recorder(model)
-    engine = Engine(rec, TOK)
+    engine = Engine(Recorder(model), TOK, precision="fp32")  # the reference recomputes in fp32
     prompt = TOK.encode("The quick brown fox", bos=True)
     [got] = engine.generate([prompt], GREEDY)
     want, want_logits = reference_greedy(model, prompt, GREEDY.max_new_tokens, engine.stop_ids)
     assert got == want
+    rec = engine.model  # the engine's own copy of the Recorder
     assert len(rec.logits) == len(want_logits)
     for a, b in zip(rec.logits, want_logits):
         torch.testing.assert_close(a[0], b, atol=1e-5, rtol=0)

@@ -3,20 +3,28 @@
 One decode loop (`Engine._steps`) serves every entry point: `generate` and `generate_text` run it to the end,
 `stream` yields the text it releases step by step, so streamed and non-streamed output are the same by
 construction. Per-sequence stop logic and text lives in `_Sequence`; the loop only runs the model and samples.
+
+Fast paths, each with a twin test in tests/engine/test_fast_decode.py and figures in benchmarks/decode.py: the
+engine decodes with its own copy of the model (`decode_model`), in bf16 where the CPU multiplies it natively, with
+weights packed once for oneDNN (`PackedLinear`) and the KV cache in fp32 on CPU; optionally (`compile=True`) one
+compiled graph per batch size runs each decode step over a static-shape cache.
 """
 
 from __future__ import annotations
 
 import codecs
+import copy
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 from yunque.engine.sampling import check_sampling, sample
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
+from yunque.precision import DTYPES, bf16_supported, resolve_precision
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
 
 
@@ -114,14 +122,26 @@ class _Sequence:
 class Engine:
     """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, *, device: str | torch.device = "cpu") -> None:
-        """Moves `model` to `device` and puts it in eval mode."""
+    def __init__(self, model: GPT, tokenizer: Tokenizer, *, device: str | torch.device = "cpu",
+                 precision: str = "auto", compile: bool = False) -> None:
+        """Decode with a copy of `model` on `device` (see `decode_model`); `model` itself is left as it is.
+
+        precision: "bf16", "fp32", or "auto": bf16 where the device multiplies it natively, fp32 elsewhere.
+        compile: torch.compile the one-token decode step over a static-shape KV cache. It takes seconds per batch
+        size and cache size (rounded up to a power of two), so it pays off only in a long-lived engine.
+        """
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.dtype = DTYPES[resolve_precision(precision, self.device)]
+        self.model = decode_model(model, self.dtype, self.device, pack=not compile)  # compile packs by itself
+        # On CPU, one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13), while
+        # the cache is small next to the weights: keep it in fp32.
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.tokenizer = tokenizer
         ends = {tokenizer.eos_id, tokenizer.special_ids.get(END_OF_TURN)}
         self.stop_ids: set[int] = {i for i in ends if i is not None}
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
+        self.compile = compile
+        self._decode = compiled_decode_step() if compile else decode_step
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Generated token ids for each prompt (without prompt or stop token), generated as one batch.
@@ -188,12 +208,12 @@ class Engine:
                           stop=params.stop) for p in prompts]
 
     @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], params: SamplingParams,
-               seqs: list[_Sequence]) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def _steps(self, prompts: list[list[int]], params: SamplingParams, seqs: list[_Sequence]) -> Iterator[None]:
         """The decode loop: one prefill forward for the left-padded batch, then one token per step.
 
-        Each sampled token is pushed into its row's sequence, then (rows, tokens (A,)) is yielded for the A rows
-        still running. Rows whose sequence is done are dropped from the batch and the cache.
+        Each sampled token is pushed into its row's sequence, then the loop yields. Rows whose sequence is done
+        are dropped from the batch and the cache; compiled, they ride along until the cache is full instead, as a
+        new batch size would mean compiling again.
         """
         if not prompts:
             return
@@ -202,33 +222,116 @@ class Engine:
         pads = [P - len(p) for p in prompts]
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         ids = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)], device=self.device)  # (B, P)
-        dtype = next(self.model.parameters()).dtype
-        cache = KVCache(cfg, len(prompts), min(cfg.max_seq_len, P + max(s.budget for s in seqs) - 1),
-                        device=self.device, dtype=dtype, pad=torch.tensor(pads) if any(pads) else None)
+        size = P + max(s.budget for s in seqs) - 1
+        if self.compile:  # one compiled graph per power of two
+            size = max(256, 1 << (size - 1).bit_length())
+        cache = KVCache(cfg, len(prompts), min(cfg.max_seq_len, size), device=self.device, dtype=self.cache_dtype,
+                        pad=torch.tensor(pads) if any(pads) else None, static=self.compile)
         generators = None
         if params.seed is not None and params.temperature > 0:
             generators = [torch.Generator(self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
         rows = list(range(len(prompts)))
-        logits = self.model(ids, kv_cache=cache)[:, -1]  # (B, V)
+        logits = self.model(ids, kv_cache=cache)[:, -1]  # (B, V); prefill runs eagerly: its length varies
+        filled = P  # cache.pos, counted here so that a step reads nothing back from the cache
         while True:
             tokens = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                             generators=generators)  # (A,)
             for row, token in zip(rows, tokens.tolist()):
-                seqs[row].push(token)
-            yield rows, tokens
+                if not seqs[row].done:
+                    seqs[row].push(token)
+            yield
             keep = [i for i, row in enumerate(rows) if not seqs[row].done]
             if not keep:
                 return
-            if len(keep) < len(rows):
+            if len(keep) < len(rows) and (not self.compile or filled == cache.max_len):
                 index = torch.tensor(keep, device=self.device)
                 cache.select(index)
                 tokens = tokens[index]
                 rows = [rows[i] for i in keep]
                 if generators is not None:
                     generators = [generators[i] for i in keep]
-            if cache.pos == cache.max_len:
+            if filled == cache.max_len:
                 cache.drop_common_padding()
-            logits = self.model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
+                filled = cache.pos
+            logits = self._decode(self.model, tokens, cache)
+            filled += 1
+
+
+def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Next-token logits (B, V) after feeding tokens (B,), the ones just sampled, at the cache's position."""
+    return model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
+
+
+def compiled_decode_step():
+    """`decode_step` compiled by inductor with frozen weights and a C++ wrapper.
+
+    Freezing makes the weights constants, which inductor packs for oneDNN (bf16) or MKL (fp32) once, and it fuses
+    the pointwise work between matrix products; the C++ wrapper runs the graph without Python in between. The
+    engine's model is its own and never changes, which is what freezing requires.
+    """
+    import torch._inductor.config  # imported here: torch.compile's machinery takes a second to import
+
+    step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+
+    def frozen_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):  # read when a (re)compile happens
+            return step(model, tokens, cache)
+
+    return frozen_step
+
+
+def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True) -> nn.Module:
+    """The engine's copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, and with
+    `pack` on CPUs with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
+
+    `model` is left as it is; parameters already in `dtype` on `device` are shared with it, not copied. Buffers
+    keep their dtype (rotary frequencies stay fp32), and tied parameters stay tied.
+    """
+    memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype),
+                                requires_grad=False) for p in model.parameters()}
+    model = copy.deepcopy(model, memo).to(device).eval()
+    if pack and PackedLinear.supported(device, dtype):
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
+                    setattr(parent, name, PackedLinear(child))
+    return model
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear whose weight is laid out once in oneDNN's blocked format instead of on every call.
+
+    On CPU this makes decode's small-batch matrix products up to 4x faster than F.linear (the output head gains
+    most) and prefill's 1.1-2.4x (torch 2.13, AVX-512). Results equal F.linear's up to summation order.
+    """
+
+    BATCH_HINT = 8
+    """Rows the layout is tuned for; any number of rows works (1 to 1024 are within 10% of their own best)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        bias = linear.bias.detach() if linear.bias is not None else None
+        extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
+        if extra:
+            weight = torch.cat([weight, weight.new_zeros(extra, self.in_features)])
+            bias = torch.cat([bias, bias.new_zeros(extra)]) if bias is not None else None
+        # opaque oneDNN tensor: a plain attribute, not a parameter, so that no state_dict or .to() sees it
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
+        self.bias = bias
+        self.padded = bool(extra)
+
+    @staticmethod
+    def supported(device: torch.device, dtype: torch.dtype) -> bool:
+        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y[..., :self.out_features] if self.padded else y
 
 
 __all__ = ["Engine", "SamplingParams", "Completion"]

@@ -51,7 +51,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.float().argmax(dim=-1)  # on CPU, argmax over bf16 is ~5x slower than over fp32
     logits = logits.float() / temperature
     if top_k is not None:
         logits = filter_top_k(logits, top_k)

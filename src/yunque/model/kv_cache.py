@@ -1,8 +1,13 @@
 """Key/value cache: preallocated per-layer buffers, owned and passed in by the caller.
 
-The model writes each new step's keys and values at positions [pos, pos + T) and attends over [0, pos + T).
-Batches of prompts of different lengths are left-padded; `pad[b]` is the number of padding slots in row b, which
-the model masks out and subtracts from positions.
+The model writes each new step's keys and values at positions [pos, pos + T) and asks the cache for the
+positions of its tokens and the attention mask. Batches of prompts of different lengths are left-padded; `pad[b]`
+is the number of padding slots in row b, which the mask hides and which are subtracted from positions.
+
+Two layouts give the same outputs:
+- dynamic (default): attention reads keys [0, pos + T), so shapes grow by one every step; least work in eager mode.
+- static: attention reads all `max_len` slots and the mask hides the unfilled ones. The fill level is a tensor,
+  so a decode step has the same shapes and reads no Python number each time: torch.compile traces it once.
 """
 
 from __future__ import annotations
@@ -17,39 +22,88 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 pad: torch.Tensor | None = None) -> None:
+                 pad: torch.Tensor | None = None, static: bool = False) -> None:
         self.max_len = max_len or cfg.max_seq_len
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.dim_head)  # (L, B, Hkv, Tmax, D)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-        """Positions filled so far (the same for every row; padding counts as filled)."""
+        self.max_seq_len = cfg.max_seq_len
+        shape = (batch_size, cfg.kv_heads, self.max_len, cfg.dim_head)  # (B, K, S, D)
+        # one tensor per layer, not views of one: a compiled step then updates each in place
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.static = static
+        """Attend over all max_len slots with a mask (compile friendly) instead of the filled ones only."""
+        if static and pad is None:
+            pad = torch.zeros(batch_size, dtype=torch.long)  # one graph whether or not a batch is padded
         self.pad = pad.to(device) if pad is not None else None
         """(B,) left-padding length of each row, or None when no row is padded."""
+        self._pos = 0  # dynamic: positions filled so far
+        self._filled = torch.zeros((), dtype=torch.long, device=device)  # static: the same, as a tensor
+
+    @property
+    def pos(self) -> int:
+        """Positions filled so far (the same for every row; padding counts as filled)."""
+        return int(self._filled) if self.static else self._pos
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
+
+    def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For the next T tokens: their positions (B|1, T), counted from each row's first real token, and the
+        boolean attention mask (B|1, 1, T, S) over the S keys `update` will return (None if every key is visible).
+        """
+        device = self.k[0].device
+        if self.static:
+            S = self.k[0].shape[2]
+            q = self._filled + torch.arange(T, device=device)  # (T,)
+        else:
+            start = self._pos
+            if start + T > self.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len={self.max_seq_len}; "
+                                 f"shorten the input or use a longer-context model")
+            S = start + T
+            q = torch.arange(start, S, device=device)
+        pos = q.unsqueeze(0)  # (1, T)
+        if self.pad is not None:
+            pos = (pos - self.pad.unsqueeze(1)).clamp(min=0)  # (B, T): a padded row counts from its first token
+        if self.pad is None and T == 1 and not self.static:
+            return pos, None
+        q = q.view(1, 1, T, 1)
+        k = torch.arange(S, device=device).view(1, 1, 1, S)
+        mask = k <= q
+        if self.pad is not None:
+            # padding keys are hidden; a padding query sees itself so that no row of the softmax is empty
+            mask = mask & ((k >= self.pad.view(-1, 1, 1, 1)) | (k == q))
+        return pos, mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, Hkv, T, D) at the current position; return all keys/values so far (B, Hkv, pos+T, D)."""
+        """Store k, v (B, K, T, D) at the current position; return the keys/values to attend over (B, K, S, D):
+        the filled ones (S = pos + T) or, static, all of them (S = max_len)."""
         T = k.shape[2]
-        end = self.pos + T
+        if self.static:
+            # index_copy_ checks its indices in eager mode; the engine sizes the cache so that they fit
+            index = self._filled + torch.arange(T, device=k.device)
+            self.k[layer].index_copy_(2, index, k.to(self.k[layer].dtype))
+            self.v[layer].index_copy_(2, index, v.to(self.v[layer].dtype))
+            return self.k[layer], self.v[layer]
+        end = self._pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions but {end} are needed; "
                              f"shorten the prompt or lower max_new_tokens")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self._pos:end] = k
+        self.v[layer][:, :, self._pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
         """Mark n more positions as filled (the model calls this once per forward, after the last layer)."""
-        self.pos += n
+        if self.static:
+            self._filled += n
+        else:
+            self._pos += n
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (e.g. to drop finished sequences)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
         if self.pad is not None:
             self.pad = self.pad[rows]
 
@@ -62,7 +116,10 @@ class KVCache:
         """
         assert self.pad is not None and int(self.pad.min()) > 0, "no padding common to every row"
         m, end = int(self.pad.min()), self.pos
-        self.k[:, :, :, :end - m] = self.k[:, :, :, m:end].clone()
-        self.v[:, :, :, :end - m] = self.v[:, :, :, m:end].clone()
-        self.pos -= m
+        for t in self.k + self.v:
+            t[:, :, :end - m] = t[:, :, m:end].clone()
+        if self.static:
+            self._filled -= m
+        else:
+            self._pos -= m
         self.pad = self.pad - m

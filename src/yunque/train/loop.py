@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from yunque.model.gpt import GPT
+from yunque.precision import bf16_supported, resolve_precision  # noqa: F401  (re-exported for the stages)
 from yunque.train.checkpoint import load_checkpoint, save_checkpoint
 from yunque.train.optim import lr_at, make_adamw
 
@@ -50,8 +52,12 @@ class LoopConfig:
     """Micro-batches per optimizer step."""
     precision: str = "auto"
     """"bf16" autocast, "fp32", or "auto" (bf16 where the hardware does it fast)."""
-    compile: bool = False
-    """Compile the model with torch.compile."""
+    compile: str | bool = "auto"
+    """torch.compile the training step (model forward + loss; backward through AOTAutograd): "on", "off", or
+    "auto": on once the first steps show at least COMPILE_PAYS_AFTER seconds of training left, since compiling
+    takes 10-45 s on two CPU cores (True/False mean "on"/"off")."""
+    threads: int = 0
+    """CPU threads for matrix products (torch.set_num_threads during fit); 0 means one per physical core."""
     eval_every: int = 250
     """Validate every N steps (and at the end); 0 only at the end."""
     log_every: int = 10
@@ -74,6 +80,10 @@ class LoopConfig:
             raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.compile not in ("auto", "on", "off", True, False):
+            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (one per physical core) or more, got {self.threads}")
         if (self.max_steps is not None and self.max_steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise ValueError(f"the budget must be positive, got max_steps={self.max_steps}, minutes={self.minutes}")
         for name in ("grad_accum", "log_every"):
@@ -87,20 +97,36 @@ class LoopConfig:
                              f"use --device cpu")
 
 
-def bf16_supported(device: str) -> bool:
-    """True where bf16 matrix products run natively (CUDA Ampere+, CPUs with AVX-512 BF16 / AMX)."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+COMPILE_PAYS_AFTER = 120.0
+"""Seconds of training left at which compile="auto" compiles. Compiling costs 10-45 s on two CPU cores (less
+with a warm inductor cache) and saves 15-40% of each bf16 step at 1M-50M parameters (benchmarks/train.py), so it
+repays itself after roughly two minutes."""
+
+
+def physical_cores() -> int:
+    """CPU cores this process may run on, counting hyperthread siblings once (sysfs on Linux)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    return precision
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to `n` (0: one per physical core) inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or physical_cores())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def autocast(precision: str, device: str):
@@ -156,8 +182,13 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Train `model` on `batches(step)` (one micro-batch per call: step * grad_accum + i) with `loss_fn(model, batch)`.
 
-    Returns a summary: steps, final loss, val_loss, tokens seen, wall seconds.
+    Returns a summary: steps, final loss, val_loss, tokens seen, wall seconds, precision, whether it compiled.
     """
+    with num_threads(cfg.threads):
+        return _fit(model, batches, loss_fn, cfg, evaluate, optimizer)
+
+
+def _fit(model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = cfg.device
@@ -173,15 +204,18 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         if max_steps is None and cfg.minutes is None:
             raise ValueError(f"{out} was stopped before its step count was known; pass --max-steps or --minutes")
     log = MetricsLog(out / "metrics.jsonl", step if cfg.resume else None)
-    train_model = torch.compile(model) if cfg.compile else model
+    compile_mode = {True: "on", False: "off"}.get(cfg.compile, cfg.compile)
+    # the loss is compiled with the model so that the fp32 cast, log-softmax and their backward fuse
+    step_loss = torch.compile(loss_fn) if compile_mode == "on" else loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
 
     def validate() -> float | None:
         if evaluate is None:
             return None
         model.eval()
+        # eager: a compiled graph for no_grad and each evaluation shape would cost more than it saves
         with torch.no_grad(), autocast(precision, device):
-            value = evaluate(train_model)
+            value = evaluate(model)
         model.train()
         return value
 
@@ -195,10 +229,13 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
     # a resumed run with no steps left reports where it ended, not nan
     loss_value = log.records[-1]["loss"] if log.records else float("nan")
     val_loss = next((r["val_loss"] for r in reversed(log.records) if "val_loss" in r), None)
-    first_step = step
     budget = cfg.minutes * 60 if max_steps is None else None
     budget_start = time.perf_counter()
-    calibrate_at = step + 10
+    # steps per second are measured from (rate_step, rate_start), restarted once the step that compiles is done
+    rate_step, rate_start = step, budget_start
+    compiles_at = step + 1 if compile_mode == "on" else None
+    calibrate_at = step + 10 + (compiles_at is not None)
+    decide_compile_at = step + 10 if compile_mode == "auto" else None
     model.train()
     while max_steps is None or step < max_steps:
         lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=max_steps, min_ratio=cfg.min_lr_ratio,
@@ -209,7 +246,7 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         for micro in range(cfg.grad_accum):
             batch = batches(step * cfg.grad_accum + micro)
             with autocast(precision, device):
-                loss = loss_fn(train_model, batch)
+                loss = step_loss(model, batch)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
@@ -218,11 +255,21 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         opt.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-        if budget is not None and step >= calibrate_at:
+        now = time.perf_counter()
+        if step == decide_compile_at:
+            seconds_per_step = (now - rate_start) / (step - rate_step)
+            left = budget - (now - budget_start) if budget is not None else (max_steps - step) * seconds_per_step
+            if left >= COMPILE_PAYS_AFTER:
+                step_loss, compile_mode = torch.compile(loss_fn), "on"
+                compiles_at, calibrate_at = step + 1, step + 11
+        if step == compiles_at:
+            rate_step, rate_start = step, now
+        elif budget is not None and step >= calibrate_at:
             # time budget: set the step count from the measured speed so that the schedule decays on time;
             # re-estimated every 10 steps until half the budget is spent, then fixed (and saved for resume)
-            elapsed = time.perf_counter() - budget_start
-            max_steps = max(step + 1, step + int((budget - elapsed) * (step - first_step) / elapsed))
+            elapsed = now - budget_start
+            rate = (step - rate_step) / (now - rate_start)
+            max_steps = max(step + 1, step + int((budget - elapsed) * rate))
             calibrate_at = step + 10 if elapsed < budget / 2 else float("inf")
             if bar is not None:
                 bar.total = max_steps
@@ -230,11 +277,10 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         eval_now = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
         save_now = last or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
         if step % cfg.log_every == 0 or eval_now or save_now:
-            loss_value = float(loss_sum) / cfg.grad_accum
+            loss_value = float(loss_sum) / cfg.grad_accum  # the only host sync of the step, at log steps
             if not math.isfinite(loss_value):  # checked before every save: a diverged run never overwrites a good one
                 raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
         if step % cfg.log_every == 0 or eval_now:
-            now = time.perf_counter()
             record = {"step": step, "loss": round(loss_value, 5), "lr": lr,
                       "tokens_per_sec": round(cfg.tokens_per_step * window_steps / (now - window_start), 1),
                       "elapsed": round(now - start, 2)}
@@ -255,5 +301,5 @@ def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.M
         bar.close()
     plot_losses(log.records, out / "loss.png")
     return {"steps": step, "loss": loss_value, "val_loss": val_loss, "precision": precision,
-            "wall_seconds": time.perf_counter() - start,
+            "compiled": compile_mode == "on", "wall_seconds": time.perf_counter() - start,
             "tokens_seen": step * cfg.tokens_per_step}

@@ -1,0 +1,239 @@
+"""Decode speed: prefill and decode tokens/s of the engine, and generation against `transformers` `generate()`.
+
+Part 1, three sizes (~1M, ~10M, ~50M parameters: the `mini`, `small` and `medium` presets, as in
+benchmarks/train.py), prompt 128, 256 new tokens, greedy, batch 1 and 8: the fp32 eager reference (the model with
+a growing KV cache, F.linear, one token at a time: what the engine did before its fast paths) against the engine's
+default fast path (bf16 where the CPU has it, oneDNN-packed weights, fp32 cache).
+
+Part 2, the issue's comparison: a 30M GPT-2 (6 layers, width 384, 6 heads, vocab 50257, learned positions,
+LayerNorm, GELU, tied) and a 35M Llama (6 layers, width 384, 6 heads, no GQA, vocab 32000), exported with
+`export_hf` so that `transformers` runs the same weights on the same prompt, in fp32 and in bf16, batch 1 and 8.
+Both produce exactly 256 tokens per row (min_new_tokens = max_new_tokens; the engine ignores stop tokens here).
+Figures are generated tokens / wall time of the whole call, prefill included, the median of --repeats runs taken
+in turn (ours, theirs, ours, ...) so that a noisy machine slows both alike. `--compile` adds the engine with
+`compile=True` (compiling takes ~10 s per batch size and is excluded from its figures).
+
+    python benchmarks/decode.py [--threads 2] [--repeats 3] [--compile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: transformers loads the exported dirs
+
+import torch  # noqa: E402
+
+from yunque.config import ModelConfig, preset  # noqa: E402
+from yunque.engine.engine import Engine, SamplingParams  # noqa: E402
+from yunque.model.gpt import GPT  # noqa: E402
+from yunque.model.kv_cache import KVCache  # noqa: E402
+from yunque.precision import bf16_supported  # noqa: E402
+from yunque.tokenizer.bpe import gpt2_tokenizer_from_files  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-bpe"
+PROMPT, NEW = 128, 256
+SIZES = {
+    "mini": preset("mini", vocab_size=4096, max_seq_len=512),
+    "small": preset("small", vocab_size=8192, max_seq_len=512),
+    "medium": preset("medium", vocab_size=8192, max_seq_len=512),
+}
+VERSUS = {
+    "gpt2-30M": ModelConfig(vocab_size=50257, n_layer=6, n_head=6, d_model=384, max_seq_len=1024, pos="learned",
+                            norm="layernorm", mlp="gelu", bias=True),
+    "llama-35M": ModelConfig(vocab_size=32000, n_layer=6, n_head=6, d_model=384, max_seq_len=1024,
+                             tie_embeddings=False),
+}
+# Measured by the issue on this machine kind (tokens/s, batch 1 unless noted); the targets follow from them.
+ISSUE = {"transformers gpt2-30M fp32": 103, "transformers gpt2-30M bf16": 160, "transformers gpt2-30M fp32 b8": 430,
+         "transformers gpt2-30M bf16 b8": 760, "transformers llama-35M bf16": 177,
+         "transformers llama-35M bf16 static+compile": 212, "llama.cpp llama-35M bf16": "770-810"}
+TARGETS = "batch 1: >= 3x transformers in the same dtype, and bf16 >= 0.75x llama.cpp (~600 tok/s); batch 8: >= 2x"
+
+
+def prompts(vocab: int, batch: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, PROMPT), generator=g).tolist()
+
+
+@torch.inference_mode()
+def reference_generate(model: GPT, ids: list[list[int]], new: int) -> list[list[int]]:
+    """The simple path: fp32 model, growing cache, F.linear, greedy, one token at a time, no stop tokens."""
+    x = torch.tensor(ids)
+    cache = KVCache(model.cfg, len(ids), PROMPT + new - 1)
+    logits = model(x, kv_cache=cache)[:, -1]
+    out = []
+    for i in range(new):
+        token = logits.argmax(-1)
+        out.append(token)
+        if i + 1 < new:
+            logits = model(token.unsqueeze(1), kv_cache=cache)[:, -1]
+    return torch.stack(out, 1).tolist()
+
+
+def engine_generate(engine: Engine, ids: list[list[int]], new: int) -> list[list[int]]:
+    return engine.generate(ids, SamplingParams(max_new_tokens=new, temperature=0))
+
+
+def timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def median_runs(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each function, run in turn `repeats` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn)[0])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def sizes_table(tok, repeats: int) -> list[dict]:
+    """Part 1: prefill and decode tokens/s of the reference and the fast path for three sizes."""
+    rows = []
+    for name, cfg in SIZES.items():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        fast = Engine(model, tok)
+        fast.stop_ids = set()
+        for batch in (1, 8):
+            ids = prompts(cfg.vocab_size, batch)
+            t = median_runs({
+                "ref prefill": lambda: reference_generate(model, ids, 1),
+                "ref total": lambda: reference_generate(model, ids, NEW),
+                "fast prefill": lambda: engine_generate(fast, ids, 1),
+                "fast total": lambda: engine_generate(fast, ids, NEW),
+            }, repeats)
+            row = {"model": name, "params_M": round(model.num_params() / 1e6, 1), "batch": batch}
+            for kind in ("ref", "fast"):
+                row[f"{kind}_prefill_tok_s"] = batch * PROMPT / t[f"{kind} prefill"]
+                row[f"{kind}_decode_tok_s"] = batch * (NEW - 1) / (t[f"{kind} total"] - t[f"{kind} prefill"])
+            row["fast_precision"] = str(fast.dtype).removeprefix("torch.")
+            rows.append(row)
+            print(f"{name:>7} {row['params_M']:5.1f}M  b{batch}  prefill {row['ref_prefill_tok_s']:8.0f} -> "
+                  f"{row['fast_prefill_tok_s']:8.0f} tok/s ({row['fast_prefill_tok_s'] / row['ref_prefill_tok_s']:4.1f}x)"
+                  f"   decode {row['ref_decode_tok_s']:7.0f} -> {row['fast_decode_tok_s']:7.0f} tok/s "
+                  f"({row['fast_decode_tok_s'] / row['ref_decode_tok_s']:4.1f}x)", flush=True)
+    return rows
+
+
+def versus_table(tok, repeats: int, compile: bool, workdir: Path) -> list[dict]:
+    """Part 2: the engine against transformers generate() on the same exported weights and prompts."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from yunque.interop.hf import export_hf
+    from yunque.modeldir import save_model
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    rows = []
+    for name, cfg in VERSUS.items():
+        torch.manual_seed(0)
+        model = GPT(cfg).eval()
+        save_model(workdir / name, model, tok)
+        export_hf(workdir / name, workdir / f"{name}-hf")
+        dtypes = ("fp32", "bf16") if bf16_supported("cpu") else ("fp32",)
+        for precision in dtypes:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+            hf = AutoModelForCausalLM.from_pretrained(workdir / f"{name}-hf", dtype=dtype).eval()
+            ours = Engine(model, tok, precision=precision)
+            ours.stop_ids = set()
+            compiled = None
+            if compile:
+                compiled = Engine(model, tok, precision=precision, compile=True)
+                compiled.stop_ids = set()
+            for batch in (1, 8):
+                ids = prompts(cfg.vocab_size, batch, seed=1)
+                x = torch.tensor(ids)
+
+                def theirs():
+                    with torch.inference_mode():
+                        return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW,
+                                           min_new_tokens=NEW, do_sample=False, pad_token_id=0)[:, PROMPT:].tolist()
+
+                fns = {"ours": lambda: engine_generate(ours, ids, NEW), "transformers": theirs}
+                if compiled is not None:
+                    t0 = time.perf_counter()
+                    engine_generate(compiled, ids, NEW)  # compiles for this batch size
+                    compile_s = time.perf_counter() - t0
+                    fns["ours compiled"] = lambda: engine_generate(compiled, ids, NEW)
+                t = median_runs(fns, repeats)
+                a, b = engine_generate(ours, ids, NEW), theirs()
+                same = sum(next((i for i, (u, v) in enumerate(zip(r, s)) if u != v), NEW) for r, s in zip(a, b))
+                row = {"model": name, "precision": precision, "batch": batch,
+                       "ours_tok_s": batch * NEW / t["ours"], "transformers_tok_s": batch * NEW / t["transformers"],
+                       "same_greedy_prefix": same / (batch * NEW)}
+                row["ratio"] = row["ours_tok_s"] / row["transformers_tok_s"]
+                line = (f"{name:>9} {precision} b{batch}  ours {row['ours_tok_s']:7.0f} tok/s   transformers "
+                        f"{row['transformers_tok_s']:6.0f} tok/s   ratio {row['ratio']:4.2f}x")
+                if compiled is not None:
+                    row["ours_compiled_tok_s"] = batch * NEW / t["ours compiled"]
+                    row["compile_s"] = compile_s
+                    line += (f"   compiled {row['ours_compiled_tok_s']:7.0f} tok/s "
+                             f"({row['ours_compiled_tok_s'] / row['transformers_tok_s']:4.2f}x; compile {compile_s:.0f} s)")
+                line += f"   same greedy tokens: {row['same_greedy_prefix']:.0%}"
+                rows.append(row)
+                print(line, flush=True)
+            del hf, ours, compiled
+    return rows
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        need = 3.0 if r["batch"] == 1 else 2.0
+        best = max(r["ours_tok_s"], r.get("ours_compiled_tok_s", 0))
+        ok = best >= need * r["transformers_tok_s"]
+        line = (f"{r['model']} {r['precision']} b{r['batch']}: {best / r['transformers_tok_s']:.2f}x transformers "
+                f"(target >= {need:.0f}x): {'met' if ok else 'NOT met'}")
+        if r["batch"] == 1 and r["precision"] == "bf16":
+            line += f"; {best:.0f} tok/s vs ~600 (0.75x llama.cpp): {'met' if best >= 600 else 'NOT met'}"
+        out.append(line)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
+    ap.add_argument("--parts", default="sizes,versus", help="which tables: sizes, versus")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.getLogger("torch._inductor").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    tok = gpt2_tokenizer_from_files(SHARED / "gpt2_vocab.json", SHARED / "gpt2_merges.txt")
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16_supported("cpu")}
+    print(f"torch {machine['torch']}, {machine['threads']} threads, bf16 matmul: {machine['bf16']}; "
+          f"prompt {PROMPT}, {NEW} new tokens, greedy, median of {args.repeats}")
+    result = {"machine": machine, "issue_reference_tok_s": ISSUE, "targets": TARGETS}
+    parts = args.parts.split(",")
+    if "sizes" in parts:
+        print("\nprefill and decode tokens/s: fp32 eager reference -> engine default fast path")
+        result["sizes"] = sizes_table(tok, args.repeats)
+    if "versus" in parts:
+        print("\nwhole generate() calls, tokens/s (prefill included), against transformers on the same weights")
+        with tempfile.TemporaryDirectory() as d:
+            result["versus"] = versus_table(tok, args.repeats, args.compile, Path(d))
+        print(f"\ntargets: {TARGETS}")
+        print(f"the issue's figures for this machine kind: {ISSUE}")
+        result["verdicts"] = verdicts(result["versus"])
+        print("\n".join(result["verdicts"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Twin tests of the engine's fast paths against the simple ones.
+
+static-shape KV cache == growing cache; oneDNN-packed linear == nn.Linear; compiled decode step == eager;
+bf16 decoding == fp32 decoding on a model that has learned something; and the engine's copy of the model leaves
+the caller's alone.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from yunque.config import preset
+from yunque.engine.engine import Engine, PackedLinear, SamplingParams, decode_model, decode_step
+from yunque.model.gpt import GPT
+from yunque.model.kv_cache import KVCache
+from yunque.precision import bf16_supported
+from yunque.tokenizer import byte_tokenizer
+
+TOK = byte_tokenizer()
+TEXT = "the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16 matrix products")
+needs_onednn = pytest.mark.skipif(not PackedLinear.supported(CPU, torch.float32), reason="torch built without oneDNN")
+
+
+def tiny(name: str = "tiny", seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(preset(name, vocab_size=TOK.vocab_size, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def learned() -> GPT:
+    """A tiny model that has memorised TEXT (~1 s of training), so that its greedy choices have clear margins."""
+    model = tiny(max_seq_len=64).train()
+    ids = torch.tensor(TOK.encode(TEXT * 2))
+    windows = torch.stack([ids[i:i + 33] for i in range(0, len(ids) - 33, 3)])  # (N, 33)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        logits = model(windows[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+    return model.eval()
+
+
+def greedy_steps(model: GPT, cache: KVCache, ids: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list]:
+    """Prefill ids (B, P), then n greedy steps; returns the last-position logits of each forward and the tokens."""
+    logits, tokens = [model(ids, kv_cache=cache)[:, -1]], []
+    for _ in range(n):
+        tokens.append(logits[-1].argmax(-1))
+        logits.append(decode_step(model, tokens[-1], cache))
+    return logits, [t.tolist() for t in tokens]
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
+def test_static_cache_equals_growing_cache(name):
+    model = tiny(name)
+    pad = torch.tensor([0, 3, 5])
+    ids = torch.randint(0, 256, (3, 9))
+    with torch.inference_mode():
+        runs = [greedy_steps(model, KVCache(model.cfg, 3, 40, pad=pad, static=static), ids, 12)
+                for static in (False, True)]
+    (dyn_logits, dyn_tokens), (sta_logits, sta_tokens) = runs
+    assert sta_tokens == dyn_tokens
+    for a, b in zip(sta_logits, dyn_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_static_cache_select_and_drop_padding_equal_growing_cache():
+    model = tiny("gpt2-tiny")
+    pad = torch.tensor([0, 3, 5])
+    ids = torch.randint(0, 256, (3, 9))
+    out = []
+    with torch.inference_mode():
+        for static in (False, True):
+            cache = KVCache(model.cfg, 3, 12, pad=pad, static=static)
+            logits, _ = greedy_steps(model, cache, ids, 3)  # 9 + 3 = 12: the cache is full
+            cache.select(torch.tensor([1, 2]))
+            cache.drop_common_padding()  # frees 3 positions
+            assert cache.pos == 9
+            token = logits[-1][1:].argmax(-1)
+            out.append([decode_step(model, token, cache) for _ in range(3)])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
+@pytest.mark.parametrize("bias, out_features", [(True, 96), (False, 263)])  # 263: padded to 320 rows inside
+def test_packed_linear_equals_linear(dtype, bias, out_features):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, out_features, bias=bias).to(dtype)
+    packed = PackedLinear(linear)
+    for shape in [(1, 64), (8, 64), (2, 5, 64)]:
+        x = torch.randn(shape, dtype=dtype)
+        want = linear(x)
+        got = packed(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        # same products, another summation order; bf16 results are rounded from fp32 sums either way
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_decode_model_leaves_the_callers_model_alone():
+    model = tiny("gpt2-tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = decode_model(model, torch.bfloat16, CPU)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(type(m) is not PackedLinear for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert copy.tok_emb.weight.dtype == torch.bfloat16 and copy is not model
+    same = decode_model(model, torch.float32, CPU, pack=False)
+    assert same.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # fp32 weights are shared, not copied
+    assert same.lm_head.weight is same.tok_emb.weight  # still tied
+    rope = decode_model(tiny("tiny"), torch.bfloat16, CPU)
+    assert rope.inv_freq.dtype == torch.float32  # rotary frequencies keep full precision
+
+
+def test_engine_precision_auto_follows_the_hardware():
+    want = torch.bfloat16 if bf16_supported("cpu") else torch.float32
+    assert Engine(tiny(), TOK).dtype == want
+    assert Engine(tiny(), TOK, precision="fp32").dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        Engine(tiny(), TOK, precision="fp16")
+
+
+@needs_bf16
+def test_bf16_decoding_equals_fp32_on_a_model_that_has_learned(learned):
+    fp32, bf16 = Engine(learned, TOK, precision="fp32"), Engine(learned, TOK, precision="bf16")
+    prompts = [TOK.encode("the quick"), TOK.encode("a stitch in"), TOK.encode("over the lazy")]
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    assert bf16.generate(prompts, params) == fp32.generate(prompts, params)
+    ids = torch.tensor([TOK.encode(TEXT[:40])])
+    with torch.inference_mode():
+        a, b = fp32.model(ids).float(), bf16.model(ids).float()
+    # bf16 keeps 8 bits of mantissa: logits agree to ~2% of their range
+    assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+@needs_onednn
+def test_compiled_decode_equals_eager_at_the_context_limit(learned):
+    # Prompts of 20, 30 and 40 tokens in a 64-token context with no stop token: the longest row stops first and
+    # rides along in the compiled batch until the cache is full; then finished rows leave and the common padding
+    # is dropped (a new batch size: compiled again), as in the eager engine.
+    prompts = [TOK.encode((TEXT * 2)[i:i + n]) for i, n in ((0, 20), (7, 30), (3, 40))]
+    params = SamplingParams(max_new_tokens=100, temperature=0)
+    eager, compiled = Engine(learned, TOK, precision="fp32"), Engine(learned, TOK, precision="fp32", compile=True)
+    eager.stop_ids = compiled.stop_ids = set()
+    got = compiled.generate(prompts, params)
+    assert [len(g) for g in got] == [64 - len(p) for p in prompts]
+    assert got == eager.generate(prompts, params)
+    # and step by step, the compiled step's logits equal the eager step's (the B=3, 64-slot graph is reused)
+    ids = torch.tensor([p[:20] for p in prompts])
+    with torch.inference_mode():
+        cache, ref = KVCache(learned.cfg, 3, 64, static=True), KVCache(learned.cfg, 3, 64)
+        compiled.model(ids, kv_cache=cache)
+        compiled.model(ids, kv_cache=ref)
+        tokens = ids[:, -1]
+        for _ in range(5):
+            a, b = compiled._decode(compiled.model, tokens, cache), decode_step(compiled.model, tokens, ref)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            tokens = b.argmax(-1)
