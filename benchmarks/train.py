@@ -136,10 +136,11 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
+        again = r["fast_warm_cache_warmup_seconds"]
         print(f"{r['size']:<9}{r['parameters'] / 1e6:>7.1f}M{r['batch']:>4} x{r['seq_len']:>4}"
               f"{r['ref_tokens_per_sec']:>11.0f}{r['ref_mfu']:>9.1%}{r['fast_tokens_per_sec']:>12.0f}"
               f"{r['fast_mfu']:>10.1%}{r['ratio']:>9.2f}x{r['fast_warmup_seconds']:>9.1f}"
-              f"{'' if r['fast_warm_cache_warmup_seconds'] is None else '/%.1f' % r['fast_warm_cache_warmup_seconds']:>7}")
+              f"{'' if again is None else f'/{again:.1f}':>7}")
     for r in rows:
         if r["size"] == "nanochat":
             print(f"\nnanochat depth-4 shape: fast {r['fast_tokens_per_sec']:.0f} tok/s = "

@@ -87,6 +87,14 @@ def test_generate(run, capsys):
     assert capsys.readouterr().out == first  # seeded sampling repeats
 
 
+def test_generate_compiled_equals_eager(run, capsys):
+    args = ["generate", str(run), "ROMEO:", "--max-new-tokens", "12", "--temperature", "0", "--precision", "fp32"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    assert capsys.readouterr().out == eager
+
+
 def test_info(run, capsys):
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out

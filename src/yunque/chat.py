@@ -22,16 +22,9 @@ def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
     """(model, tokenizer, chat template or None) of a model dir, with a LoRA adapter dir applied if given."""
     model, tokenizer = load_model(model_dir, device=device)
     if adapter is not None:
-        from yunque.model.lora import attach_lora, load_adapter, load_lora, merge_lora
+        from yunque.model.lora import apply_adapter
 
-        state, lora = load_adapter(adapter)
-        attach_lora(model, lora)
-        try:
-            load_lora(model, state)
-        except ValueError as e:
-            raise ValueError(f"{adapter}: {e}") from None
-        merge_lora(model)  # one matmul per layer while chatting, as with a merged model
-        model.eval()
+        apply_adapter(model, adapter).eval()  # merged: one matmul per layer while chatting
     return model, tokenizer, load_chat_template(model_dir)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from yunque.config import preset
-from yunque.engine.engine import Engine, PackedLinear, SamplingParams, decode_model, decode_step
+from yunque.engine.engine import SMALL_MODEL, Engine, PackedLinear, SamplingParams, decode_model, decode_step
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.precision import bf16_supported
@@ -118,10 +118,15 @@ def test_decode_model_leaves_the_callers_model_alone():
     assert rope.inv_freq.dtype == torch.float32  # rotary frequencies keep full precision
 
 
-def test_engine_precision_auto_follows_the_hardware():
+def test_engine_precision_auto_follows_the_hardware_and_the_model_size():
     want = torch.bfloat16 if bf16_supported("cpu") else torch.float32
-    assert Engine(tiny(), TOK).dtype == want
-    assert Engine(tiny(), TOK, precision="fp32").dtype == torch.float32
+    big = tiny("small")
+    assert big.num_params() >= SMALL_MODEL
+    assert Engine(big, TOK).dtype == want
+    assert Engine(big, TOK, precision="fp32").dtype == torch.float32
+    small = Engine(tiny(), TOK)  # weights in cache: fp32 with plain F.linear decodes faster
+    assert small.dtype == torch.float32 and not any(type(m) is PackedLinear for m in small.model.modules())
+    assert Engine(tiny(), TOK, precision="bf16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         Engine(tiny(), TOK, precision="fp16")
 
@@ -162,3 +167,20 @@ def test_compiled_decode_equals_eager_at_the_context_limit(learned):
             a, b = compiled._decode(compiled.model, tokens, cache), decode_step(compiled.model, tokens, ref)
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
             tokens = b.argmax(-1)
+
+
+@needs_onednn
+def test_compiled_engines_of_two_models_of_one_shape_each_follow_their_own_weights(learned):
+    # Compiled steps after the first skip the guards that cannot tell graphs apart; two models of the same shape
+    # and dtype have separate frozen graphs, and each engine must keep running its own.
+    other = tiny(seed=1, max_seq_len=64)
+    prompt = [TOK.encode(TEXT[:24])]
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=3)
+    engines = [Engine(m, TOK, precision="fp32", compile=c) for m in (learned, other) for c in (False, True)]
+    for e in engines:
+        e.stop_ids = set()
+    first = [e.generate(prompt, params) for e in engines]
+    again = [e.generate(prompt, params) for e in reversed(engines)][::-1]  # the other order, graphs all compiled
+    assert first == again
+    assert first[0] == first[1] and first[2] == first[3]
+    assert first[0] != first[2]  # the two models do differ

@@ -96,14 +96,17 @@ class Attention(nn.Module):
                 kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
         if self.q_norm is not None:
+            q, k, v = qkv.split([H, K, K], dim=1)
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        else:
+            qk, v = qkv.split([H + K, K], dim=1)
+            if rope is not None:
+                qk = apply_rope(qk, *rope)  # queries and keys in one go: half the small ops of a decode step
+            q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), in the cache's dtype
             q = q.to(k.dtype)  # a bf16 model may keep an fp32 cache: see Engine.cache_dtype
@@ -144,11 +147,13 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else None  # None: no module call per step
 
     def forward(self, x, rope, mask, kv_cache, layer):
-        x = x + self.drop(self.attn(self.norm1(x), rope, mask, kv_cache, layer))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        a = self.attn(self.norm1(x), rope, mask, kv_cache, layer)
+        x = x + (a if self.drop is None else self.drop(a))
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.drop is None else self.drop(m))
 
 
 class GPT(nn.Module):
@@ -159,7 +164,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -195,7 +200,8 @@ class GPT(nn.Module):
         x = self.tok_emb(ids)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos)
-        x = self.drop(x)
+        if self.drop is not None:
+            x = self.drop(x)
         rope = None
         if self.pos_emb is None:
             angles = pos.unsqueeze(-1).float() * self.inv_freq  # (B|1, T, D/2)

@@ -184,3 +184,15 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], Lora
         raise ValueError(f"{weights_path}: cannot read adapter weights ({e}); the file is corrupt or "
                          f"truncated") from None
     return state, cfg
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Fold the adapter saved in `adapter_dir` into `model` (in place): an ordinary model again, as if trained
+    whole. ValueError, naming the dir, when the adapter is unreadable or does not fit the model."""
+    state, cfg = load_adapter(adapter_dir)
+    attach_lora(model, cfg)
+    try:
+        load_lora(model, state)
+    except ValueError as e:
+        raise ValueError(f"{adapter_dir}: {e}") from None
+    return merge_lora(model)

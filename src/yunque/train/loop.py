@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from yunque.config import load_json
 from yunque.model.gpt import GPT
 from yunque.precision import bf16_supported, resolve_precision  # noqa: F401  (re-exported for the stages)
 from yunque.train.checkpoint import load_checkpoint, save_checkpoint
@@ -95,6 +96,26 @@ class LoopConfig:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} is not available (torch {torch.__version__} finds no CUDA GPU); "
                              f"use --device cpu")
+
+
+RUN = "run.json"
+"""File in a run dir holding the settings the run was started with, which --resume restores."""
+
+
+def saved_run(out: str | Path) -> dict[str, Any]:
+    """The run.json of the run in `out`; ValueError if there is none."""
+    path = Path(out) / RUN
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; there is no run to resume in {out} (run without --resume)")
+    return load_json(path)
+
+
+def resumed_loop(saved: dict[str, Any], today: LoopConfig, out: str | Path) -> LoopConfig:
+    """The loop settings a run was saved with; from `today` (the flags of the resuming command) only the budget,
+    to extend or shorten the run, the device and the progress bar count."""
+    return LoopConfig(**{**saved, "betas": tuple(saved["betas"]), "out_dir": out, "resume": True,
+                         "max_steps": today.max_steps, "minutes": today.minutes or saved["minutes"],
+                         "device": today.device, "progress": today.progress})
 
 
 COMPILE_PAYS_AFTER = 120.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from yunque.config import load_json, preset, save_json
+from yunque.config import preset, save_json
 from yunque.data.loaders import TokenWindows
 from yunque.data.shards import build_shards, open_split, shards_match
 from yunque.data.sources import SkipReport, iter_documents
@@ -22,7 +22,7 @@ from yunque.model.gpt import GPT
 from yunque.modeldir import load_config, save_config
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer, train_bpe
 from yunque.train.checkpoint import has_checkpoint
-from yunque.train.loop import LoopConfig, fit
+from yunque.train.loop import RUN, LoopConfig, fit, resumed_loop, saved_run
 from yunque.train.losses import next_token_loss
 
 
@@ -65,10 +65,6 @@ def prepare_tokenizer(cfg: PretrainConfig, report: SkipReport) -> Tokenizer:
     return train_bpe(texts, cfg.vocab_size, show_progress=False)
 
 
-RUN = "run.json"
-"""The run's settings, saved at the start so that --resume trains on the same data in the same way."""
-
-
 def save_run(out: Path, cfg: PretrainConfig, loop: LoopConfig) -> None:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "loop"}
     save_json({"pretrain": fields, "loop": dataclasses.asdict(loop)}, out / RUN)
@@ -77,16 +73,9 @@ def save_run(out: Path, cfg: PretrainConfig, loop: LoopConfig) -> None:
 def resumed_settings(cfg: PretrainConfig, loop: LoopConfig) -> tuple[PretrainConfig, LoopConfig]:
     """The settings saved in the run dir; from today's flags only the budget (to extend a run), device and
     progress bar count."""
-    path = Path(cfg.out) / RUN
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; there is no run to resume in {cfg.out} (run without --resume)")
-    saved = load_json(path)
+    saved = saved_run(cfg.out)
     pre = PretrainConfig(**{**saved["pretrain"], "data": tuple(saved["pretrain"]["data"]), "out": cfg.out})
-    old = saved["loop"]
-    loop = LoopConfig(**{**old, "betas": tuple(old["betas"]), "out_dir": cfg.out, "resume": True,
-                         "max_steps": loop.max_steps, "minutes": loop.minutes or old["minutes"],
-                         "device": loop.device, "progress": loop.progress})
-    return pre, loop
+    return pre, resumed_loop(saved["loop"], loop, cfg.out)
 
 
 def main(cfg: PretrainConfig) -> dict[str, Any]:

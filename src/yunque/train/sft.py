@@ -19,15 +19,13 @@ import torch
 
 from yunque.config import load_json, save_json
 from yunque.data.chat_data import POLICIES, ChatBatches, load_conversations, split_conversations
-from yunque.model.lora import LoraConfig, attach_lora, load_adapter, load_lora, merge_lora, save_adapter
+from yunque.model.lora import LoraConfig, apply_adapter, attach_lora, save_adapter
 from yunque.modeldir import WEIGHTS, load_model, save_config, save_model
 from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
 from yunque.train.checkpoint import has_checkpoint
-from yunque.train.loop import LoopConfig, autocast, fit, resolve_precision
+from yunque.train.loop import RUN, LoopConfig, autocast, fit, resolve_precision, resumed_loop, saved_run
 from yunque.train.losses import next_token_loss, next_token_nll_sum
 
-RUN = "run.json"
-"""The run's settings, saved at the start so that --resume trains on the same data in the same way."""
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 """Files of the base model dir carried over to the fine-tuned one: chat template, special tokens, generation
 defaults."""
@@ -182,18 +180,11 @@ def save_run(out: Path, cfg: SFTConfig, loop: LoopConfig, fingerprint: str) -> N
 def resumed_settings(cfg: SFTConfig, loop: LoopConfig) -> tuple[SFTConfig, LoopConfig]:
     """The settings saved in the run dir; from today's flags only the budget (to extend a run), device and
     progress bar count."""
-    path = Path(cfg.out) / RUN
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; there is no run to resume in {cfg.out} (run without --resume)")
-    saved = load_json(path)
+    saved = saved_run(cfg.out)
     old = saved["sft"]
     lora = LoraConfig(**{**old["lora"], "targets": tuple(old["lora"]["targets"])}) if old["lora"] else None
     sft = SFTConfig(**{**old, "data": tuple(old["data"]), "lora": lora, "out": cfg.out})
-    old_loop = saved["loop"]
-    loop = LoopConfig(**{**old_loop, "betas": tuple(old_loop["betas"]), "out_dir": cfg.out, "resume": True,
-                         "max_steps": loop.max_steps, "minutes": loop.minutes or old_loop["minutes"],
-                         "device": loop.device, "progress": loop.progress})
-    return sft, loop
+    return sft, resumed_loop(saved["loop"], loop, cfg.out)
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> None:
@@ -202,14 +193,7 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) ->
     if (out_dir / WEIGHTS).exists():
         raise ValueError(f"{out_dir} already holds a model; choose another output directory")
     model, tokenizer = load_model(base_dir)
-    state, lora = load_adapter(adapter_dir)
-    attach_lora(model, lora)
-    try:
-        load_lora(model, state)
-    except ValueError as e:
-        raise ValueError(f"{adapter_dir}: {e}") from None
-    merge_lora(model)
-    save_model(out_dir, model, tokenizer)
+    save_model(out_dir, apply_adapter(model, adapter_dir), tokenizer)
     for name in CHAT_FILES:
         if (Path(base_dir) / name).is_file():
             shutil.copyfile(Path(base_dir) / name, out_dir / name)
