@@ -95,6 +95,25 @@ def test_generate_compiled_equals_eager(run, capsys):
     assert capsys.readouterr().out == eager
 
 
+def test_generate_stops_at_the_ids_generation_config_names(run, tmp_path, capsys):
+    # An imported model names its end-of-sequence ids in generation_config.json (one id or a list)
+    args = ["--max-new-tokens", "12", "--temperature", "0", "--precision", "fp32"]
+    assert main(["generate", str(run), "ROMEO:", *args]) == 0
+    free = capsys.readouterr().out.removesuffix("\n")
+    tok = load_tokenizer(run)
+    first = tok.encode(free, bos=False)[len(tok.encode("ROMEO:", bos=False))]  # the first generated token
+    named = tmp_path / "named"
+    shutil.copytree(run, named)
+    (named / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.vocab_size + 5, first]}))
+    assert main(["generate", str(named), "ROMEO:", *args]) == 0
+    assert capsys.readouterr().out == "ROMEO:\n" != free + "\n"
+    (named / "generation_config.json").write_text(json.dumps({"eos_token_id": first}))
+    assert main(["generate", str(named), "ROMEO:", *args]) == 0
+    assert capsys.readouterr().out == "ROMEO:\n"
+    (named / "generation_config.json").write_text("{not json")
+    fails(capsys, ["generate", str(named), "ROMEO:", *args], "generation_config.json", "not a JSON object")
+
+
 def test_info(run, capsys):
     assert main(["info", str(run)]) == 0
     out = capsys.readouterr().out

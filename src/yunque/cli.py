@@ -272,11 +272,12 @@ def sampling_params(args):
 
 def cmd_generate(args) -> int:
     from yunque.engine.engine import Engine
-    from yunque.modeldir import load_model
+    from yunque.modeldir import generation_stop_ids, load_model
 
     params = sampling_params(args)
     model, tok = load_model(model_path(args))
     engine = Engine(model, tok, precision=args.precision, compile=args.compile)
+    engine.stop_ids |= generation_stop_ids(model_path(args), tok.vocab_size)  # imported models name their own
     shown = args.prompt
     if args.few_shot:
         from dataclasses import replace

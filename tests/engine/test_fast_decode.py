@@ -10,7 +10,15 @@ import torch
 import torch.nn as nn
 
 from yunque.config import preset
-from yunque.engine.engine import SMALL_MODEL, Engine, PackedLinear, SamplingParams, decode_model, decode_step
+from yunque.engine.engine import (
+    SMALL_MODEL,
+    Engine,
+    PackedLinear,
+    SamplingParams,
+    cache_bucket,
+    decode_model,
+    decode_step,
+)
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.precision import bf16_supported
@@ -184,3 +192,9 @@ def test_compiled_engines_of_two_models_of_one_shape_each_follow_their_own_weigh
     assert first == again
     assert first[0] == first[1] and first[2] == first[3]
     assert first[0] != first[2]  # the two models do differ
+
+
+def test_cache_buckets_hold_the_request_and_waste_at_most_a_third():
+    sizes = [cache_bucket(n) for n in range(1, 5000)]
+    assert sorted(set(sizes))[:7] == [256, 384, 512, 768, 1024, 1536, 2048]
+    assert all(s >= n and (n <= 256 or s < 1.5 * n) for n, s in zip(range(1, 5000), sizes))

@@ -234,8 +234,8 @@ class Engine:
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         ids = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)], device=self.device)  # (B, P)
         size = P + max(s.budget for s in seqs) - 1
-        if self.compile:  # one compiled graph per power of two
-            size = max(256, 1 << (size - 1).bit_length())
+        if self.compile:  # one compiled graph per cache length bucket
+            size = cache_bucket(size)
         cache = KVCache(cfg, len(prompts), min(cfg.max_seq_len, size), device=self.device, dtype=self.cache_dtype,
                         pad=torch.tensor(pads) if any(pads) else None, static=self.compile)
         generators = None
@@ -268,6 +268,17 @@ class Engine:
             filled += 1
 
 
+def cache_bucket(n: int) -> int:
+    """The static cache length for n positions: the least of 256, 384, 512, 768, 1024, 1536, ... (powers of two
+    and 1.5 times them) that holds n. Each length is a graph to compile, and every decode step attends over all
+    of it: two lengths an octave waste at most a third of the cache, against half with powers of two alone (on
+    the 35M Llama, prompt 128 + 256 new, 384 slots decode ~10% faster than 512)."""
+    size = 256
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
+    return size
+
+
 def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Next-token logits (B, V) after feeding tokens (B,), the ones just sampled, at the cache's position."""
     return model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
@@ -287,7 +298,8 @@ def compiled_decode_step():
     fill level) lives in contiguous tensors of fixed shape and dtype, which is all the graph assumes of them; an
     input that would still need a new graph is compiled with every guard checked.
     """
-    import torch._inductor.config  # imported here: torch.compile's machinery takes a second to import
+    import torch._dynamo.config  # imported here: torch.compile's machinery takes a second to import
+    import torch._inductor.config
 
     step = torch.compile(decode_step, dynamic=False, fullgraph=True)
     compiled: set[tuple[int, int, int]] = set()
@@ -302,7 +314,9 @@ def compiled_decode_step():
             except RuntimeError as e:  # raised before the graph runs, so nothing has changed yet
                 if "skip_guard_eval_unsafe" not in str(e):
                     raise
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):  # read when a (re)compile happens
+        # read when a (re)compile happens; a long-lived engine meets more than dynamo's default of 8 graphs
+        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), torch._dynamo.config.patch(
+                recompile_limit=64):
             logits = step(model, tokens, cache)
         compiled.add(key)
         return logits
