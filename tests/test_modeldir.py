@@ -1,13 +1,15 @@
 """Model directories: save/load gives identical logits; damaged directories give one clear ValueError."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from yunque.config import preset
-from yunque.model.gpt import GPT
+from yunque.model.gpt import GPT, meta_model
 from yunque.modeldir import describe, load_model, save_model
 from yunque.tokenizer.bpe import byte_tokenizer
 
@@ -132,3 +134,17 @@ def test_describe(tmp_path):
     lines = [{"step": 10, "loss": 3.0, "val_loss": 3.2, "elapsed": 30.0}, {"step": 20, "loss": 2.5, "elapsed": 90.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert describe(tmp_path)["training"] == {"steps": 20, "final_loss": 2.5, "val_loss": 3.2, "minutes": 1.5}
+
+
+def test_loading_builds_no_random_weights_and_leaves_the_layers_as_they_were(model_dir):
+    # The start-up fast path: the frame for loaded weights is built without filling it, which would import
+    # torch._dynamo (~0.9 s). Checked in a fresh process, where nothing else has imported it yet.
+    code = (f"import sys; from yunque.modeldir import load_model; load_model({str(model_dir)!r}); "
+            f"print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 8).weight.detach().clone()
+    meta_model(preset("tiny", vocab_size=300))
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(8, 8).weight, a)  # constructors fill their weights again afterwards

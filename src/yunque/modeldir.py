@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from yunque.config import ModelConfig
-from yunque.model.gpt import GPT, rope_frequencies
+from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -133,8 +133,7 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     state, _ = load_weights(model_dir)
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = meta_model(cfg)
     load_state(model, state, model_dir, assign=True)
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg)

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from yunque.config import ModelConfig
-from yunque.model.gpt import GPT, rope_frequencies
+from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
     CONFIG,
     TOKENIZER,
@@ -384,8 +384,7 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
     tokenizer = load_hf_tokenizer(model_dir)
     stored = _find_weights(model_dir)
     prefix = "transformer." if "transformer.wte.weight" in stored else ""  # the Hub's gpt2 has none
-    with torch.device("meta"):
-        model = GPT(cfg)
+    model = meta_model(cfg)
     layout = _layout(model, gpt2_prefix=prefix)
     wanted = {h for t in layout for h in t.hf}
     missing = sorted(wanted - set(stored))

@@ -40,9 +40,10 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (D/2,) of rotary embeddings (Su et al. 2021), with Llama 3 scaling if configured."""
+    """Inverse frequencies (D/2,) of rotary embeddings (Su et al. 2021), with Llama 3 scaling if configured; fp32, on
+    the CPU (computed in fp64 there, whatever the default device)."""
     D = cfg.dim_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device="cpu") / D))
     s = cfg.rope_scaling
     if s and s.get("rope_type", "llama3") == "llama3":
         # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
@@ -171,8 +172,9 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos == "rope":
-            self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.reset_parameters()
+            self.register_buffer("inv_freq", rope_frequencies(cfg).to(self.tok_emb.weight.device), persistent=False)
+        if self.tok_emb.weight.device.type != "meta":  # on meta (see meta_model) there is nothing to fill
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -212,3 +214,27 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.lm_head(self.norm_f(x))
+
+
+def meta_model(cfg: ModelConfig) -> GPT:
+    """A GPT on the meta device, without values: a frame for loaded weights (`load_state_dict(..., assign=True)`).
+
+    Layer constructors fill their parameters at random; here that is wasted work, and on meta those fills run
+    through kernels whose first use imports torch._dynamo, ~0.9 s of a command's start-up. They are skipped by
+    swapping the layers' `reset_parameters` for the duration of the call (not safe while another thread builds
+    modules).
+    """
+    layers = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = [(layer, layer.reset_parameters) for layer in layers]
+    try:
+        for layer in layers:
+            layer.reset_parameters = _no_fill
+        with torch.device("meta"):
+            return GPT(cfg)
+    finally:
+        for layer, reset in saved:
+            layer.reset_parameters = reset
+
+
+def _no_fill(module: nn.Module) -> None:
+    pass
