@@ -214,10 +214,11 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="decode precision (auto: bf16 where the CPU multiplies it natively)")
+                   help="decode precision (auto: bf16 where the CPU multiplies it natively, except for models "
+                        "under 4M parameters)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: ~10 s more at start (per batch size and cache length), "
-                        "then ~25%% faster per token; pays off for long outputs")
+                   help="torch.compile the decode step: 6-10 s more at start (per batch size and cache length), "
+                        "then 5-20%% less time per token; pays off for long outputs")
 
 
 def cmd_tokenizer(args) -> int:
