@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--dropout", type=float, default=0.0)
     pt.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="bf16 autocast where the hardware is fast at it (auto), or force one")
-    pt.add_argument("--compile", action="store_true", help="torch.compile the model")
+    pt.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile the training step (auto: once the first steps show minutes of training "
+                         "left, since compiling takes 10-45 s)")
+    pt.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                    help="muon: Muon on the blocks' matrices, AdamW on the rest (on small CPU runs AdamW reaches "
+                         "a loss sooner: benchmarks/time_to_loss.py)")
     pt.add_argument("--eval-every", type=int, default=250, help="validate every N steps")
     pt.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
     pt.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
@@ -251,7 +256,7 @@ def cmd_pretrain(args) -> int:
     loop = LoopConfig(out_dir=args.out, max_steps=max_steps, minutes=args.minutes, lr=args.lr,
                       warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
                       grad_accum=args.grad_accum, precision=args.precision, compile=args.compile,
-                      eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.no_progress, device=args.device)
     cfg = PretrainConfig(out=args.out, data=tuple(args.data), text_field=args.text_field, preset=args.preset,
                          tokenizer=args.tokenizer, vocab_size=args.vocab_size, batch_size=args.batch_size,

@@ -14,7 +14,7 @@ from yunque.tokenizer.bpe import byte_tokenizer
 from yunque.train.checkpoint import STATE, load_checkpoint
 from yunque.train.loop import LoopConfig, fit
 from yunque.train.losses import next_token_loss
-from yunque.train.optim import lr_at, make_adamw
+from yunque.train.optim import lr_at, make_adamw, make_optimizer
 
 TOK = byte_tokenizer()
 CFG = ModelConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
@@ -69,16 +69,17 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[name], sb[name]), name
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(tmp_path, optimizer):
     whole = new_model()
-    fit(whole, batches, loss_fn, loop(tmp_path / "whole", checkpoint_every=6))
+    fit(whole, batches, loss_fn, loop(tmp_path / "whole", checkpoint_every=6, optimizer=optimizer))
 
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):  # killed during step 7, after the checkpoint at step 6
-        fit(new_model(), interrupt_at(6), loss_fn, loop(part, checkpoint_every=6))
+        fit(new_model(), interrupt_at(6), loss_fn, loop(part, checkpoint_every=6, optimizer=optimizer))
     assert [r["step"] for r in records(part)] == [1, 2, 3, 4, 5, 6]
     resumed = new_model(seed=1)  # different init: everything must come from the checkpoint
-    summary = fit(resumed, batches, loss_fn, loop(part, checkpoint_every=6, resume=True))
+    summary = fit(resumed, batches, loss_fn, loop(part, checkpoint_every=6, resume=True, optimizer=optimizer))
 
     assert summary["steps"] == 12
     def key(r):
@@ -148,6 +149,7 @@ def test_bf16_tracks_fp32(tmp_path):
     ({"log_every": 0}, "log_every must be at least 1"),
     ({"eval_every": -1}, "eval_every must be 0 or more"),
     ({"precision": "fp16"}, "precision must be auto, bf16 or fp32"),
+    ({"optimizer": "sgd"}, "optimizer must be adamw or muon"),
 ])
 def test_loop_config_validation(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):
@@ -253,3 +255,21 @@ def test_nan_is_caught_before_it_overwrites_a_checkpoint(tmp_path):
     assert torch.load(out / STATE, weights_only=True)["step"] == 2
     weights = safetensors.torch.load_file(out / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tmp_path):
+    model = new_model()
+    opt = make_optimizer(model, "muon", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    muon, adamw = opt.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = [names[id(p)] for g in adamw.param_groups for p in g["params"]]
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert sorted([*in_muon, *in_adamw]) == sorted(names.values())  # each parameter once
+    assert "tok_emb.weight" in in_adamw
+    summary = fit(model, batches, loss_fn, loop(tmp_path, max_steps=30, lr=1e-2, optimizer="muon"))
+    first = records(tmp_path)[0]["loss"]
+    assert summary["loss"] < first - 0.5  # it trains
+    other = make_optimizer(new_model(), "adamw", lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    with pytest.raises(ValueError, match="another optimizer"):  # an AdamW checkpoint is not Muon's
+        opt.load_state_dict(other.state_dict())
