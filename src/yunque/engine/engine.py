@@ -303,13 +303,17 @@ def compiled_decode_step():
 
     step = torch.compile(decode_step, dynamic=False, fullgraph=True)
     compiled: set[tuple[int, int, int]] = set()
+    # Made once and entered at every step: making a stance costs ~50 us, entering a made one ~3 us. Making it also
+    # sets it at once, so its exit puts the stance in force back.
+    unguarded = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    unguarded.__exit__(None, None, None)
 
     def frozen_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         tokens = tokens.contiguous()
         key = (id(model), tokens.shape[0], cache.max_len)
         if key in compiled:
             try:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                with unguarded:
                     return step(model, tokens, cache)
             except RuntimeError as e:  # raised before the graph runs, so nothing has changed yet
                 if "skip_guard_eval_unsafe" not in str(e):
