@@ -138,7 +138,7 @@ class Engine:
         precision: "bf16", "fp32", or "auto": bf16 where the device multiplies it natively, fp32 elsewhere and
         for models under SMALL_MODEL parameters on CPU.
         compile: torch.compile the one-token decode step over a static-shape KV cache. It takes seconds per batch
-        size and cache size (rounded up to a power of two), so it pays off only in a long-lived engine.
+        size and cache length (see `cache_bucket`), so it pays off only for long outputs or a long-lived engine.
         """
         self.device = torch.device(device)
         small = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
@@ -272,7 +272,7 @@ def cache_bucket(n: int) -> int:
     """The static cache length for n positions: the least of 256, 384, 512, 768, 1024, 1536, ... (powers of two
     and 1.5 times them) that holds n. Each length is a graph to compile, and every decode step attends over all
     of it: two lengths an octave waste at most a third of the cache, against half with powers of two alone (on
-    the 35M Llama, prompt 128 + 256 new, 384 slots decode ~10% faster than 512)."""
+    the 35M Llama, prompt 128 + 256 new, 384 slots decode 5-10% faster than 512)."""
     size = 256
     while size < n:
         size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
