@@ -115,3 +115,19 @@ def test_template_models_stop_at_their_own_end_of_turn_token(base):
     model, _ = load_model(base)
     session = ChatSession(Engine(model, tok), SamplingParams(stop=("STOP",)), template=chatml)
     assert session.params.stop == ("STOP", "<|im_end|>", "<|endoftext|>")
+
+
+def test_a_reply_that_opens_another_turn_ends_there(base):
+    # yunque's own chat format: the role tokens become stop strings, so "<|user|>..." never reaches the reply
+    model, tok = load_model(base)
+    session = ChatSession(Engine(model, tok), SamplingParams(stop=("STOP",)))
+    assert session.params.stop == ("STOP", "<|system|>", "<|user|>", "<|assistant|>")
+    engine = session.engine
+    text = "fine" + "<|user|>" + "and you?"
+    ids = tok.encode("fine") + [tok.special_ids["<|user|>"]] + tok.encode("and you?")
+    seq = engine._sequences([[1]], session.params)[0]
+    for i in ids:
+        seq.push(i)
+        if seq.done:
+            break
+    assert (seq.text, seq.finish_reason) == ("fine", "stop") and text.startswith(seq.text)

@@ -14,7 +14,7 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ChatTemplate, load_chat_template, render_prompt
+from yunque.tokenizer.chat import ROLES, ChatTemplate, has_chat_tokens, load_chat_template, render_prompt
 
 
 def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
@@ -56,6 +56,10 @@ class ChatSession:
             # a Hugging Face chat model ends its turn with its own token (<|im_end|>, <|eot_id|>, </s>, ...);
             # the engine prints special tokens as their text, so that text stops the reply
             params = replace(params, stop=(*params.stop, *turn_end_strings(template, engine.tokenizer)))
+        elif has_chat_tokens(engine.tokenizer):
+            # yunque's format: its end-of-turn token stops the engine; a reply that opens another turn (the model
+            # writing the user's next message) has ended too, and the role token's text must not be shown
+            params = replace(params, stop=(*params.stop, *(t for t in ROLES.values() if t not in params.stop)))
         self.engine, self.params, self.template = engine, params, template
         self.system = system
         self.turns: list[dict[str, str]] = []
