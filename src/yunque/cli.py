@@ -256,8 +256,8 @@ def cmd_pretrain(args) -> int:
     loop = LoopConfig(out_dir=args.out, max_steps=max_steps, minutes=args.minutes, lr=args.lr,
                       warmup_steps=args.warmup_steps, schedule=args.schedule, weight_decay=args.weight_decay,
                       grad_accum=args.grad_accum, precision=args.precision, compile=args.compile,
-                      optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.no_progress, device=args.device)
+                      optimizer=args.optimizer, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, progress=not args.no_progress, device=args.device)
     cfg = PretrainConfig(out=args.out, data=tuple(args.data), text_field=args.text_field, preset=args.preset,
                          tokenizer=args.tokenizer, vocab_size=args.vocab_size, batch_size=args.batch_size,
                          seq_len=args.seq_len, model_overrides=overrides, val_fraction=args.val_fraction,
