@@ -174,6 +174,16 @@ def test_resume_keeps_the_run_architecture(run, text, tmp_path, capsys):
     assert main(["info", str(out)]) == 0
 
 
+def test_pretrain_with_muon_records_it_and_resumes_with_it(text, tmp_path, capsys):
+    out = tmp_path / "M"
+    assert main(["pretrain", "--out", str(out), "--data", str(text), *TRAIN, "--max-steps", "6",
+                 "--optimizer", "muon"]) == 0
+    assert json.loads((out / "run.json").read_text())["loop"]["optimizer"] == "muon"
+    # resuming without the flag restores Muon's state from the checkpoint (an AdamW optimizer would refuse it)
+    assert main(["pretrain", "--out", str(out), "--resume", "--max-steps", "8", "--no-progress"]) == 0
+    assert "for 8 steps" in capsys.readouterr().out
+
+
 def test_resume_with_more_steps_extends_the_run(run, tmp_path, capsys):
     out = tmp_path / "R"
     shutil.copytree(run, out)
