@@ -11,21 +11,14 @@ from yunque.config import ModelConfig
 from yunque.model.gpt import GPT, causal_attention_bf16
 from yunque.train import loop as loop_module
 from yunque.train.loop import LoopConfig, fit, physical_cores
-from yunque.train.losses import next_token_loss
+from windows import loss_fn, window_batch
 
 CFG = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=16)
 STREAM = torch.randint(0, 64, (2048,), generator=torch.Generator().manual_seed(0))
 
 
 def batches(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.randint(0, len(STREAM) - 17, (4,), generator=torch.Generator().manual_seed(i))
-    xy = torch.stack([STREAM[s:s + 17] for s in starts.tolist()])
-    return xy[:, :-1], xy[:, 1:]
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return next_token_loss(model(x), y)
+    return window_batch(STREAM, i)
 
 
 def train(out, **kw) -> tuple[GPT, dict, list[float]]:

@@ -13,8 +13,8 @@ from yunque.modeldir import load_model, save_model, weights_metadata
 from yunque.tokenizer.bpe import byte_tokenizer
 from yunque.train.checkpoint import STATE, load_checkpoint
 from yunque.train.loop import LoopConfig, fit
-from yunque.train.losses import next_token_loss
 from yunque.train.optim import lr_at, make_adamw, make_optimizer
+from windows import loss_fn, window_batch
 
 TOK = byte_tokenizer()
 CFG = ModelConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
@@ -28,14 +28,7 @@ BF16_TOLERANCE = 0.02
 
 def batches(i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch i: 4 windows of STREAM, a pure function of i (as `fit` requires for exact resume)."""
-    starts = torch.randint(0, len(STREAM) - 17, (4,), generator=torch.Generator().manual_seed(i))
-    xy = torch.stack([STREAM[s:s + 17] for s in starts.tolist()])
-    return xy[:, :-1], xy[:, 1:]
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return next_token_loss(model(x), y)
+    return window_batch(STREAM, i)
 
 
 def new_model(seed: int = 0) -> GPT:

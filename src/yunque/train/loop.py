@@ -19,7 +19,7 @@ import torch
 
 from yunque.config import load_json
 from yunque.model.gpt import GPT
-from yunque.precision import bf16_supported, resolve_precision  # noqa: F401  (re-exported for the stages)
+from yunque.precision import PRECISIONS, resolve_precision
 from yunque.train.checkpoint import load_checkpoint, save_checkpoint
 from yunque.train.optim import lr_at, make_optimizer
 
@@ -82,7 +82,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.max_steps is None and self.minutes is None and not self.resume:
             raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.compile not in ("auto", "on", "off", True, False):
             raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")

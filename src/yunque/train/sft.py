@@ -21,9 +21,10 @@ from yunque.config import load_json, save_json
 from yunque.data.chat_data import POLICIES, ChatBatches, load_conversations, split_conversations
 from yunque.model.lora import LoraConfig, apply_adapter, attach_lora, save_adapter
 from yunque.modeldir import WEIGHTS, load_model, save_config, save_model
+from yunque.precision import resolve_precision
 from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
 from yunque.train.checkpoint import has_checkpoint
-from yunque.train.loop import RUN, LoopConfig, autocast, fit, resolve_precision, resumed_loop, saved_run
+from yunque.train.loop import RUN, LoopConfig, autocast, fit, resumed_loop, saved_run
 from yunque.train.losses import next_token_loss, next_token_nll_sum
 
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
