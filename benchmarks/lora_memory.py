@@ -21,7 +21,7 @@ from yunque.config import preset
 from yunque.model.gpt import GPT
 from yunque.model.lora import LoraConfig, attach_lora
 from yunque.train.optim import make_adamw
-from yunque.train.losses import next_token_loss
+from yunque.losses import next_token_loss
 
 def high_water():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024

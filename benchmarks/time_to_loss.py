@@ -84,7 +84,7 @@ def train_to_target(recipe: dict, data: str) -> dict:
     from yunque.precision import resolve_precision
     from yunque.tokenizer.bpe import byte_tokenizer
     from yunque.train.loop import LoopConfig, fit
-    from yunque.train.losses import next_token_loss
+    from yunque.losses import next_token_loss
 
     r = recipe
     tok = byte_tokenizer()

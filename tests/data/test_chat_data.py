@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from yunque.data.chat_data import (
-    IGNORE,
     ChatBatches,
     Conversation,
     load_conversations,
@@ -16,7 +15,7 @@ from yunque.data.chat_data import (
 )
 from yunque.tokenizer.bpe import END_OF_TURN, byte_tokenizer
 from yunque.tokenizer.chat import render
-from yunque.train import losses
+from yunque.losses import IGNORE
 
 TOK = byte_tokenizer()
 
@@ -24,10 +23,6 @@ TOK = byte_tokenizer()
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
-
-
-def test_ignore_is_the_losses_value():
-    assert IGNORE == losses.IGNORE
 
 
 def test_record_shapes():

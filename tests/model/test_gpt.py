@@ -8,7 +8,7 @@ import torch
 from yunque.config import PRESETS, ModelConfig, preset
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.model.kv_cache import KVCache
-from yunque.train.losses import next_token_loss
+from yunque.losses import next_token_loss
 
 V = 97  # small vocabulary: tests need shapes, not language
 

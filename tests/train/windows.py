@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from yunque.train.losses import next_token_loss
+from yunque.losses import next_token_loss
 
 
 def window_batch(stream: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,12 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from yunque.losses import IGNORE
 from yunque.tokenizer.bpe import Tokenizer
 from yunque.tokenizer.chat import ChatTemplate, check_messages, render
 
-IGNORE = -100
-"""Target of a token that is not learned: PyTorch's default ignore_index, the same value as
-`yunque.train.losses.IGNORE` (data/ sits below train/, so it is not imported from there)."""
 
 SHAPES = (
     '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}',

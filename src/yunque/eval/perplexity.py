@@ -9,18 +9,13 @@ import numpy as np
 import torch
 
 from yunque.data.loaders import TokenWindows
-from yunque.train.losses import next_token_nll_sum
+from yunque.losses import nll_over
 
 
 def score_windows(model: torch.nn.Module, windows: TokenWindows, *, batch_size: int, seq_len: int,
                   max_batches: int | None = None, device: str = "cpu") -> tuple[float, int]:
     """(summed next-token NLL in nats, tokens scored) over consecutive windows of a token stream."""
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for x, y in windows.iter_eval(batch_size, seq_len, max_batches=max_batches):
-            nll, n = next_token_nll_sum(model(x.to(device)), y.to(device))
-            total, count = total + float(nll), count + n
-    return total, count
+    return nll_over(model, windows.iter_eval(batch_size, seq_len, max_batches=max_batches), device=device)
 
 
 def bits_per_byte(loss_nats: float, tokens: int, n_bytes: int) -> float:

@@ -23,7 +23,7 @@ from yunque.modeldir import load_config, save_config
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer, train_bpe
 from yunque.train.checkpoint import has_checkpoint
 from yunque.train.loop import RUN, LoopConfig, fit, resumed_loop, saved_run
-from yunque.train.losses import next_token_loss
+from yunque.losses import next_token_loss
 
 
 @dataclass(frozen=True)

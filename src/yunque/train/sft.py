@@ -25,7 +25,7 @@ from yunque.precision import resolve_precision
 from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
 from yunque.train.checkpoint import has_checkpoint
 from yunque.train.loop import RUN, LoopConfig, autocast, fit, resumed_loop, saved_run
-from yunque.train.losses import next_token_loss, next_token_nll_sum
+from yunque.losses import next_token_loss, next_token_nll_sum
 
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 """Files of the base model dir carried over to the fine-tuned one: chat template, special tokens, generation
