@@ -1,15 +1,20 @@
-"""Frozen configuration dataclasses: the model architecture and its named presets.
+"""Frozen configuration dataclasses: the model architecture and its presets, and one config per stage.
 
-The same field names are used in config.json, CLI flags and logs.
+The same field names are used in config.json, run.json, CLI flags (generated from these fields and the docstring
+under each, by cli/flags.py) and logs. This module imports nothing heavy, so `yunque --help` starts fast; each
+config checks its own values and names the offending field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,14 @@ class ModelConfig:
             raise ValueError(problem)
 
     def _problems(self) -> Iterator[str]:
-        # checked in order and lazily: later checks divide by fields that earlier ones have vetted
+        # checked in order and lazily: later checks divide by fields that earlier ones have vetted. Configs come
+        # from files anyone can write (config.json of a downloaded model), so types and sizes are checked too,
+        # before anything is allocated.
+        yield from _type_problems(self)
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                yield f"{name}={value} is larger than yunque allows ({limit:,}); is config.json from a real model?"
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
                 yield f"{name} must be positive, got {getattr(self, name)}"
@@ -140,6 +152,64 @@ class ModelConfig:
         return cls(**d)
 
 
+LIMITS = {"vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1024, "d_model": 1 << 16,
+          "d_ff": 1 << 18, "head_dim": 1 << 12, "max_seq_len": 1 << 21}
+"""Upper bounds on a ModelConfig's sizes: well above any released model (the largest vocabularies hold ~256k
+tokens), low enough that a corrupt or hostile config.json fails with one line instead of allocating terabytes."""
+
+
+def _type_problems(obj: Any) -> Iterator[str]:
+    """A dataclass's field values against their annotations: int (not bool), float (finite), str, bool, None,
+    Literal choices, tuples and dicts; one message per wrong field."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if not _fits(value, hint):
+            shown = repr(value) if len(repr(value)) < 40 else repr(value)[:37] + "..."
+            yield f"{f.name} must be {_describe(hint)}, got {shown}"
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        inner = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return len(inner) == len(value) and all(_fits(v, a) for v, a in zip(value, inner))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return True  # nested configs check themselves
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if hint is type(None):
+        return "null"
+    if hint is float:
+        return "a finite number"
+    if origin is tuple:
+        return "a list"
+    return {int: "an integer", str: "a string", bool: "true or false", dict: "an object"}.get(hint, str(hint))
+
+
 # Named presets. Llama style (RoPE, RMSNorm, SwiGLU, no biases) unless they say otherwise.
 # Sizes below are for vocab_size 4096; parameters scale with the vocabulary through the embedding.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -171,4 +241,353 @@ def load_json(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json"]
+
+
+
+# ---- one config per stage ----
+
+Precision = Literal["auto", "bf16", "fp32"]
+"""Number format of the matrix products: bf16 where the hardware multiplies it natively ("auto"), or forced."""
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+
+
+def check(obj: Any, problems: Iterator[str] = iter(())) -> None:
+    """ValueError with the first problem of a config: a field of the wrong type, or one of `problems`."""
+    problem = next(_type_problems(obj), None) or next(problems, None)
+    if problem:
+        raise ValueError(problem)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How to train: steps or time budget, optimizer, schedule, precision, logging and checkpoints."""
+
+    out_dir: str = ""
+    """Run directory: checkpoints, metrics.jsonl and loss.png go here (set by the stage from its --out)."""
+    max_steps: int | None = None
+    """Optimizer steps to take. None: as many as fit in --minutes if given, the run's own count on --resume, else
+    1000. Given on --resume, it is the run's new total (its schedule stretches or shrinks to it)."""
+    minutes: float | None = None
+    """Wall-clock budget instead of a step count: the steps it affords are measured from the first ones, and warmup
+    and schedule fit them. On --resume: this many more minutes."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    warmup_steps: int = 100
+    """Linear warmup steps (at most a fifth of the run: a short run warms up for a fifth of its steps)."""
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    """Learning-rate decay after warmup: cosine, or wsd (warmup-stable-decay: flat, then a linear decay over the
+    last fifth)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on norms, biases or embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: Muon on the blocks' matrices and AdamW on the rest. On small CPU runs Muon needs ~10% fewer
+    steps but its steps take twice as long (benchmarks/time_to_loss.py)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (the batch grows by this factor at the same memory)."""
+    precision: Precision = "auto"
+    """bf16 autocast with fp32 master weights, fp32, or auto: bf16 where the hardware multiplies it natively
+    (CPUs with AVX-512 BF16 or AMX, recent GPUs), fp32 elsewhere."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile the training step: on, off, or auto: on once the first steps show that the time left repays
+    the 10-45 s that compiling takes on two CPU cores. A compile that fails falls back to eager with a notice."""
+    threads: int = 0
+    """CPU threads for matrix products (0: one per physical core)."""
+    eval_every: int = 250
+    """Validate every N steps (and at the end); 0: only at the end."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_every: int = 0
+    """Also checkpoint every N steps (0: only by time, on Ctrl-C and at the end)."""
+    checkpoint_minutes: float = 5.0
+    """Checkpoint after this many minutes of training since the last one (0: never by time). Ctrl-C or SIGTERM
+    checkpoints too, so --resume can always continue."""
+    resume: bool = False
+    """Continue the run in --out from its checkpoint, with the settings saved in its run.json."""
+    progress: bool = True
+    """Show a progress bar."""
+    device: str = "cpu"
+    """Where to train: cpu, cuda, cuda:1, ..."""
+    tokens_per_step: int = 0
+    """Tokens in one optimizer step, for tokens/s (set by the stage; 0 to skip)."""
+    trainable_only: bool = False
+    """Checkpoint only the parameters being trained (LoRA adapters); the frozen rest comes from the base model."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.max_steps is not None and self.minutes is not None:
+            yield "give one budget: a step count (--max-steps) or a time budget (--minutes), not both"
+        if (self.max_steps is not None and self.max_steps < 1) or (self.minutes is not None and self.minutes <= 0):
+            yield f"the budget must be positive, got max_steps={self.max_steps}, minutes={self.minutes}"
+        if self.threads < 0:
+            yield f"threads must be 0 (one per physical core) or more, got {self.threads}"
+        if not self.lr > 0:
+            yield f"lr must be positive, got {self.lr}"
+        if not 0 <= self.min_lr_ratio <= 1:
+            yield f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}"
+        for name in ("grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be at least 1, got {getattr(self, name)}"
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "checkpoint_minutes", "weight_decay",
+                     "grad_clip"):
+            if getattr(self, name) < 0:
+                yield f"{name} must be 0 or more, got {getattr(self, name)}"
+
+
+DEFAULT_STEPS = 1000
+"""Steps of a run given neither --max-steps nor --minutes."""
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """A pretraining run: next-token prediction on unlabeled text."""
+
+    out: str
+    """Run directory to create; it becomes the model dir."""
+    data: tuple[str, ...] = ()
+    """Text files, folders or jsonl files (.gz too); empty means the built-in corpus (Python's own source and docs)."""
+    text_field: str = "text"
+    """Field holding the text in jsonl records."""
+    preset: str = "mini"
+    """Named model size: one of PRESETS (tiny, mini, small, base, medium, large, gpt2-tiny, gpt2-small)."""
+    tokenizer: str | None = None
+    """"bytes" (one token per byte), or a dir / tokenizer.json to reuse; None trains a byte-level BPE on the data."""
+    vocab_size: int = 4096
+    """Vocabulary size when a BPE tokenizer is trained."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    seq_len: int | None = None
+    """Training context in tokens; None means the preset's max_seq_len."""
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """ModelConfig fields that replace the preset's (n_layer, d_model, dropout, ...)."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (each of batch_size sequences)."""
+    seed: int = 0
+    """Seed for initialisation, the data split and batch order."""
+    force: bool = False
+    """Replace what --out holds (a model, a run, any files) instead of refusing to touch it."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Optimizer, schedule, precision, budget; its out_dir is set to `out`."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.preset not in PRESETS:
+            yield f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}"
+        for name in ("batch_size", "eval_batches", "vocab_size"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be at least 1, got {getattr(self, name)}"
+        if not 0 <= self.val_fraction < 1:
+            yield f"val_fraction must be at least 0 and below 1, got {self.val_fraction}"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Which linear layers get low-rank adapters, and their size."""
+
+    rank: int = 8
+    """r: inner width of each adapter."""
+    alpha: float = 16.0
+    """Adapters' output is scaled by alpha / rank, so a rank change needs no new learning rate."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    targets: tuple[str, ...] = ("qkv", "proj", "up", "down")
+    """Linear layers to adapt, by the last part of their module name (qkv, proj, up, down, lm_head)."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.rank < 1:
+            yield f"LoRA rank must be at least 1, got {self.rank}"
+        if self.alpha <= 0:
+            yield f"LoRA alpha must be positive, got {self.alpha}"
+        if not 0.0 <= self.dropout < 1.0:
+            yield f"LoRA dropout must be in [0, 1), got {self.dropout}"
+        if not self.targets:
+            yield "LoRA targets must name at least one layer"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """A supervised fine-tuning run: a chat assistant from conversations, the whole model or LoRA adapters."""
+
+    model: str
+    """Base model dir (yunque's, or a Hugging Face one with a chat template)."""
+    data: tuple[str, ...]
+    """jsonl (or .jsonl.gz) files of conversations; see `yunque.data.chat_data.SHAPES` for the record shapes."""
+    out: str
+    """Directory to create: the fine-tuned model dir, or with `lora` the adapter dir."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters on a frozen base instead of every weight; None fine-tunes the whole model."""
+    max_seq_len: int | None = None
+    """Longest conversation trained on, in tokens; None means the model's context."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """A longer conversation is cut at max_seq_len (truncate) or left out (drop); both are counted."""
+    batch_size: int = 8
+    """Conversations per micro-batch."""
+    val_fraction: float = 0.05
+    """Share of conversations held out to measure the loss on assistant tokens."""
+    eval_batches: int | None = 20
+    """Held-out batches per evaluation (each of batch_size conversations); None for all."""
+    seed: int = 0
+    """Seed for the split, the batch order and the adapters' initialisation."""
+    force: bool = False
+    """Replace what --out holds instead of refusing to touch it."""
+    loop: LoopConfig | None = None
+    """Optimizer, schedule, precision, budget; None means `sft_loop(lora)`. Its out_dir is set to `out`."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.batch_size < 1:
+            yield f"batch_size must be at least 1, got {self.batch_size}"
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            yield f"max_seq_len must be at least 2, got {self.max_seq_len}"
+        if not 0 <= self.val_fraction < 1:
+            yield f"val_fraction must be at least 0 and below 1, got {self.val_fraction}"
+
+
+SFT_LOOP = LoopConfig(max_steps=500, lr=1e-4, warmup_steps=20, weight_decay=0.0, eval_every=100)
+"""Fine-tuning's schedule: short, gentle on the whole model."""
+LORA_LR = 1e-3
+"""Adapters start at zero and are small: they take a larger learning rate than the whole model."""
+
+
+def sft_loop(lora: bool) -> LoopConfig:
+    """The default loop of a fine-tuning run: SFT_LOOP, with LORA_LR for adapters."""
+    return dataclasses.replace(SFT_LOOP, lr=LORA_LR) if lora else SFT_LOOP
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: length, randomness and stop conditions of one request."""
+
+    max_new_tokens: int = 128
+    """Most tokens to generate per prompt; fewer if the prompt plus these would not fit in the model's context."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding (always the most likely token)."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens; None for no limit."""
+    top_p: float | None = None
+    """Nucleus sampling: only among the fewest most likely tokens whose probability reaches top_p; None for all."""
+    seed: int | None = None
+    """Seed for reproducible sampling: row i of a batch draws from its own generator seeded with seed + i, so it
+    gives the same tokens as prompt i generated alone with seed + i. None uses torch's global generator."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: a sequence ends just before the first occurrence of any of them, which is not returned."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.max_new_tokens < 1:
+            yield f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+        yield from sampling_problems(self.temperature, self.top_k, self.top_p)
+        if not all(self.stop):
+            yield f"stop strings must not be empty, e.g. stop=('\\n\\n',); got {self.stop!r}"
+
+
+def sampling_problems(temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None) -> Iterator[str]:
+    """What is wrong with sampling settings, naming the value and the accepted range."""
+    if not temperature >= 0 or temperature == math.inf:  # also rejects NaN
+        yield f"temperature must be >= 0 and finite (0 means greedy), got {temperature}"
+    if top_k is not None and top_k < 1:
+        yield f"top_k must be an integer >= 1, or None for no limit; got {top_k}"
+    if top_p is not None and not 0 < top_p <= 1:
+        yield f"top_p must be in (0, 1], or None for no limit; got {top_p}"
+
+
+@dataclass(frozen=True)
+class SpeedrunConfig:
+    """The speedrun: sizes and budgets chosen to finish within fifteen minutes on two CPU cores."""
+
+    out: str = "runs/speedrun"
+    """Run directory; the trained model dir, report.md and report.json go here."""
+    minutes: float = 6.0
+    """Pretraining wall-clock budget."""
+    preset: str = "mini"
+    """Model size (one of PRESETS)."""
+    vocab_size: int = 4096
+    """BPE vocabulary trained on the corpus."""
+    seq_len: int = 256
+    """Training context."""
+    batch_size: int = 16
+    """Sequences per step."""
+    lr: float = 2e-3
+    """Peak learning rate of pretraining."""
+    eval_tokens: int = 262_144
+    """Validation tokens scored at each evaluation and for the final figures (at most)."""
+    sft_minutes: float = 2.0
+    """Fine-tuning budget (the whole model, on standard-library questions and answers)."""
+    sft_lr: float = 1e-3
+    """Peak learning rate of fine-tuning."""
+    heldout_questions: int = 120
+    """Held-out questions answered before and after fine-tuning."""
+    seed: int = 0
+    """Seed for everything."""
+    force: bool = False
+    """Replace what --out holds instead of refusing to touch it."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.preset not in PRESETS:
+            yield f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}"
+        for name in ("minutes", "sft_minutes"):
+            if not getattr(self, name) > 0:
+                yield f"{name} must be positive, got {getattr(self, name)}"
+
+
+def from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A config dataclass from its JSON form (lists back to tuples, nested configs rebuilt); ValueError naming
+    unknown keys."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__} needs a JSON object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(names)}")
+    return cls(**{k: _from_json(v, hints[k]) for k, v in d.items()})
+
+
+def _from_json(value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _from_json(value, inner[0]) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return from_dict(hint, value)
+    if origin is tuple and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """The JSON form of a config dataclass (what `from_dict` reads back)."""
+    return dataclasses.asdict(obj)
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json", "LoopConfig", "PretrainConfig",
+           "LoraConfig", "SFTConfig", "SamplingParams", "SpeedrunConfig", "from_dict", "to_dict", "PRECISIONS",
+           "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]

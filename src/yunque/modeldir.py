@@ -6,45 +6,18 @@ Every stage reads and writes this layout. Weights load only from safetensors (no
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from yunque.atomic import atomic_write, atomic_write_all
 from yunque.config import ModelConfig
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Write a file through `write(tmp_path)`, fsync it and rename it into place, so a crash leaves the old file."""
-    atomic_write_all([(path, write)])
-
-
-def atomic_write_all(files: list[tuple[str | Path, Callable[[Path], None]]]) -> None:
-    """`atomic_write` for files that belong together: every file is written and fsynced under a temporary name
-    before any is renamed, so a crash while writing (the slow part) leaves all the old files in place."""
-    renames = []
-    for path, write in files:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        renames.append((tmp, path))
-    for tmp, path in renames:
-        os.replace(tmp, path)
-    for parent in {path.parent for _, path in renames}:
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:

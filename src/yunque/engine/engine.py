@@ -21,37 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from yunque.engine.sampling import check_sampling, sample
+from yunque.config import SamplingParams
+from yunque.engine.sampling import sample
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.precision import DTYPES, bf16_supported, resolve_precision
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate: length, randomness and stop conditions of one request."""
-
-    max_new_tokens: int = 128
-    """Most tokens to generate per prompt; fewer if the prompt plus these would not fit in the model's context."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding (argmax)."""
-    top_k: int | None = None
-    """Sample only among the k most likely tokens; None for no limit."""
-    top_p: float | None = None
-    """Nucleus sampling: only among the fewest most likely tokens whose probability reaches top_p; None for all."""
-    seed: int | None = None
-    """Seed for reproducible sampling: row i of a batch draws from its own generator seeded with seed + i, so it
-    gives the same tokens as prompt i generated alone with seed + i. None uses torch's global generator."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: a sequence ends just before the first occurrence of any of them, which is not returned."""
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
-        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a tuple of non-empty strings, e.g. stop=('\\n\\n',); got {self.stop!r}")
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from yunque.config import sampling_problems
+
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
     """Raise ValueError naming the value and the accepted range if a sampling setting is out of range."""
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, or None for no limit; got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], or None for no limit; got {top_p}")
+    problem = next(sampling_problems(temperature, top_k, top_p), None)
+    if problem:
+        raise ValueError(problem)
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

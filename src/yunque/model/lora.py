@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,35 +19,9 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from yunque.config import LoraConfig
+
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    """Which linear layers get adapters, and their size."""
-
-    rank: int = 8
-    """r: inner width of each adapter."""
-    alpha: float = 16.0
-    """Adapters' output is scaled by alpha / rank, so a rank change needs no new learning rate."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input while training."""
-    targets: tuple[str, ...] = ("qkv", "proj", "up", "down")
-    """Linear layers to adapt, by the last part of their module name (qkv, proj, up, down, lm_head)."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        if not isinstance(self.targets, tuple) or not self.targets:
-            raise ValueError(f"LoRA targets must be a non-empty tuple of layer names, got {self.targets!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(nn.Linear):
