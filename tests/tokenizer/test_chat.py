@@ -14,9 +14,17 @@ from yunque.tokenizer.bpe import (
     USER,
     Tokenizer,
     byte_tokenizer,
+    train_bpe,
     gpt2_tokenizer_from_files,
 )
-from yunque.tokenizer.chat import ChatTemplate, load_chat_template, render, render_prompt, render_with_template
+from yunque.tokenizer.chat import (
+    ChatTemplate,
+    load_chat_template,
+    render,
+    render_prompt,
+    render_with_template,
+    yunque_template,
+)
 
 TOK = byte_tokenizer()
 S = TOK.special_ids
@@ -144,3 +152,14 @@ def test_missing_jinja2_is_named(monkeypatch, chatml_tok):
     monkeypatch.setitem(sys.modules, "jinja2.exceptions", None)
     with pytest.raises(ValueError, match="pip install jinja2"):
         render_with_template(CHATML, chatml_tok, CONVERSATION)
+
+
+def test_yunque_template_renders_what_render_does(shared_data):
+    """The jinja2 form of yunque's format (written into exports) gives the same ids and mask as `render`."""
+    tok = train_bpe([(shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20000]], 400)
+    messages = [{"role": "system", "content": "Sé breve."}, {"role": "user", "content": "ROMEO: hola"},
+                {"role": "assistant", "content": "¿Qué tal?"}, {"role": "user", "content": "bien\n"},
+                {"role": "assistant", "content": "Me alegro."}]
+    template = yunque_template()
+    assert render(tok, messages, template=template) == render(tok, messages)
+    assert render_prompt(tok, messages[:2], template=template) == render_prompt(tok, messages[:2])

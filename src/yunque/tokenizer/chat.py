@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from yunque.tokenizer.bpe import ASSISTANT, END_OF_TURN, SYSTEM, USER, Tokenizer
+from yunque.tokenizer.bpe import ASSISTANT, BOS, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 """Accepted message roles and the special token that opens each turn."""
@@ -74,6 +74,19 @@ def render(tokenizer: Tokenizer, messages: list[dict], *,
         ids += [specials[ROLES[m["role"]]], *content, specials[END_OF_TURN]]
         mask += [False] + [learn] * (len(content) + 1)
     return ids, mask
+
+
+def yunque_template() -> ChatTemplate:
+    """yunque's own format written as a Hugging Face chat template (jinja2), for exports: rendered with
+    `render_with_template`, or by transformers' `apply_chat_template`, it gives the ids of `render`/`render_prompt`
+    for a tokenizer made by yunque (role and end tokens as its special tokens, BOS first)."""
+    roles = " ".join(f"'{role}'" for role in ROLES)
+    source = ("{{ bos_token }}{% for message in messages %}"
+              "{% if message['role'] not in [" + roles.replace(" ", ", ") + "] %}"
+              "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+              "{{ '<|' + message['role'] + '|>' + message['content'] + '" + END_OF_TURN + "' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}")
+    return ChatTemplate(source, {"bos_token": BOS, "eos_token": END_OF_TURN})
 
 
 def render_prompt(tokenizer: Tokenizer, messages: list[dict], *, template: ChatTemplate | None = None) -> list[int]:
