@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 from yunque.config import ModelConfig, preset  # noqa: E402
 from yunque.model.gpt import GPT  # noqa: E402
-from yunque.train.loop import LoopConfig, fit, physical_cores  # noqa: E402
+from yunque.precision import physical_cores  # noqa: E402
+from yunque.train.loop import LoopConfig, fit  # noqa: E402
 from yunque.losses import next_token_loss  # noqa: E402
 
 WARMUP_STEPS = 3

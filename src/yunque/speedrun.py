@@ -11,76 +11,46 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from yunque.config import LoopConfig, PretrainConfig, SFTConfig, SpeedrunConfig
 from yunque.data.chat_data import ChatBatches, Conversation
 from yunque.data.loaders import TokenWindows
 from yunque.data.shards import load_manifest, open_split
 from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine, SamplingParams
-from yunque.eval.perplexity import bits_per_byte, score_windows, unigram_loss
+from yunque.eval.perplexity import bits_per_byte, unigram_loss
 from yunque.eval.qa import answer_questions
 from yunque.modeldir import load_model
-from yunque.train.loop import LoopConfig
-from yunque.train.pretrain import PretrainConfig, main as pretrain
-from yunque.train.sft import SFTConfig, assistant_loss, main as sft
+from yunque.precision import DTYPES, matmul_gflops
+from yunque.train.pretrain import main as pretrain
+from yunque.train.sft import assistant_loss, main as sft
 
 SAMPLE_PROMPTS = ("def ", "class Parser:\n    ", "import os\n\n", "The ")
-
-
-@dataclass(frozen=True)
-class SpeedrunConfig:
-    """The speedrun: sizes and budgets chosen to finish within ten minutes on two CPU cores."""
-
-    out: str = "runs/speedrun"
-    """Run directory; the trained model dir, report.md and report.json go here."""
-    minutes: float = 6.0
-    """Pretraining wall-clock budget."""
-    preset: str = "mini"
-    """Model size."""
-    vocab_size: int = 4096
-    """BPE vocabulary trained on the corpus."""
-    seq_len: int = 256
-    """Training context."""
-    batch_size: int = 16
-    """Sequences per step."""
-    lr: float = 2e-3
-    """Peak learning rate."""
-    eval_tokens: int = 262_144
-    """Validation tokens scored for the final figures (at most)."""
-    sft_minutes: float = 2.0
-    """Fine-tuning budget (the whole model, on standard-library questions and answers)."""
-    sft_lr: float = 1e-3
-    """Peak learning rate of fine-tuning."""
-    heldout_questions: int = 120
-    """Held-out questions answered before and after fine-tuning."""
-    seed: int = 0
-    """Seed for everything."""
-    progress: bool = True
-    """Show progress bars."""
 
 
 def main(cfg: SpeedrunConfig) -> dict[str, Any]:
     """Run the speedrun and write report.md / report.json; return the report's figures."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    loop = LoopConfig(out_dir=cfg.out, max_steps=None, minutes=cfg.minutes, lr=cfg.lr, warmup_steps=50,
-                      eval_every=500, progress=cfg.progress)
+    # every evaluation scores the same eval_tokens, so the plot's last point is the report's figure
+    eval_batches = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
+    loop = LoopConfig(minutes=cfg.minutes, lr=cfg.lr, warmup_steps=50, eval_every=500, progress=cfg.progress)
     summary = pretrain(PretrainConfig(out=cfg.out, preset=cfg.preset, vocab_size=cfg.vocab_size,
-                                      batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed, loop=loop))
+                                      batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                                      eval_batches=eval_batches, force=cfg.force, loop=loop))
     model, tok = load_model(out)
     data_dir = Path(summary["data_dir"])
     manifest = load_manifest(data_dir)
     val_split = manifest["splits"]["val"]
     val_shards = open_split(data_dir, "val")
-    batches = max(1, cfg.eval_tokens // (cfg.batch_size * cfg.seq_len))
-    nll, n = score_windows(model, TokenWindows(val_shards), batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                           max_batches=batches)
-    val_loss = nll / n
+    # the loop's last validation (the plot's last point) is the figure: the same windows, scored as it trained
+    val_loss = summary["val_loss"]
+    n = sum(y.numel() for _, y in TokenWindows(val_shards).iter_eval(cfg.batch_size, cfg.seq_len,
+                                                                     max_batches=eval_batches))
     ratio = (val_split["tokens"], val_split["bytes"])
     uni_loss = unigram_loss(open_split(data_dir, "train"), val_shards, tok.vocab_size)
 
@@ -88,6 +58,9 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
     params = SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed)
     samples = [{"prompt": p, "completion": engine.complete(p, params)} for p in SAMPLE_PROMPTS]
     assistant = fine_tune(cfg, out, model, tok)
+    tokens_per_sec = summary["tokens_seen"] / max(summary["wall_seconds"], 1e-9)
+    flops = model.cfg.flops_per_token(cfg.seq_len)
+    peak = matmul_gflops(DTYPES[summary["precision"]])
     report = {
         "parameters": summary["parameters"],
         "model": summary["model"],
@@ -95,24 +68,65 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
         "data": {split: {k: manifest["splits"][split][k] for k in ("documents", "tokens", "bytes")}
                  for split in ("train", "val")},
         "steps": summary["steps"],
+        "warmup_steps": summary["warmup_steps"],
         "tokens_seen": summary["tokens_seen"],
         "precision": summary["precision"],
+        "compiled": summary["compiled"],
         "train_seconds": round(summary["wall_seconds"], 1),
         "wall_seconds": round(time.perf_counter() - t0, 1),
+        "tokens_per_sec": round(tokens_per_sec),
+        "achieved_gflops": round(tokens_per_sec * flops / 1e9, 1),
+        "machine_gflops": round(peak, 1),
+        "mfu": tokens_per_sec * flops / 1e9 / peak,
+        "undertrained": summary["undertrained"],
         "final_train_loss": summary["loss"],
         "val_loss": val_loss,
+        "val_loss_in_training": summary["val_loss"],
         "val_tokens_scored": n,
         "val_bits_per_byte": bits_per_byte(val_loss, *ratio),
         "unigram_loss": uni_loss,
         "unigram_bits_per_byte": bits_per_byte(uni_loss, *ratio),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "samples": samples,
         "sft": assistant,
     }
     report["bpb_ratio_to_unigram"] = report["val_bits_per_byte"] / report["unigram_bits_per_byte"]
+    report["warnings"] = warnings(report)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(report, cfg), encoding="utf-8")
     return report
+
+
+LOW_MFU = 0.05
+"""Below this share of the machine's measured matmul speed, a run was starved (a busy machine, threads fighting)
+rather than merely small: the report says so, since its figures then say little about the code."""
+
+
+def warnings(r: dict[str, Any]) -> list[str]:
+    """What makes this run's figures untrustworthy, in words for the report."""
+    found = []
+    if r["undertrained"]:
+        found.append(r["undertrained"])
+    if r["mfu"] < LOW_MFU:
+        found.append(f"training ran at {r['mfu']:.1%} of the machine's measured {r['precision']} matrix speed "
+                     f"({r['achieved_gflops']:.0f} of {r['machine_gflops']:.0f} GFLOP/s): the machine was busy or "
+                     f"the threads fought; the figures say little about the model")
+    after = r["sft"]["after"]
+    if after.get("repetition_rate", 0) > 0.5:
+        found.append(f"{after['repetition_rate']:.0%} of the fine-tuned replies repeat themselves: the assistant "
+                     f"is degenerate")
+    return found
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
@@ -132,8 +146,8 @@ def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
         return {"assistant_loss": loss, **answer_questions(Engine(m, tok), held, batch_size=cfg.batch_size)}
 
     before = measure(model)
-    loop = LoopConfig(out_dir=str(out / "chat"), max_steps=None, minutes=cfg.sft_minutes, lr=cfg.sft_lr,
-                      warmup_steps=20, weight_decay=0.0, eval_every=200, progress=cfg.progress)
+    loop = LoopConfig(minutes=cfg.sft_minutes, lr=cfg.sft_lr, warmup_steps=20, weight_decay=0.0, eval_every=200,
+                      progress=cfg.progress)
     summary = sft(SFTConfig(model=str(out), data=(str(data / "train.jsonl"),), out=str(out / "chat"),
                             max_seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed, loop=loop))
     chat_model, _ = load_model(out / "chat")
@@ -156,9 +170,12 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
         f"| training text | {r['data']['train']['documents']:,} documents, {r['data']['train']['bytes']:,} bytes, "
         f"{r['data']['train']['tokens']:,} tokens |",
         f"| validation text | {r['data']['val']['documents']:,} documents, {r['data']['val']['bytes']:,} bytes |",
-        f"| steps / tokens seen | {r['steps']:,} / {r['tokens_seen']:,} |",
-        f"| precision | {r['precision']} |",
+        f"| steps (warmup) / tokens seen | {r['steps']:,} ({r['warmup_steps']}) / {r['tokens_seen']:,} |",
+        f"| precision / compiled | {r['precision']} / {'yes' if r['compiled'] else 'no'} |",
         f"| training time / whole run | {r['train_seconds']:.0f} s / {r['wall_seconds']:.0f} s |",
+        f"| training speed | {r['tokens_per_sec']:,} tokens/s = {r['achieved_gflops']:.0f} GFLOP/s, "
+        f"{r['mfu']:.0%} of this machine's measured {r['precision']} matrix-product speed "
+        f"({r['machine_gflops']:.0f} GFLOP/s) |",
         f"| final training loss | {r['final_train_loss']:.3f} nats/token |",
         f"| **validation loss** | **{r['val_loss']:.3f} nats/token** ({r['val_tokens_scored']:,} tokens scored) |",
         f"| **validation bits per byte** | **{r['val_bits_per_byte']:.3f}** |",
@@ -167,6 +184,7 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
         f"| model / unigram | {r['bpb_ratio_to_unigram']:.2f}x |",
         f"| machine | {r['machine']} |",
         "",
+        *(["**Warnings:**", "", *[f"- {w}" for w in r["warnings"]], ""] if r["warnings"] else []),
         "![loss](loss.png)",
         "",
         "## Samples",
@@ -189,8 +207,10 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
         "| held-out figure | before | after |",
         "|---|---|---|",
         f"| loss on assistant tokens (nats/token) | {b['assistant_loss']:.3f} | {a['assistant_loss']:.3f} |",
-        f"| replies that keep the chat format and stop at end of turn | {b['format_rate']:.0%} | "
+        f"| replies that stop at end of turn, neither empty nor repetitive | {b['format_rate']:.0%} | "
         f"{a['format_rate']:.0%} |",
+        f"| replies that repeat themselves (one token, or most 4-grams) | {b.get('repetition_rate', 0):.0%} | "
+        f"{a.get('repetition_rate', 0):.0%} |",
         f"| correctness: mean word F1 against the docstring sentence | {b['mean_f1']:.3f} | {a['mean_f1']:.3f} |",
         "",
         "Replies after fine-tuning:",

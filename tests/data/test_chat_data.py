@@ -8,6 +8,7 @@ import torch
 
 from yunque.data.chat_data import (
     ChatBatches,
+    length_bucket,
     Conversation,
     load_conversations,
     record_messages,
@@ -103,7 +104,9 @@ def test_batches_targets_are_the_assistant_tokens_and_padding_is_ignored():
                                               {"role": "assistant", "content": "a much longer reply"}])]
     batches = ChatBatches(TOK, data, max_seq_len=64)
     x, y = next(batches.iter_eval(4))
-    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, len(render(TOK, data[3].messages)[0]) - 1)
+    longest = len(render(TOK, data[3].messages)[0]) - 1
+    assert 32 < longest < 64  # padded to the second length bucket
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (4, length_bucket(longest, 64)) == (4, 64)
     for b, conv in enumerate(data):
         ids, mask = render(TOK, conv.messages)
         n = len(ids) - 1
@@ -111,6 +114,13 @@ def test_batches_targets_are_the_assistant_tokens_and_padding_is_ignored():
         assert y[b, :n].tolist() == [i if m else IGNORE for i, m in zip(ids[1:], mask[1:])]
         assert (x[b, n:] == TOK.pad_id).all() and (y[b, n:] == IGNORE).all()
         assert TOK.decode(y[b][y[b] != IGNORE].tolist()) == conv.messages[1]["content"] + END_OF_TURN
+
+
+def test_length_buckets_are_few_and_never_cut():
+    """Batches are padded to 32, 64, 128, ... (or the context): a compiled step meets a handful of shapes."""
+    assert [length_bucket(n, 256) for n in (1, 32, 33, 64, 65, 200, 256)] == [32, 32, 64, 64, 128, 256, 256]
+    assert length_bucket(300, 300) == 300 and length_bucket(257, 300) == 300
+    assert len({length_bucket(n, 1024) for n in range(1, 1025)}) == 6
 
 
 def test_sample_is_a_pure_function_of_seed_and_step_and_covers_each_epoch():

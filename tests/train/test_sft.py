@@ -67,7 +67,7 @@ def test_full_fine_tune_lowers_held_out_assistant_loss(base, gsm8k, tmp_path, ca
     assert f"{data['train']['truncated']} truncated to 256 tokens" in capsys.readouterr().out
     model, tok = load_model(out)  # a complete model dir
     assert tok.special_ids == byte_tokenizer().special_ids
-    with pytest.raises(ValueError, match="already holds a training run"):
+    with pytest.raises(ValueError, match="already holds a `yunque sft` run finished at step 30"):
         sft(base, gsm8k, out)
 
 
@@ -111,7 +111,7 @@ def test_lora_trains_adapters_only_merges_and_resumes(base, gsm8k, tmp_path):
 def test_bad_settings_leave_no_directory(base, gsm8k, tmp_path):
     with pytest.raises(ValueError, match="longer than the model's context"):
         sft(base, gsm8k, tmp_path / "a", max_seq_len=SEQ + 1)
-    with pytest.raises(ValueError, match="truncate, drop"):
+    with pytest.raises(ValueError, match="truncation must be one of 'truncate', 'drop'"):
         sft(base, gsm8k, tmp_path / "b", truncation="cut")
     with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) q_proj; accepted: down, lm_head, proj, qkv, up"):
         sft(base, gsm8k, tmp_path / "c", lora=LoraConfig(targets=("q_proj",)))

@@ -8,9 +8,11 @@ because the user asked for it by name.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,35 @@ def iter_documents(
             raise ValueError(f"{path}: no such file or directory; check the --data path")
 
 
+def fingerprint(paths: Sequence[str | Path] | None, *, text_field: str = "text") -> str:
+    """sha256 hex of the data `iter_documents(paths)` reads: every file's name (relative to what was passed) and
+    bytes, in reading order, and the jsonl text field. Editing, adding or removing a file changes it; moving the
+    data elsewhere does not. Reads every byte, at disk speed (the built-in corpus: ~0.3 s)."""
+    h = hashlib.sha256(f"text_field={text_field}\0".encode())
+    if not paths:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = [(str(p.relative_to(stdlib)), p) for p in builtin_corpus_files()]
+    else:
+        files = []
+        for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+            if path.is_dir():
+                files += [(str(f.relative_to(path)), f) for f in _walk(path)]
+            elif path.exists():
+                files.append((path.name, path))
+            else:
+                raise ValueError(f"{path}: no such file or directory; check the --data path")
+    for name, path in files:
+        h.update(name.encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"\0unreadable")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def _walk(folder: Path) -> list[Path]:
     files = []
     for root, dirs, names in os.walk(folder):
@@ -159,9 +190,10 @@ def _read_text(path: Path, report: SkipReport, *, name: str, explicit: bool = Fa
     try:
         with _open(path) as f:
             data = f.read()
-    except (OSError, EOFError) as err:  # EOFError: truncated .gz
+    except (OSError, EOFError, zlib.error) as err:  # EOFError: truncated .gz; zlib.error: corrupt .gz
         if explicit:
-            raise ValueError(f"{path}: cannot read ({err})") from err
+            hint = "; the .gz file is corrupt or truncated" if path.name.endswith(".gz") else ""
+            raise ValueError(f"{path}: cannot read ({err}){hint}") from None
         report.add("unreadable", name)
         return None
     if not explicit and b"\0" in data[:_BINARY_PROBE]:
@@ -178,13 +210,21 @@ def _read_text(path: Path, report: SkipReport, *, name: str, explicit: bool = Fa
         report.add("not_utf8", name)
         return None
     text = text.removeprefix("\ufeff")
-    if not text:
+    if not text.strip():  # whitespace alone teaches nothing: an empty input, and an empty corpus if it is all
         report.add("empty", name)
         return None
     return text
 
 
 def _jsonl_documents(path: Path, text_field: str, report: SkipReport) -> Iterator[Document]:
+    try:
+        yield from _jsonl_records(path, text_field, report)
+    except (OSError, EOFError, zlib.error) as err:  # a .gz cut short or damaged, found while reading
+        hint = "; the .gz file is corrupt or truncated" if path.name.endswith(".gz") else ""
+        raise ValueError(f"{path}: cannot read ({err}){hint}") from None
+
+
+def _jsonl_records(path: Path, text_field: str, report: SkipReport) -> Iterator[Document]:
     with _open(path) as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"

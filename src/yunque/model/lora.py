@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from yunque.atomic import atomic_write, atomic_write_text
 from yunque.config import LoraConfig
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -131,12 +132,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def save_adapter(adapter_dir: str | Path, model: nn.Module, cfg: LoraConfig, *, base_model: str | None = None) -> None:
     """Write adapter_model.safetensors (the adapter tensors) and adapter_config.json (cfg, and the base model's
-    path if given) into `adapter_dir`."""
+    path if given) into `adapter_dir`, each atomically."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(adapter_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    state = lora_state_dict(model)
+    atomic_write(adapter_dir / ADAPTER_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    save_adapter_config(adapter_dir, cfg, base_model=base_model)
+
+
+def save_adapter_config(adapter_dir: str | Path, cfg: LoraConfig, *, base_model: str | None = None) -> None:
+    """Write adapter_config.json: the LoraConfig and the base model's path (if given)."""
     config = {"adapter_type": "lora", **asdict(cfg), "base_model": base_model}
-    (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(Path(adapter_dir) / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], LoraConfig]:

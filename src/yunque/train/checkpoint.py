@@ -1,11 +1,12 @@
 """Atomic checkpoints: weights in model.safetensors, optimizer/RNG/step in train_state.pt.
 
-Both files are written in full under temporary names, fsynced, and only then renamed into place, so a kill
-during a save leaves the previous checkpoint loadable and resumable. Both files carry the step; resuming from a
-pair whose steps differ (a kill between the two renames) is refused.
+Both files are written in full under temporary names and fsynced, then renamed into place under a journal
+(yunque/atomic.py): a kill while writing leaves the previous checkpoint, a kill between the two renames is
+finished by `recover` on the next load. Both files carry the step, and a pair whose steps differ is refused.
 
-With `trainable_only` (LoRA) the weights file is trainable.safetensors and holds only the parameters being
-trained; the frozen rest is not saved, and comes back from where the model was loaded (the base model).
+With `trainable_only` (LoRA) the weights file holds only the parameters being trained, under the name a LoRA
+adapter dir uses (adapter_model.safetensors): a run stopped at any checkpoint is a usable adapter. The frozen
+rest is not saved; it comes back from where the model was loaded (the base model).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from yunque.atomic import atomic_write_all, recover
 from yunque.model.gpt import GPT
-from yunque.modeldir import WEIGHTS, atomic_write_all, load_state, load_weights, write_weights
+from yunque.model.lora import ADAPTER_WEIGHTS
+from yunque.modeldir import WEIGHTS, load_state, load_weights, write_weights
 
 STATE = "train_state.pt"
-TRAINABLE = "trainable.safetensors"
+TRAINABLE = ADAPTER_WEIGHTS
 
 
 def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
@@ -29,7 +32,11 @@ def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     """Save weights (only the trainable ones if `trainable_only`) and training state after `step` optimizer steps."""
     out_dir = Path(out_dir)
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), **(extra or {})}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     metadata = {"step": str(step)}
+    if (extra or {}).get("max_steps") is not None:
+        metadata["max_steps"] = str(extra["max_steps"])
     if trainable_only:
         weights = (out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata))
     else:
@@ -43,6 +50,8 @@ def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
+    """Whether `out_dir` holds a training checkpoint (after finishing a save that a kill interrupted)."""
+    recover(out_dir)
     return (Path(out_dir) / STATE).is_file()
 
 
@@ -51,6 +60,7 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     """Restore weights (only the trainable ones if `trainable_only`), optimizer and RNG in place; return the
     saved state (with "step")."""
     path = Path(out_dir) / STATE
+    recover(out_dir)
     if not path.is_file():
         raise ValueError(f"{path}: missing; there is nothing to resume (run without --resume to start afresh)")
     try:
@@ -69,9 +79,25 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
         load_state(model, weights, out_dir)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
+def checkpoint_progress(out_dir: str | Path) -> tuple[int, int | None] | None:
+    """(step, planned steps or None) of the checkpoint in `out_dir`, read from the weights' header only; None if
+    there is no readable checkpoint."""
+    for name in (WEIGHTS, TRAINABLE):
+        path = Path(out_dir) / name
+        if (Path(out_dir) / STATE).is_file() and path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except (SafetensorError, OSError, RuntimeError):  # a damaged file has no readable step
+                return None
+            step, total = meta.get("step", ""), meta.get("max_steps", "")
+            return (int(step), int(total) if total.isdigit() else None) if step.isdigit() else None
+    return None
 def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(out_dir) / TRAINABLE
     if not path.is_file():

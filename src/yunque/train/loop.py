@@ -2,330 +2,251 @@
 
 Batches are a pure function of the step (`batches(step)`), so a resumed run sees exactly the batches of an
 uninterrupted one; with the optimizer and RNG state restored, fp32 runs on CPU resume bit-identically.
+
+What is not the step itself lives beside it: the budget and the compile decision (budget.py, pure and unit
+tested), metrics, progress and the plot (logger.py), the process group (runtime.py: a distributed runtime is the
+only thing that touches torch.distributed), autocast and threads (precision.py), checkpoints (checkpoint.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from yunque.config import load_json
-from yunque.model.gpt import GPT
-from yunque.precision import PRECISIONS, resolve_precision
+from yunque.config import DEFAULT_STEPS, LoopConfig
+from yunque.precision import autocast, num_threads, resolve_precision
+from yunque.train.budget import StepBudget, compile_pays, undertrained
 from yunque.train.checkpoint import load_checkpoint, save_checkpoint
+from yunque.train.logger import TrainLog
 from yunque.train.optim import lr_at, make_optimizer
+from yunque.train.runtime import Runtime
+
+Batches = Callable[[int], Any]
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    """How to train: steps or time budget, optimizer, schedule, precision, logging and checkpoints."""
+def fit(model: torch.nn.Module, batches: Batches, loss_fn: LossFn, cfg: LoopConfig, *,
+        evaluate: Callable[[torch.nn.Module], float] | None = None, optimizer: torch.optim.Optimizer | None = None,
+        runtime: Runtime | None = None) -> dict[str, Any]:
+    """Train `model` on `batches(i)` (micro-batch i = step * grad_accum + k) with `loss_fn(model, batch)`.
 
-    out_dir: str
-    """Run directory: checkpoints, metrics.jsonl and loss.png go here."""
-    max_steps: int | None = 1000
-    """Optimizer steps to take; None means "as many as fit in `minutes`", or on resume "the run's own count"
-    (a number given on resume extends or shortens the run, and its schedule)."""
-    minutes: float | None = None
-    """Wall-clock budget; the step count is calibrated from the first steps and then fixed."""
-    lr: float = 1e-3
-    """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
-    warmup_steps: int = 100
-    """Linear warmup steps."""
-    schedule: str = "cosine"
-    """"cosine" or "wsd" (warmup-stable-decay)."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    optimizer: str = "adamw"
-    """"adamw", or "muon": Muon on the blocks' matrices and AdamW on the rest (see optim.make_optimizer). On
-    small CPU runs Muon needs ~10% fewer steps but its steps take twice as long (benchmarks/time_to_loss.py)."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value (0 disables)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    precision: str = "auto"
-    """"bf16" autocast, "fp32", or "auto" (bf16 where the hardware does it fast)."""
-    compile: str | bool = "auto"
-    """torch.compile the training step (model forward + loss; backward through AOTAutograd): "on", "off", or
-    "auto": on once the first steps show at least COMPILE_PAYS_AFTER seconds of training left, since compiling
-    takes 10-45 s on two CPU cores (True/False mean "on"/"off")."""
-    threads: int = 0
-    """CPU threads for matrix products (torch.set_num_threads during fit); 0 means one per physical core."""
-    eval_every: int = 250
-    """Validate every N steps (and at the end); 0 only at the end."""
-    log_every: int = 10
-    """Write a metrics line every N steps."""
-    checkpoint_every: int = 0
-    """Save a checkpoint every N steps (0: only at the end)."""
-    resume: bool = False
-    """Continue from the checkpoint in out_dir."""
-    progress: bool = True
-    """Show a progress bar."""
-    device: str = "cpu"
-    """Torch device string."""
-    tokens_per_step: int = 0
-    """Tokens in one optimizer step, for tokens/s (0 to skip)."""
-    trainable_only: bool = False
-    """Checkpoint only the parameters being trained (LoRA adapters); the frozen rest comes from the base model."""
-
-    def __post_init__(self) -> None:
-        if self.max_steps is None and self.minutes is None and not self.resume:
-            raise ValueError("give a step budget (--max-steps) or a time budget (--minutes)")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.compile not in ("auto", "on", "off", True, False):
-            raise ValueError(f"compile must be auto, on or off, got {self.compile!r}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 (one per physical core) or more, got {self.threads}")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        if (self.max_steps is not None and self.max_steps < 1) or (self.minutes is not None and self.minutes <= 0):
-            raise ValueError(f"the budget must be positive, got max_steps={self.max_steps}, minutes={self.minutes}")
-        for name in ("grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} is not available (torch {torch.__version__} finds no CUDA GPU); "
-                             f"use --device cpu")
-
-
-RUN = "run.json"
-"""File in a run dir holding the settings the run was started with, which --resume restores."""
-
-
-def saved_run(out: str | Path) -> dict[str, Any]:
-    """The run.json of the run in `out`; ValueError if there is none."""
-    path = Path(out) / RUN
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; there is no run to resume in {out} (run without --resume)")
-    return load_json(path)
-
-
-def resumed_loop(saved: dict[str, Any], today: LoopConfig, out: str | Path) -> LoopConfig:
-    """The loop settings a run was saved with; from `today` (the flags of the resuming command) only the budget,
-    to extend or shorten the run, the device and the progress bar count."""
-    return LoopConfig(**{**saved, "betas": tuple(saved["betas"]), "out_dir": out, "resume": True,
-                         "max_steps": today.max_steps, "minutes": today.minutes or saved["minutes"],
-                         "device": today.device, "progress": today.progress})
-
-
-COMPILE_PAYS_AFTER = 120.0
-"""Seconds of training left at which compile="auto" compiles. Compiling costs 10-45 s on two CPU cores (less
-with a warm inductor cache) and saves 15-40% of each bf16 step at 1M-50M parameters (benchmarks/train.py), so it
-repays itself after roughly two minutes."""
-
-
-def physical_cores() -> int:
-    """CPU cores this process may run on, counting hyperthread siblings once (sysfs on Linux)."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        try:
-            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    """torch's intra-op thread count set to `n` (0: one per physical core) inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n or physical_cores())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def autocast(precision: str, device: str):
-    """bf16 autocast context (fp32 master weights), or a no-op for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step; truncated to the resume step on resume."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        self.records: list[dict[str, Any]] = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                if rec["step"] <= resume_step:
-                    self.records.append(rec)
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
-    """loss.png: training loss (and validation loss where measured) against step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def fit(model: GPT, batches: Callable[[int], Any], loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-        cfg: LoopConfig, *, evaluate: Callable[[torch.nn.Module], float] | None = None,
-        optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Train `model` on `batches(step)` (one micro-batch per call: step * grad_accum + i) with `loss_fn(model, batch)`.
-
-    Returns a summary: steps, final loss, val_loss, tokens seen, wall seconds, precision, whether it compiled.
+    Ctrl-C or SIGTERM stops after the current step with a checkpoint, then raises KeyboardInterrupt. Returns a
+    summary: steps, final loss, val_loss, tokens seen, wall seconds, precision, whether it compiled, warmup, and
+    `undertrained` (why the model is not worth much yet, or None).
     """
-    with num_threads(cfg.threads):
-        return _fit(model, batches, loss_fn, cfg, evaluate, optimizer)
+    _check_device(cfg.device)
+    with num_threads(cfg.threads), _StopSignals() as stop:
+        return _Training(model, batches, loss_fn, cfg, evaluate, optimizer, runtime or Runtime()).run(stop)
 
 
-def _fit(model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer) -> dict[str, Any]:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = cfg.device
-    precision = resolve_precision(cfg.precision, device)
-    opt = optimizer or make_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      betas=cfg.betas, device_type=device.split(":")[0])
-    step, max_steps = 0, cfg.max_steps
-    if cfg.resume:
-        state = load_checkpoint(out, model, opt, trainable_only=cfg.trainable_only)
-        # the run's own step count unless a new one is given; None if the run was killed before its time budget
-        # was calibrated
-        step, max_steps = state["step"], cfg.max_steps or state.get("max_steps")
-        if max_steps is None and cfg.minutes is None:
-            raise ValueError(f"{out} was stopped before its step count was known; pass --max-steps or --minutes")
-    log = MetricsLog(out / "metrics.jsonl", step if cfg.resume else None)
-    compile_mode = {True: "on", False: "off"}.get(cfg.compile, cfg.compile)
-    # the loss is compiled with the model so that the fp32 cast, log-softmax and their backward fuse
-    step_loss = torch.compile(loss_fn) if compile_mode == "on" else loss_fn
-    params = [p for p in model.parameters() if p.requires_grad]
+class _Training:
+    """The state of one `fit` call; `run` is the loop, the other methods are its parts."""
 
-    def validate() -> float | None:
-        if evaluate is None:
-            return None
-        model.eval()
-        # eager: a compiled graph for no_grad and each evaluation shape would cost more than it saves
-        with torch.no_grad(), autocast(precision, device):
-            value = evaluate(model)
-        model.train()
-        return value
-
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    # elapsed time carries on across a resume, so metrics and `yunque info` show the run's whole time
-    start = time.perf_counter() - (log.records[-1].get("elapsed", 0.0) if log.records else 0.0)
-    window_start, window_steps = time.perf_counter(), 0
-    # a resumed run with no steps left reports where it ended, not nan
-    loss_value = log.records[-1]["loss"] if log.records else float("nan")
-    val_loss = next((r["val_loss"] for r in reversed(log.records) if "val_loss" in r), None)
-    budget = cfg.minutes * 60 if max_steps is None else None
-    budget_start = time.perf_counter()
-    # steps per second are measured from (rate_step, rate_start), restarted once the step that compiles is done
-    rate_step, rate_start = step, budget_start
-    compiles_at = step + 1 if compile_mode == "on" else None
-    calibrate_at = step + 10 + (compiles_at is not None)
-    decide_compile_at = step + 10 if compile_mode == "auto" else None
-    model.train()
-    while max_steps is None or step < max_steps:
-        lr = lr_at(step, peak=cfg.lr, warmup=cfg.warmup_steps, total=max_steps, min_ratio=cfg.min_lr_ratio,
-                   kind=cfg.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            batch = batches(step * cfg.grad_accum + micro)
-            with autocast(precision, device):
-                loss = step_loss(model, batch)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
+    def __init__(self, model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer, runtime: Runtime) -> None:
+        self.model, self.batches, self.cfg, self.evaluate, self.runtime = model, batches, cfg, evaluate, runtime
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.precision = resolve_precision(cfg.precision, cfg.device)
+        self.opt = optimizer or make_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               betas=cfg.betas, device_type=torch.device(cfg.device).type)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.start, saved_total = 0, None
+        if cfg.resume:
+            state = load_checkpoint(self.out, model, self.opt, trainable_only=cfg.trainable_only)
+            self.start, saved_total = state["step"], state.get("max_steps")
         now = time.perf_counter()
-        if step == decide_compile_at:
-            seconds_per_step = (now - rate_start) / (step - rate_step)
-            left = budget - (now - budget_start) if budget is not None else (max_steps - step) * seconds_per_step
-            if left >= COMPILE_PAYS_AFTER:
-                step_loss, compile_mode = torch.compile(loss_fn), "on"
-                compiles_at, calibrate_at = step + 1, step + 11
-        if step == compiles_at:
-            rate_step, rate_start = step, now
-        elif budget is not None and step >= calibrate_at:
-            # time budget: set the step count from the measured speed so that the schedule decays on time;
-            # re-estimated every 10 steps until half the budget is spent, then fixed (and saved for resume)
-            elapsed = now - budget_start
-            rate = (step - rate_step) / (now - rate_start)
-            max_steps = max(step + 1, step + int((budget - elapsed) * rate))
-            calibrate_at = step + 10 if elapsed < budget / 2 else float("inf")
-            if bar is not None:
-                bar.total = max_steps
-        last = max_steps is not None and step >= max_steps
-        eval_now = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
-        save_now = last or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-        if step % cfg.log_every == 0 or eval_now or save_now:
-            loss_value = float(loss_sum) / cfg.grad_accum  # the only host sync of the step, at log steps
-            if not math.isfinite(loss_value):  # checked before every save: a diverged run never overwrites a good one
-                raise FloatingPointError(f"loss became {loss_value} at step {step}; lower --lr or check the data")
-        if step % cfg.log_every == 0 or eval_now:
-            record = {"step": step, "loss": round(loss_value, 5), "lr": lr,
-                      "tokens_per_sec": round(cfg.tokens_per_step * window_steps / (now - window_start), 1),
-                      "elapsed": round(now - start, 2)}
-            if eval_now:
-                val_loss = validate()
-                if val_loss is not None:
-                    record["val_loss"] = round(val_loss, 5)
-            log.write(record)
-            window_start, window_steps = time.perf_counter(), 0  # tokens/s counts training, not validation
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_loss:.3f}" if val_loss else "-",
-                                tok_s=f"{record['tokens_per_sec']:.0f}")
-        if bar is not None:
-            bar.update(1)
-        if save_now:
-            save_checkpoint(out, model, opt, step, {"max_steps": max_steps}, trainable_only=cfg.trainable_only)
-    if bar is not None:
-        bar.close()
-    plot_losses(log.records, out / "loss.png")
-    return {"steps": step, "loss": loss_value, "val_loss": val_loss, "precision": precision,
-            "compiled": compile_mode == "on", "wall_seconds": time.perf_counter() - start,
-            "tokens_seen": step * cfg.tokens_per_step}
+        self.budget = _plan(cfg, self.start, saved_total, now)
+        self.log = TrainLog(self.out, resume_step=self.start if cfg.resume else None, total=self.budget.total,
+                            progress=cfg.progress, enabled=runtime.is_main)
+        self.clock0 = now - self.log.elapsed  # elapsed time carries on across a resume
+        self.step_fn = _StepFn(loss_fn, cfg.compile, self.log.note, first_step=self.start + 1)
+        self.last_save, self.window = now, (now, 0)
+
+    def run(self, stop: _StopSignals) -> dict[str, Any]:
+        cfg, budget = self.cfg, self.budget
+        step, loss = self.start, None
+        self.model.train()
+        while not budget.done(step):
+            lr = lr_at(step, peak=cfg.lr, warmup=budget.warmup(cfg.warmup_steps), total=budget.total,
+                       min_ratio=cfg.min_lr_ratio, kind=cfg.schedule)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            loss = self.train_step(step)
+            step += 1
+            now = time.perf_counter()
+            self.window = (self.window[0], self.window[1] + 1)
+            if self.step_fn.compiled_at == step:  # the step that compiled says nothing about speed
+                budget.restart_clock(step, now)
+            else:  # a time budget's step count follows the measured speed; schedule and bar follow it
+                budget.observe(step, now)
+            if step == self.start + 10 and self.step_fn.mode == "auto" and compile_pays(budget.seconds_left(step, now)):
+                self.step_fn.compile(step + 1)
+            last = budget.done(step)
+            interrupted = self.runtime.broadcast_flag(stop.requested)
+            evaluate = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
+            save = last or interrupted or self.save_due(step, now)
+            if evaluate or save or step % cfg.log_every == 0:
+                self.record(step, loss, lr, now, evaluate)
+            if save:
+                self.save(step)
+            self.log.advance(budget.total)
+            if interrupted:
+                self.log.close(self.out)
+                raise KeyboardInterrupt(f"saved a checkpoint at step {step} in {self.out}; --resume continues it")
+        return self.finish(step)
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; the mean loss (a tensor: no host sync here). A compiled
+        step that fails is done again eagerly, and the run stays eager."""
+        cfg = self.cfg
+        while True:
+            try:
+                total = torch.zeros((), device=cfg.device)
+                for micro in range(cfg.grad_accum):
+                    batch = self.batches(step * cfg.grad_accum + micro)
+                    with self.runtime.no_sync(self.model, micro == cfg.grad_accum - 1):
+                        with autocast(self.precision, cfg.device):
+                            loss = self.step_fn(self.model, batch)
+                        (loss / cfg.grad_accum).backward()
+                    total += loss.detach()
+                break
+            except Exception as e:  # noqa: BLE001 - only a compiled step is retried; an eager error propagates
+                if not self.step_fn.compiled:
+                    raise
+                self.opt.zero_grad(set_to_none=True)
+                self.step_fn.fall_back(e)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total / cfg.grad_accum
+
+    def save_due(self, step: int, now: float) -> bool:
+        cfg = self.cfg
+        by_steps = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        return by_steps or bool(cfg.checkpoint_minutes and now - self.last_save >= cfg.checkpoint_minutes * 60)
+
+    def record(self, step: int, loss: torch.Tensor, lr: float, now: float, evaluate: bool) -> None:
+        value = float(self.runtime.mean(loss))  # the only host sync of a step, at log steps
+        if not math.isfinite(value):  # checked before every save: a diverged run never overwrites a good one
+            raise FloatingPointError(f"loss became {value} at step {step}; lower --lr or check the data")
+        start, steps = self.window
+        record = {"step": step, "loss": round(value, 5), "lr": lr,
+                  "tokens_per_sec": round(self.cfg.tokens_per_step * steps / max(now - start, 1e-9), 1),
+                  "elapsed": round(now - self.clock0, 2)}
+        if evaluate and self.evaluate is not None:
+            record["val_loss"] = round(self.validate(), 5)
+        self.log.write(record)
+        self.window = (time.perf_counter(), 0)  # tokens/s counts training, not validation
+
+    def validate(self) -> float:
+        self.model.eval()
+        # eager: a compiled graph for no_grad and each evaluation shape would cost more than it saves
+        with torch.no_grad(), autocast(self.precision, self.cfg.device):
+            value = self.evaluate(self.model)
+        self.model.train()
+        return float(self.runtime.mean(torch.tensor(value)))
+
+    def save(self, step: int) -> None:
+        bad = next((n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        if bad is not None:  # never overwrite a good checkpoint with NaN or inf weights
+            raise FloatingPointError(f"parameter {bad} is not finite at step {step}; lower --lr or check the data")
+        if self.runtime.is_main:
+            save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
+                            trainable_only=self.cfg.trainable_only)
+        self.last_save = time.perf_counter()
+
+    def finish(self, step: int) -> dict[str, Any]:
+        self.log.close(self.out)
+        warmup = self.budget.warmup(self.cfg.warmup_steps)
+        why = undertrained(step, warmup, self.log.first_loss, self.log.loss) if step > self.start else None
+        if why:
+            self.log.note(f"warning: {why}")
+        return {"steps": step, "loss": self.log.loss, "val_loss": self.log.val_loss, "precision": self.precision,
+                "compiled": self.step_fn.compiled, "wall_seconds": time.perf_counter() - self.clock0,
+                "tokens_seen": step * self.cfg.tokens_per_step, "warmup_steps": warmup, "undertrained": why}
+
+
+def _plan(cfg: LoopConfig, start: int, saved_total: int | None, now: float) -> StepBudget:
+    """The step budget: --max-steps, or --minutes from now, or on resume the run's own count, else DEFAULT_STEPS."""
+    if cfg.minutes is not None:
+        return StepBudget(total=None, seconds=cfg.minutes * 60, start_step=start, start_time=now)
+    if cfg.max_steps is not None:
+        return StepBudget(total=cfg.max_steps, start_step=start, start_time=now)
+    if cfg.resume:
+        if saved_total is None:
+            raise ValueError(f"{cfg.out_dir} was stopped before its time budget was measured, so its step count is "
+                             f"unknown; pass --max-steps or --minutes with --resume")
+        return StepBudget(total=saved_total, start_step=start, start_time=now)
+    return StepBudget(total=DEFAULT_STEPS, start_step=start, start_time=now)
+
+
+class _StepFn:
+    """`loss_fn(model, batch)`, eager or compiled. Compiled, the model's forward and the loss are one graph (the
+    fp32 cast, log-softmax and their backward fuse); a compile that fails falls back to eager with one notice."""
+
+    def __init__(self, loss_fn: LossFn, mode: str, note: Callable[[str], None], first_step: int) -> None:
+        self.eager, self.fn, self.mode, self.note = loss_fn, loss_fn, mode, note
+        self.compiled_at: int | None = None
+        if mode == "on":
+            self.compile(first_step)
+
+    @property
+    def compiled(self) -> bool:
+        return self.fn is not self.eager
+
+    def compile(self, at_step: int) -> None:
+        self.fn, self.compiled_at = torch.compile(self.eager), at_step
+
+    def fall_back(self, error: Exception) -> None:
+        first = (str(error).strip().splitlines() or [""])[0][:160]
+        self.note(f"torch.compile failed ({type(error).__name__}: {first}); training on without compiling")
+        self.fn, self.mode = self.eager, "off"
+
+    def __call__(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return self.fn(model, batch)
+
+
+class _StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in progress, with a checkpoint; a second
+    signal stops at once. Only in the main thread (signal handlers can be set nowhere else)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._before: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+              f"(once more to stop at once)", flush=True)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._before[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
+
+
+def _check_device(device: str) -> None:
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} is not available (torch {torch.__version__} finds no CUDA GPU); "
+                         f"use --device cpu")
+
+
+__all__ = ["fit", "LoopConfig"]

@@ -1,0 +1,101 @@
+"""The budget of a training run: how many steps it takes, how long it warms up, whether compiling pays, and
+whether it ended undertrained.
+
+Pure: the loop passes in step numbers and times in seconds, so every decision here is unit-tested without a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WARMUP_SHARE = 0.2
+"""Warmup takes at most this share of a run's steps: a run that the budget cuts short still leaves warmup and
+reaches its peak learning rate and decay (a 100-step warmup in a 95-step run would end still warming up)."""
+CALIBRATE_EVERY = 10
+"""Steps between re-estimates of what a time budget affords (until half of it is spent; then fixed)."""
+COMPILE_SECONDS = 30.0
+"""What compiling the training step costs on two CPU cores (10-45 s measured at 1M-50M parameters; less with a
+warm inductor cache)."""
+COMPILE_GAIN = 0.25
+"""Share of a step's time that the compiled step saves (15-40% measured for bf16 at 1M-50M parameters,
+benchmarks/train.py). Compiling pays when the time left times this exceeds COMPILE_SECONDS: two minutes."""
+
+
+@dataclass
+class StepBudget:
+    """How many steps a run takes: a fixed count, or as many as a time budget affords, measured as it goes.
+
+    With a time budget the count is estimated from the steps' measured speed every CALIBRATE_EVERY steps until
+    half the budget is spent, then fixed (and saved with checkpoints, so a resumed run keeps its schedule).
+    `restart_clock` restarts the speed measurement, e.g. after the step that compiled.
+    """
+
+    total: int | None
+    """Steps the run will end at; None while a time budget is not yet calibrated."""
+    seconds: float | None = None
+    """The time budget, counted from `start_time`; None for a fixed count."""
+    start_step: int = 0
+    start_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._rate_step, self._rate_time = self.start_step, self.start_time
+        self._next = self.start_step + CALIBRATE_EVERY if self.seconds is not None else None
+
+    def restart_clock(self, step: int, now: float) -> None:
+        """Measure speed from here on (the steps before were not representative: a compile, a warm-up)."""
+        self._rate_step, self._rate_time = step, now
+        if self._next is not None:
+            self._next = step + CALIBRATE_EVERY
+
+    def seconds_per_step(self, step: int, now: float) -> float | None:
+        return (now - self._rate_time) / (step - self._rate_step) if step > self._rate_step else None
+
+    def seconds_left(self, step: int, now: float) -> float | None:
+        """Time the run has left: what the time budget leaves, or the steps left at the measured speed."""
+        if self.seconds is not None:
+            return self.seconds - (now - self.start_time)
+        per_step = self.seconds_per_step(step, now)
+        return None if per_step is None or self.total is None else (self.total - step) * per_step
+
+    def observe(self, step: int, now: float) -> bool:
+        """After `step` steps at time `now`: re-estimate a time budget's step count when due; True if it changed."""
+        if self._next is None or step < self._next:
+            return False
+        elapsed = now - self.start_time
+        rate = (step - self._rate_step) / max(now - self._rate_time, 1e-9)
+        total = max(step + 1, step + int((self.seconds - elapsed) * rate))
+        self._next = step + CALIBRATE_EVERY if elapsed < self.seconds / 2 else None
+        changed, self.total = total != self.total, total
+        return changed
+
+    def done(self, step: int) -> bool:
+        return self.total is not None and step >= self.total
+
+    def warmup(self, requested: int) -> int:
+        """Warmup steps for this run: `requested`, but at most WARMUP_SHARE of the run (at least 1)."""
+        if self.total is None or requested == 0:
+            return requested
+        return min(requested, max(1, int(self.total * WARMUP_SHARE)))
+
+
+def compile_pays(seconds_left: float | None) -> bool:
+    """Whether compiling the training step now repays its cost within the time the run has left."""
+    return seconds_left is not None and seconds_left * COMPILE_GAIN >= COMPILE_SECONDS
+
+
+def undertrained(step: int, warmup: int, first_loss: float | None, last_loss: float | None) -> str | None:
+    """Why a run that ended at `step` gave a model that is not worth much yet, or None.
+
+    Ended inside warmup (the learning rate never reached its peak), or the training loss fell by less than a
+    tenth from the first logged value.
+    """
+    if step <= warmup:
+        return (f"the run ended at step {step}, inside its {warmup}-step warmup: the model is undertrained; give it "
+                f"more --minutes or --max-steps")
+    if first_loss is not None and last_loss is not None and last_loss > 0.9 * first_loss:
+        return (f"the training loss barely fell ({first_loss:.3f} -> {last_loss:.3f}): the model is undertrained; "
+                f"give it more --minutes or --max-steps, or a higher --lr")
+    return None
+
+
+__all__ = ["StepBudget", "compile_pays", "undertrained", "WARMUP_SHARE", "COMPILE_SECONDS", "COMPILE_GAIN"]
