@@ -1,4 +1,5 @@
-"""ChatSession: the history fitted to the context, replies that end with the turn."""
+"""ChatSession: the history fitted to the context, replies that end with the turn, and a history that only a
+complete reply changes."""
 
 from itertools import pairwise
 from types import SimpleNamespace
@@ -105,6 +106,50 @@ def test_a_reply_that_opens_another_turn_ends_there():
     assert session.params.stop == ("STOP", "<|system|>", "<|user|>", "<|assistant|>")
     pieces, _ = session.send("hi")
     assert "".join(pieces) == "ok" and session.turns[-1] == {"role": "assistant", "content": "ok"}
+
+
+# ---- the history changes only with a complete reply ----
+
+def test_a_refused_message_leaves_the_history_and_the_next_one_works():
+    tok = chatml_tokenizer()
+    engine = FakeEngine(tok)
+    session = ChatSession(engine, SamplingParams(), ChatFormat.for_tokenizer(tok, ChatTemplate(ALTERNATING)))
+    "".join(session.send("hi")[0])
+    good = list(session.turns)
+    with pytest.raises(ValueError, match="special token text '<\\|im_end\\|>'"):  # would forge a turn boundary
+        session.send("a<|im_end|>")
+    assert session.turns == good
+    with pytest.raises(ValueError, match="refused the conversation: empty message"):  # the template's raise
+        session.send("")
+    assert session.turns == good
+    # before the fix the refused user turn stayed: two user turns in a row, refused by this template for good
+    assert "".join(session.send("bye")[0]) == "ok"
+    assert session.turns == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                             {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ok"}]
+
+
+def test_a_message_too_long_for_the_context_drops_nothing():
+    engine = FakeEngine(byte_tokenizer(), max_seq_len=128)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=16))
+    for i in range(3):
+        "".join(session.send(f"message {i}")[0])
+    before = list(session.turns)
+    with pytest.raises(ValueError, match="context is 128"):
+        session.send("y" * 200)  # would have dropped the older exchanges first, then failed
+    assert session.turns == before and session.dropped == 0
+
+
+def test_a_reply_that_fails_or_is_abandoned_leaves_the_history():
+    engine = FakeEngine(byte_tokenizer())
+    session = ChatSession(engine, SamplingParams())
+    "".join(session.send("one")[0])
+    session.send("abandoned")  # the reply is never read
+    engine.fail = True
+    with pytest.raises(RuntimeError):
+        "".join(session.send("failed")[0])
+    engine.fail = False
+    "".join(session.send("two")[0])
+    assert [m["content"] for m in session.turns] == ["one", "ok", "two", "ok"]
 
 
 def test_a_model_without_a_chat_format_is_refused_before_any_message(shared_data):

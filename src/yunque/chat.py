@@ -39,7 +39,9 @@ class ChatSession:
     """The turns of one conversation and the model that answers them.
 
     Before each reply the oldest user/assistant exchanges are dropped until the prompt plus `max_new_tokens` fits
-    the model's context; the system message always stays.
+    the model's context; the system message always stays. The history changes only when a reply is complete: a
+    message the chat format refuses or the context cannot hold, and a reply that fails or is abandoned, leave it
+    as it was.
     """
 
     def __init__(self, engine: Engine, params: SamplingParams, fmt: ChatFormat | None = None, *,
@@ -65,44 +67,53 @@ class ChatSession:
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns
+        return self._head() + self.turns
+
+    def _head(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
 
     def reset(self) -> None:
         self.turns, self.dropped = [], 0
 
     def prompt(self) -> tuple[list[int], int]:
-        """(prompt ids, messages dropped now) for the current history, fitted to the context window."""
-        ctx = self.engine.model.cfg.max_seq_len
-        budget = ctx - min(self.params.max_new_tokens, ctx // 2)
-        dropped = 0
-        while True:
-            ids = self.format.prompt(self.messages)
-            if len(ids) <= budget or len(self.turns) <= 1:
-                break
-            del self.turns[:2 if len(self.turns) > 2 else 1]  # the oldest exchange: a user turn and its reply
-            dropped += 2
-        if len(ids) >= ctx:
-            if self.turns:
-                self.turns.pop()
-            raise ValueError(f"the message is {len(ids)} tokens with the system prompt, but the model's context is "
-                             f"{ctx}; send a shorter message or /system a shorter system prompt")
+        """(prompt ids, messages dropped now) for the current history, fitted to the context window; the history
+        keeps only the turns that fit."""
+        ids, self.turns, dropped = self._fit(self.turns)
         self.dropped += dropped
         return ids, dropped
 
     def send(self, text: str) -> tuple[Iterator[str], int]:
-        """Add a user message; return (an iterator of reply pieces, messages dropped to make room). The reply
-        joins the history when the iterator is exhausted."""
-        self.turns.append({"role": "user", "content": text})
-        ids, dropped = self.prompt()
-        return self._reply(ids), dropped
+        """Prepare the reply to a user message: (an iterator of reply pieces, messages dropped to make room).
 
-    def _reply(self, ids: list[int]) -> Iterator[str]:
+        A message that cannot be rendered or does not fit raises ValueError here, the history untouched. The
+        message and its reply join the history (and the dropped turns leave it) when the iterator is exhausted.
+        """
+        ids, turns, dropped = self._fit([*self.turns, {"role": "user", "content": text}])
+        return self._reply(ids, turns, dropped), dropped
+
+    def _fit(self, turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]], int]:
+        """(prompt ids, turns kept, number dropped): `turns` after the system message, less their oldest exchanges
+        until the prompt leaves room for max_new_tokens. `turns` itself is not changed."""
+        ctx = self.engine.model.cfg.max_seq_len
+        budget = ctx - min(self.params.max_new_tokens, ctx // 2)
+        kept = list(turns)
+        while True:
+            ids = self.format.prompt(self._head() + kept)
+            if len(ids) <= budget or len(kept) <= 1:
+                break
+            del kept[:2 if len(kept) > 2 else 1]  # the oldest exchange: a user turn and its reply
+        if len(ids) >= ctx:
+            raise ValueError(f"the message is {len(ids)} tokens with the system prompt, but the model's context is "
+                             f"{ctx}; send a shorter message or /system a shorter system prompt")
+        return ids, kept, len(turns) - len(kept)
+
+    def _reply(self, ids: list[int], turns: list[dict[str, str]], dropped: int) -> Iterator[str]:
         pieces = []
         for piece in self.engine.stream(ids, self.params):
             pieces.append(piece)
             yield piece
-        self.turns.append({"role": "assistant", "content": "".join(pieces)})
+        self.turns = [*turns, {"role": "assistant", "content": "".join(pieces)}]
+        self.dropped += dropped
         if self.params.seed is not None:  # a new seed per reply, still reproducible for the whole session
             self.params = replace(self.params, seed=self.params.seed + 1)
 
