@@ -64,6 +64,7 @@ class ChatFormat:
     template: ChatTemplate | None
     """The model's chat template (kind "template"), else None."""
     kind: Literal["template", "yunque", "plain"]
+    """Which format renders this model's conversations (see above); the values SFT records as "chat_format"."""
     stop: tuple[str, ...]
     """Text that ends an assistant turn, as the engine prints it (special tokens as their text): a template's
     end-of-turn tokens and eos_token; for yunque's format the role tokens, since a reply that opens another turn
