@@ -1,6 +1,7 @@
 """A conversation with a model: history, the context budget, streamed replies. Used by `yunque chat`.
 
-The chat format itself lives in tokenizer/chat.py; this module only keeps the turns and fits them in the window.
+The chat format itself, and where a reply ends, is the model's `ChatFormat` (tokenizer/chat.py); this module only
+keeps the turns and fits them in the window.
 """
 
 from __future__ import annotations
@@ -14,53 +15,51 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ROLES, ChatTemplate, has_chat_tokens, load_chat_template, render_prompt
+from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 
 def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
-                    device: str = "cpu") -> tuple[GPT, Tokenizer, ChatTemplate | None]:
-    """(model, tokenizer, chat template or None) of a model dir, with a LoRA adapter dir applied if given."""
+                    device: str = "cpu") -> tuple[GPT, Tokenizer, ChatFormat]:
+    """(model, tokenizer, chat format) of a model dir, with a LoRA adapter dir applied if given."""
     model, tokenizer = load_model(model_dir, device=device)
     if adapter is not None:
         from yunque.model.lora import apply_adapter
 
         apply_adapter(model, adapter).eval()  # merged: one matmul per layer while chatting
-    return model, tokenizer, load_chat_template(model_dir)
-
-
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
-"""End-of-turn tokens of the common chat templates (ChatML/Qwen/SmolLM, Llama 3, Phi, Gemma, Llama 2/Mistral)."""
+    return model, tokenizer, ChatFormat.of(model_dir, tokenizer)
 
 
 def turn_end_strings(template: ChatTemplate, tokenizer: Tokenizer) -> tuple[str, ...]:
-    """The special tokens that end an assistant turn under `template`: its eos_token and the usual end-of-turn
-    tokens that this vocabulary has and the template uses."""
-    vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
-    ends = [t for t in END_OF_TURN_TOKENS if t in vocab and t in template.source]
-    eos = template.variables.get("eos_token")
-    if eos and eos not in ends:
-        ends.append(eos)
-    return tuple(ends)
+    """`ChatFormat.for_tokenizer(tokenizer, template).stop`; kept only for tests/test_chat_cli.py's copy of the
+    ChatSession tests, and goes with it."""
+    return ChatFormat.for_tokenizer(tokenizer, template).stop
 
 
 class ChatSession:
     """The turns of one conversation and the model that answers them.
 
     Before each reply the oldest user/assistant exchanges are dropped until the prompt plus `max_new_tokens` fits
-    the model's context; the system message always stays.
+    the model's context; the system message always stays. The history changes only when a reply is complete: a
+    message the chat format refuses or the context cannot hold, and a reply that fails or is abandoned, leave it
+    as it was.
     """
 
-    def __init__(self, engine: Engine, params: SamplingParams, *, system: str | None = None,
-                 template: ChatTemplate | None = None) -> None:
-        if template is not None:
-            # a Hugging Face chat model ends its turn with its own token (<|im_end|>, <|eot_id|>, </s>, ...);
-            # the engine prints special tokens as their text, so that text stops the reply
-            params = replace(params, stop=(*params.stop, *turn_end_strings(template, engine.tokenizer)))
-        elif has_chat_tokens(engine.tokenizer):
-            # yunque's format: its end-of-turn token stops the engine; a reply that opens another turn (the model
-            # writing the user's next message) has ended too, and the role token's text must not be shown
-            params = replace(params, stop=(*params.stop, *(t for t in ROLES.values() if t not in params.stop)))
-        self.engine, self.params, self.template = engine, params, template
+    def __init__(self, engine: Engine, params: SamplingParams, fmt: ChatFormat | None = None, *,
+                 system: str | None = None, template: ChatTemplate | None = None) -> None:
+        """fmt: the model's chat format (`ChatFormat.of`); by default the engine tokenizer's, with `template` if
+        given. Replies end where the format ends an assistant turn, as well as at `params.stop`. ValueError if the
+        model has no chat format."""
+        if fmt is None:
+            # cli.py still passes template= with what load_chat_model returns, now a ChatFormat; this goes when
+            # it passes fmt
+            fmt = template if isinstance(template, ChatFormat) else ChatFormat.for_tokenizer(engine.tokenizer,
+                                                                                            template)
+        if not fmt.is_chat:
+            raise ValueError("this model has no chat format (no chat tokens in its tokenizer, no chat template in "
+                             "its dir); chat with a chat model: one fine-tuned by `yunque sft`, or a Hugging Face "
+                             "chat model")
+        self.engine, self.format = engine, fmt
+        self.params = fmt.reply_params(params)
         self.system = system
         self.turns: list[dict[str, str]] = []
         self.dropped = 0
@@ -68,44 +67,53 @@ class ChatSession:
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.turns
+        return self._head() + self.turns
+
+    def _head(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.system}] if self.system else []
 
     def reset(self) -> None:
         self.turns, self.dropped = [], 0
 
     def prompt(self) -> tuple[list[int], int]:
-        """(prompt ids, messages dropped now) for the current history, fitted to the context window."""
-        ctx = self.engine.model.cfg.max_seq_len
-        budget = ctx - min(self.params.max_new_tokens, ctx // 2)
-        dropped = 0
-        while True:
-            ids = render_prompt(self.engine.tokenizer, self.messages, template=self.template)
-            if len(ids) <= budget or len(self.turns) <= 1:
-                break
-            del self.turns[:2 if len(self.turns) > 2 else 1]  # the oldest exchange: a user turn and its reply
-            dropped += 2
-        if len(ids) >= ctx:
-            if self.turns:
-                self.turns.pop()
-            raise ValueError(f"the message is {len(ids)} tokens with the system prompt, but the model's context is "
-                             f"{ctx}; send a shorter message or /system a shorter system prompt")
+        """(prompt ids, messages dropped now) for the current history, fitted to the context window; the history
+        keeps only the turns that fit."""
+        ids, self.turns, dropped = self._fit(self.turns)
         self.dropped += dropped
         return ids, dropped
 
     def send(self, text: str) -> tuple[Iterator[str], int]:
-        """Add a user message; return (an iterator of reply pieces, messages dropped to make room). The reply
-        joins the history when the iterator is exhausted."""
-        self.turns.append({"role": "user", "content": text})
-        ids, dropped = self.prompt()
-        return self._reply(ids), dropped
+        """Prepare the reply to a user message: (an iterator of reply pieces, messages dropped to make room).
 
-    def _reply(self, ids: list[int]) -> Iterator[str]:
+        A message that cannot be rendered or does not fit raises ValueError here, the history untouched. The
+        message and its reply join the history (and the dropped turns leave it) when the iterator is exhausted.
+        """
+        ids, turns, dropped = self._fit([*self.turns, {"role": "user", "content": text}])
+        return self._reply(ids, turns, dropped), dropped
+
+    def _fit(self, turns: list[dict[str, str]]) -> tuple[list[int], list[dict[str, str]], int]:
+        """(prompt ids, turns kept, number dropped): `turns` after the system message, less their oldest exchanges
+        until the prompt leaves room for max_new_tokens. `turns` itself is not changed."""
+        ctx = self.engine.model.cfg.max_seq_len
+        budget = ctx - min(self.params.max_new_tokens, ctx // 2)
+        kept = list(turns)
+        while True:
+            ids = self.format.prompt(self._head() + kept)
+            if len(ids) <= budget or len(kept) <= 1:
+                break
+            del kept[:2 if len(kept) > 2 else 1]  # the oldest exchange: a user turn and its reply
+        if len(ids) >= ctx:
+            raise ValueError(f"the message is {len(ids)} tokens with the system prompt, but the model's context is "
+                             f"{ctx}; send a shorter message or /system a shorter system prompt")
+        return ids, kept, len(turns) - len(kept)
+
+    def _reply(self, ids: list[int], turns: list[dict[str, str]], dropped: int) -> Iterator[str]:
         pieces = []
         for piece in self.engine.stream(ids, self.params):
             pieces.append(piece)
             yield piece
-        self.turns.append({"role": "assistant", "content": "".join(pieces)})
+        self.turns = [*turns, {"role": "assistant", "content": "".join(pieces)}]
+        self.dropped += dropped
         if self.params.seed is not None:  # a new seed per reply, still reproducible for the whole session
             self.params = replace(self.params, seed=self.params.seed + 1)
 

@@ -1,11 +1,17 @@
+"""Held-out questions: word F1, the repetition measure, and the format, repetition and empty rates of replies."""
+
+from types import SimpleNamespace
+
 import pytest
 import torch
+from tokenizers import AddedToken
 
 from yunque.config import preset
 from yunque.engine.engine import Engine
-from yunque.eval.qa import answer_questions, token_f1
+from yunque.eval.qa import answer_questions, is_repetitive, repetition, token_f1
 from yunque.model.gpt import GPT
-from yunque.tokenizer.bpe import END_OF_TURN, byte_tokenizer
+from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, byte_tokenizer
+from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 
 def test_token_f1_by_hand():
@@ -43,3 +49,62 @@ def test_answer_questions_scores_format_and_f1():
     assert r["format_rate"] == 1.0 and r["mean_f1"] == 1.0 and r["examples"][0]["reply"] == "Return the sum."
     r = answer_questions(Engine(model, tok), [{"messages": conv}], max_new_tokens=5)  # cut by the limit
     assert r["format_rate"] == 0.0
+
+
+def test_repetition_by_hand():
+    assert repetition([1, 2, 3, 4] * 3) == pytest.approx(5 / 9)  # 9 4-grams, 4 distinct
+    assert repetition([1, 2, 3, 4] * 2) == pytest.approx(1 / 5)
+    assert repetition([7] * 6) == pytest.approx(2 / 3) and repetition([7] * 6, n=1) == pytest.approx(5 / 6)
+    assert repetition([1, 2, 3]) == 0.0 and repetition([]) == 0.0
+
+
+def test_what_counts_as_repetitive():
+    assert is_repetitive([5, 5]) and is_repetitive(list(b"!!!!!!"))  # one token repeated
+    assert is_repetitive(list(b"the sum the sum the sum "))  # a phrase three times: 13 of 21 4-grams repeat
+    assert not is_repetitive([5]) and not is_repetitive([])
+    assert not is_repetitive(list(b"Return the sum of a and b, then the sum of c and d."))
+    assert not is_repetitive(list(b"the sum the sum "))  # twice is not a loop
+
+
+class FakeEngine:
+    """The part of Engine that answer_questions uses, replying with the given ids in turn (an engine returns a
+    reply's ids without the token that ended it, so a reply that stopped is shorter than its budget)."""
+
+    def __init__(self, tokenizer: Tokenizer, replies: list[bytes]) -> None:
+        self.tokenizer, self.model = tokenizer, SimpleNamespace(cfg=SimpleNamespace(max_seq_len=512))
+        self.replies, self.calls = [list(r) for r in replies], []
+
+    def generate(self, prompts, params):
+        self.calls.append((prompts, params))
+        return [self.replies.pop(0)[:params.max_new_tokens] for _ in prompts]
+
+
+def test_degenerate_replies_do_not_keep_the_format():
+    replies = [b"Return the sum.",  # stopped, an answer: keeps the format
+               b"",  # stopped at once: empty
+               b"!!!!!!",  # stopped, one token repeated
+               b"ok. ok. ok. ",  # stopped, a phrase three times
+               (b"the sum " * 8)[:32],  # a loop cut by max_new_tokens
+               b"abcdefghijklmnopqrstuvwxyz012345"]  # cut by max_new_tokens, not a loop
+    conv = {"messages": [{"role": "user", "content": "What does `f` do?"},
+                         {"role": "assistant", "content": "Return the sum."}]}
+    r = answer_questions(FakeEngine(byte_tokenizer(), replies), [conv] * 6, max_new_tokens=32, batch_size=4)
+    assert r["format_rate"] == pytest.approx(1 / 6)
+    assert r["repetition_rate"] == pytest.approx(3 / 6) and r["empty_rate"] == pytest.approx(1 / 6)
+    assert r["mean_f1"] == pytest.approx((1 + 4 / 11) / 6)  # the loop: 2 of its 8 words, 2 of the 3 expected
+    assert r["questions"] == 6 and [e["reply"] for e in r["examples"]] == [x.decode().strip() for x in replies[:5]]
+
+
+def test_replies_end_where_the_format_ends_a_turn():
+    inner = byte_tokenizer().inner
+    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok = Tokenizer(inner)
+    chatml = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = ChatFormat.for_tokenizer(tok, chatml)
+    conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    engine = FakeEngine(tok, [b"Hello"])
+    assert answer_questions(engine, [conv], fmt)["format_rate"] == 1.0
+    [(prompts, params)] = engine.calls
+    assert prompts == [fmt.prompt(conv["messages"][:1])] and params.stop == ("<|im_end|>",)
+    assert params.temperature == 0

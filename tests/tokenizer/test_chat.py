@@ -1,4 +1,5 @@
-"""The chat format: ids and loss mask of yunque's format, prompts, errors, and Hugging Face chat templates."""
+"""The chat format: ids and loss mask of yunque's format, prompts, errors, Hugging Face chat templates, and
+ChatFormat, which picks one of them per model and says where its assistant turns end."""
 
 import json
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 from tokenizers import AddedToken
 
+from yunque.config import SamplingParams
 from yunque.tokenizer.bpe import (
     ASSISTANT,
     BOS,
@@ -14,10 +16,11 @@ from yunque.tokenizer.bpe import (
     USER,
     Tokenizer,
     byte_tokenizer,
-    train_bpe,
     gpt2_tokenizer_from_files,
+    train_bpe,
 )
 from yunque.tokenizer.chat import (
+    ChatFormat,
     ChatTemplate,
     load_chat_template,
     render,
@@ -71,8 +74,8 @@ def test_render_prompt_opens_an_assistant_turn():
 
 
 def test_special_token_text_in_content_is_plain_text():
-    ids, mask = render(TOK, [{"role": "user", "content": "<|end|><|assistant|>"},
-                             {"role": "assistant", "content": "ok"}])
+    ids, _ = render(TOK, [{"role": "user", "content": "<|end|><|assistant|>"},
+                          {"role": "assistant", "content": "ok"}])
     assert ids.count(S[END_OF_TURN]) == 2 and ids.count(S[ASSISTANT]) == 1
 
 
@@ -163,3 +166,61 @@ def test_yunque_template_renders_what_render_does(shared_data):
     template = yunque_template()
     assert render(tok, messages, template=template) == render(tok, messages)
     assert render_prompt(tok, messages[:2], template=template) == render_prompt(tok, messages[:2])
+
+
+# ---- ChatFormat: one object per model ----
+
+def test_chat_format_for_yunque_tokens_renders_yunque_format_and_stops_at_end_or_a_new_turn():
+    fmt = ChatFormat.for_tokenizer(TOK)
+    assert fmt.kind == "yunque" and fmt.is_chat and fmt.template is None
+    assert fmt.render(CONVERSATION) == render(TOK, CONVERSATION)
+    assert fmt.prompt(CONVERSATION[:2]) == render_prompt(TOK, CONVERSATION[:2])
+    assert fmt.stop == (SYSTEM, USER, ASSISTANT)  # a reply that opens another turn has ended
+    assert fmt.stop_ids == {S[END_OF_TURN], TOK.eos_id}
+
+
+def test_chat_format_for_a_chatml_template_stops_at_its_end_of_turn_token_and_eos(chatml_tok):
+    template = ChatTemplate(CHATML, {"eos_token": "<|endoftext|>"})
+    fmt = ChatFormat.for_tokenizer(chatml_tok, template)
+    assert fmt.kind == "template" and fmt.is_chat and fmt.template is template
+    assert fmt.render(CONVERSATION) == render_with_template(CHATML, chatml_tok, CONVERSATION, eos_token="<|endoftext|>")
+    assert chatml_tok.decode(fmt.prompt(CONVERSATION[:2])).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    # <|im_end|> because the template writes it; <|endoftext|> (in GPT-2's vocab, not in the template) as eos_token
+    assert fmt.stop == ("<|im_end|>", "<|endoftext|>")
+    assert fmt.stop_ids == {chatml_tok.inner.token_to_id("<|im_end|>"), chatml_tok.inner.token_to_id("<|endoftext|>")}
+
+
+@pytest.fixture(scope="module")
+def gpt2_tok(shared_data) -> Tokenizer:
+    return gpt2_tokenizer_from_files(shared_data / "gpt2-bpe/gpt2_vocab.json", shared_data / "gpt2-bpe/gpt2_merges.txt")
+
+
+def test_plain_format_is_not_chat_and_refuses_to_render(gpt2_tok):
+    fmt = ChatFormat.for_tokenizer(gpt2_tok)
+    assert fmt.kind == "plain" and not fmt.is_chat and fmt.stop == () and fmt.stop_ids == frozenset()
+    with pytest.raises(ValueError, match="cannot use yunque's chat format, and no chat template was given"):
+        fmt.render(CONVERSATION)
+    with pytest.raises(ValueError, match="ChatFormat.of"):
+        fmt.prompt(CONVERSATION[:2])
+
+
+def test_chat_format_of_a_model_dir_prefers_its_template_to_yunque_tokens(tmp_path, gpt2_tok):
+    assert ChatFormat.of(tmp_path, TOK).kind == "yunque"
+    assert ChatFormat.of(tmp_path, gpt2_tok).kind == "plain"
+    # Phi-3's tokenizer has <|user|>, <|assistant|>, <|end|> too, but its template puts newlines around them: the
+    # dir's template is the model's format
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    fmt = ChatFormat.of(tmp_path, TOK)
+    assert fmt.kind == "template" and fmt.template.source == CHATML
+    assert TOK.decode(fmt.prompt(CONVERSATION[1:2])) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_yunque_template_format_stops_at_end_of_turn():
+    fmt = ChatFormat.for_tokenizer(TOK, yunque_template())
+    assert fmt.kind == "template" and fmt.stop == (END_OF_TURN,) and fmt.stop_ids == {S[END_OF_TURN]}
+    assert fmt.render(CONVERSATION) == render(TOK, CONVERSATION)
+
+
+def test_reply_params_add_the_stop_strings_once_after_the_callers():
+    params = ChatFormat.for_tokenizer(TOK).reply_params(SamplingParams(max_new_tokens=7, stop=("STOP", USER)))
+    assert params.stop == ("STOP", USER, SYSTEM, ASSISTANT) and params.max_new_tokens == 7

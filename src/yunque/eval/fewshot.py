@@ -6,17 +6,25 @@ import json
 from pathlib import Path
 
 from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ChatTemplate, render_prompt
+from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 
-def build_prompt(examples: list[dict], query: str, k: int, *, chat: bool, tokenizer: Tokenizer,
+def build_prompt(examples: list[dict], query: str, k: int, fmt: ChatFormat | None = None, *,
+                 chat: bool | None = None, tokenizer: Tokenizer | None = None,
                  template: ChatTemplate | None = None) -> list[int]:
     """Prompt ids for `query` after the first k of `examples` (dicts with "input" and "output"); k=0 is zero-shot.
 
-    Base model (chat=False): "Input: ...\\nOutput: ...\\n\\n" blocks, then "Input: {query}\\nOutput:", with BOS if
-    the tokenizer has one; generate with stop=("\\n\\n",). Chat model: each example a user turn and an assistant
-    turn, then the query as a user turn and the opening of the reply (`render_prompt`).
+    With a chat format (`fmt.is_chat`): each example a user turn and an assistant turn, then the query as a user
+    turn and the opening of the reply. Otherwise plain text: "Input: ...\\nOutput: ...\\n\\n" blocks, then
+    "Input: {query}\\nOutput:", with BOS if the tokenizer has one. Generate with `answer_stop(fmt, chat=chat)`.
+    chat=False asks for plain text even with a chat format: a base model whose tokenizer has chat tokens it has not
+    learned yet. tokenizer= and template= instead of fmt are cli.py's current call; they go when it passes fmt.
     """
+    if fmt is None:
+        if tokenizer is None:
+            raise TypeError("build_prompt() needs fmt, the model's ChatFormat (ChatFormat.of(model_dir, tokenizer))")
+        fmt = ChatFormat.for_tokenizer(tokenizer, template)
+    chat = fmt.is_chat if chat is None else chat
     if not 0 <= k <= len(examples):
         raise ValueError(f"k={k} but there are {len(examples)} examples; pass 0 <= k <= {len(examples)}")
     shots = examples[:k]
@@ -27,9 +35,15 @@ def build_prompt(examples: list[dict], query: str, k: int, *, chat: bool, tokeni
         messages = []
         for ex in shots:
             messages += [{"role": "user", "content": ex["input"]}, {"role": "assistant", "content": ex["output"]}]
-        return render_prompt(tokenizer, [*messages, {"role": "user", "content": query}], template=template)
+        return fmt.prompt([*messages, {"role": "user", "content": query}])
     text = "".join(f"Input: {ex['input']}\nOutput: {ex['output']}\n\n" for ex in shots) + f"Input: {query}\nOutput:"
-    return tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    return fmt.tokenizer.encode(text, bos=fmt.tokenizer.bos_id is not None)
+
+
+def answer_stop(fmt: ChatFormat, *, chat: bool | None = None) -> tuple[str, ...]:
+    """Stop strings that end the answer to `build_prompt(..., fmt, chat=chat)`: where the format ends an assistant
+    turn for a chat prompt, the blank line before the next block for plain text. Stop ids: `fmt.stop_ids`."""
+    return fmt.stop if (fmt.is_chat if chat is None else chat) else ("\n\n",)
 
 
 def load_examples(path: str | Path) -> list[dict]:

@@ -10,18 +10,24 @@ learns to answer and to stop, never to write the user's part or the role token (
 
 Models imported from Hugging Face bring their own format as a jinja2 `chat_template` (tokenizer_config.json or
 chat_template.jinja in the model dir); `render_with_template` renders it with the same mask semantics.
+
+`ChatFormat` is what the rest of yunque uses: built once per model, it decides which of the two formats applies
+(or that the model has none), renders and prompts with it, and says where an assistant turn ends.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from yunque.tokenizer.bpe import ASSISTANT, BOS, END_OF_TURN, SYSTEM, USER, Tokenizer
+
+if TYPE_CHECKING:
+    from yunque.config import SamplingParams
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 """Accepted message roles and the special token that opens each turn."""
@@ -35,6 +41,79 @@ class ChatTemplate:
     """The jinja2 template text."""
     variables: dict[str, Any] = field(default_factory=dict)
     """bos_token, eos_token, pad_token, unk_token as tokenizer_config.json names them."""
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>")
+"""End-of-turn tokens of the common chat templates (ChatML/Qwen/SmolLM, Llama 3, Phi, Gemma, Llama 2/Mistral)."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One model's chat format: how a conversation becomes ids, and where an assistant turn ends.
+
+    Build it once per model with `ChatFormat.of(model_dir, tokenizer)` (`for_tokenizer` in memory) and pass it to
+    whatever renders conversations or generates replies. `kind` is decided there, in this order:
+
+    - "template": the model's own jinja2 chat template. It wins over yunque's tokens because some Hub tokenizers
+      (Phi-3) have tokens named like yunque's while their template lays the turns out differently.
+    - "yunque": yunque's format, for a tokenizer that has its chat tokens.
+    - "plain": neither; `is_chat` is False and `render`/`prompt` raise a ValueError that says so.
+    """
+
+    tokenizer: Tokenizer
+    template: ChatTemplate | None
+    """The model's chat template (kind "template"), else None."""
+    kind: Literal["template", "yunque", "plain"]
+    """Which format renders this model's conversations (see above); the values SFT records as "chat_format"."""
+    stop: tuple[str, ...]
+    """Text that ends an assistant turn, as the engine prints it (special tokens as their text): a template's
+    end-of-turn tokens and eos_token; for yunque's format the role tokens, since a reply that opens another turn
+    has ended there (its own <|end|> is a stop id). Added to a request by `reply_params`."""
+    stop_ids: frozenset[int]
+    """Ids of the tokens that end an assistant turn (end of turn, end of text); the engine that serves the model
+    should stop at them: `engine.stop_ids |= fmt.stop_ids`."""
+
+    @classmethod
+    def of(cls, model_dir: str | Path, tokenizer: Tokenizer) -> ChatFormat:
+        """The format of a model dir and its tokenizer: the dir's chat template (`load_chat_template`) if it has
+        one, else yunque's format if the tokenizer has its chat tokens, else plain."""
+        return cls.for_tokenizer(tokenizer, load_chat_template(model_dir))
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, template: ChatTemplate | None = None) -> ChatFormat:
+        """The format of a tokenizer in memory, with the model's chat template if it has one."""
+        if template is not None:
+            vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
+            stop = [t for t in END_OF_TURN_TOKENS if t in vocab and t in template.source]
+            eos = template.variables.get("eos_token")
+            if eos and eos not in stop:
+                stop.append(eos)
+            return cls(tokenizer=tokenizer, template=template, kind="template", stop=tuple(stop),
+                       stop_ids=frozenset(vocab[t] for t in stop if t in vocab))
+        if has_chat_tokens(tokenizer):
+            ends = {tokenizer.special_ids[END_OF_TURN], tokenizer.eos_id} - {None}
+            return cls(tokenizer=tokenizer, template=None, kind="yunque", stop=tuple(ROLES.values()),
+                       stop_ids=frozenset(ends))
+        return cls(tokenizer=tokenizer, template=None, kind="plain", stop=(), stop_ids=frozenset())
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether this model has a chat format. It says what the tokenizer or dir holds, not what the model has
+        learned: a base model pretrained by yunque has the chat tokens before any fine-tuning."""
+        return self.kind != "plain"
+
+    def render(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        """(ids, loss_mask) of a conversation for training; loss_mask marks each assistant reply and its end."""
+        return render(self.tokenizer, messages, template=self.template)
+
+    def prompt(self, messages: list[dict]) -> list[int]:
+        """Ids of the conversation and the opening of an assistant turn: the prompt to generate a reply from."""
+        return render_prompt(self.tokenizer, messages, template=self.template)
+
+    def reply_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` with this format's stop strings added after its own (each once): generation ends with the
+        assistant turn."""
+        return replace(params, stop=(*params.stop, *(s for s in self.stop if s not in params.stop)))
 
 
 def check_messages(messages: list[dict]) -> None:
@@ -92,7 +171,7 @@ def yunque_template() -> ChatTemplate:
 def render_prompt(tokenizer: Tokenizer, messages: list[dict], *, template: ChatTemplate | None = None) -> list[int]:
     """Ids of the conversation followed by the opening of an assistant turn: the prompt to generate a reply from.
 
-    Generation should stop at <|end|> (the engine's stop ids include it) or, with a template, its end-of-turn token.
+    Generation should stop where the assistant turn ends: `ChatFormat.stop` and `ChatFormat.stop_ids` say where.
     """
     check_messages(messages)
     if template is not None:
@@ -105,8 +184,8 @@ def _chat_specials(tokenizer: Tokenizer) -> dict[str, int]:
     if not has_chat_tokens(tokenizer):
         missing = [t for t in (*ROLES.values(), END_OF_TURN) if t not in tokenizer.special_ids]
         raise ValueError(f"this tokenizer has no {', '.join(missing)} tokens, so it cannot use yunque's chat "
-                         f"format; use a model whose tokenizer yunque made, or pass the model's chat template "
-                         f"(load_chat_template(model_dir))")
+                         f"format, and no chat template was given; use a model whose tokenizer yunque made, or one "
+                         f"whose dir has a chat template (ChatFormat.of(model_dir, tokenizer) reads it)")
     return tokenizer.special_ids
 
 
