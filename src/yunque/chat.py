@@ -15,7 +15,7 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ChatFormat, ChatTemplate
+from yunque.tokenizer.chat import ChatFormat
 
 
 def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
@@ -29,12 +29,6 @@ def load_chat_model(model_dir: str | Path, adapter: str | Path | None = None, *,
     return model, tokenizer, ChatFormat.of(model_dir, tokenizer)
 
 
-def turn_end_strings(template: ChatTemplate, tokenizer: Tokenizer) -> tuple[str, ...]:
-    """`ChatFormat.for_tokenizer(tokenizer, template).stop`; kept only for tests/test_chat_cli.py's copy of the
-    ChatSession tests, and goes with it."""
-    return ChatFormat.for_tokenizer(tokenizer, template).stop
-
-
 class ChatSession:
     """The turns of one conversation and the model that answers them.
 
@@ -45,15 +39,10 @@ class ChatSession:
     """
 
     def __init__(self, engine: Engine, params: SamplingParams, fmt: ChatFormat | None = None, *,
-                 system: str | None = None, template: ChatTemplate | None = None) -> None:
-        """fmt: the model's chat format (`ChatFormat.of`); by default the engine tokenizer's, with `template` if
-        given. Replies end where the format ends an assistant turn, as well as at `params.stop`. ValueError if the
-        model has no chat format."""
-        if fmt is None:
-            # cli.py still passes template= with what load_chat_model returns, now a ChatFormat; this goes when
-            # it passes fmt
-            fmt = template if isinstance(template, ChatFormat) else ChatFormat.for_tokenizer(engine.tokenizer,
-                                                                                            template)
+                 system: str | None = None) -> None:
+        """fmt: the model's chat format (`ChatFormat.of`); by default the engine tokenizer's. Replies end where the
+        format ends an assistant turn, as well as at `params.stop`. ValueError if the model has no chat format."""
+        fmt = fmt or ChatFormat.for_tokenizer(engine.tokenizer)
         if not fmt.is_chat:
             raise ValueError("this model has no chat format (no chat tokens in its tokenizer, no chat template in "
                              "its dir); chat with a chat model: one fine-tuned by `yunque sft`, or a Hugging Face "

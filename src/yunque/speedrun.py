@@ -25,6 +25,7 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.eval.perplexity import bits_per_byte, unigram_loss
 from yunque.eval.qa import answer_questions
 from yunque.modeldir import load_model
+from yunque.tokenizer.chat import ChatFormat
 from yunque.precision import DTYPES, matmul_gflops
 from yunque.train.pretrain import main as pretrain
 from yunque.train.sft import assistant_loss, main as sft
@@ -139,11 +140,13 @@ def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
     for name, rows in (("train.jsonl", train_qa), ("heldout.jsonl", held)):
         (data / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
+    fmt = ChatFormat.for_tokenizer(tok)
+
     def measure(m) -> dict[str, Any]:
-        batches = ChatBatches(tok, [Conversation(f"q{i}", c["messages"]) for i, c in enumerate(held)],
+        batches = ChatBatches(fmt, [Conversation(f"q{i}", c["messages"]) for i, c in enumerate(held)],
                               max_seq_len=cfg.seq_len)
         loss = assistant_loss(m, batches, batch_size=cfg.batch_size)
-        return {"assistant_loss": loss, **answer_questions(Engine(m, tok), held, batch_size=cfg.batch_size)}
+        return {"assistant_loss": loss, **answer_questions(Engine(m, tok), held, fmt, batch_size=cfg.batch_size)}
 
     before = measure(model)
     loop = LoopConfig(minutes=cfg.sft_minutes, lr=cfg.sft_lr, warmup_steps=20, weight_decay=0.0, eval_every=200,

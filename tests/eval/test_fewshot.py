@@ -48,13 +48,6 @@ def test_template_model_prompt_is_its_own_turns():
     assert answer_stop(fmt) == ("<|im_end|>",)
 
 
-def test_cli_keywords_give_the_same_prompts():
-    # cli.py's current call: chat=, tokenizer=, template= instead of fmt
-    assert build_prompt(EXAMPLES, "7+1", 2, chat=True, tokenizer=TOK) == build_prompt(EXAMPLES, "7+1", 2, FMT)
-    assert build_prompt(EXAMPLES, "7+1", 2, chat=False, tokenizer=TOK) == \
-        build_prompt(EXAMPLES, "7+1", 2, FMT, chat=False)
-
-
 def test_bad_k_or_examples():
     with pytest.raises(ValueError, match="k=4 but there are 3 examples"):
         build_prompt(EXAMPLES, "q", 4, FMT, chat=False)

@@ -82,18 +82,20 @@ def cmd_generate(args) -> int:
     if args.few_shot:
         from dataclasses import replace
 
-        from yunque.eval.fewshot import build_prompt, load_examples
-        from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
+        from yunque.eval.fewshot import answer_stop, build_prompt, load_examples
+        from yunque.tokenizer.chat import ChatFormat
 
-        template = load_chat_template(path)
-        chat = template is not None or (has_chat_tokens(tok) and "<|assistant|>" in tok.special_ids)
-        examples = load_examples(args.few_shot)
-        prompt = build_prompt(examples, args.prompt, args.k, chat=chat, tokenizer=tok, template=template)
-        if not chat:
-            params = replace(params, stop=(*params.stop, "\n\n"))
+        fmt = ChatFormat.of(path, tok)
+        engine.stop_ids |= fmt.stop_ids
+        prompt = build_prompt(load_examples(args.few_shot), args.prompt, args.k, fmt)
+        params = replace(params, stop=(*params.stop, *answer_stop(fmt)))
         shown = ""
     else:
         prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
+    budget = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    if 0 < budget < params.max_new_tokens:
+        print(f"note: --max-new-tokens {params.max_new_tokens} capped to {budget}: the prompt's {len(prompt)} "
+              f"tokens leave that much of the model's {model.cfg.max_seq_len}-token context", file=sys.stderr)
     pieces = engine.stream(prompt, params)
     first = next(pieces, "")  # the prompt is checked (length, ids) before anything is printed
     sys.stdout.write(shown + first)
@@ -105,18 +107,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from yunque.chat import ChatSession, load_chat_model, run_terminal_chat
+    from yunque.chat import ChatSession, load_chat_model
     from yunque.engine.engine import Engine
-    from yunque.tokenizer.chat import has_chat_tokens
 
     params = sampling_params(args)
     device = check_device(args.device)
-    model, tok, template = load_chat_model(model_path(args.model, args.catalogue), args.adapter, device=device)
-    if template is None and not has_chat_tokens(tok):  # fail before reading any input
-        raise ValueError(f"{args.model} has no chat tokens and no chat template; fine-tune it with `yunque sft` "
-                         f"first, or use a chat model")
+    model, tok, fmt = load_chat_model(model_path(args.model, args.catalogue), args.adapter, device=device)
     engine = Engine(model, tok, precision=args.precision, compile=args.compile, device=device)
-    session = ChatSession(engine, params, system=args.system, template=template)
+    engine.stop_ids |= fmt.stop_ids
+    session = ChatSession(engine, params, fmt, system=args.system)  # refuses a model with no chat format at once
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -129,6 +128,8 @@ def cmd_chat(args) -> int:
             except EOFError:
                 return None
         return sys.stdin.readline() or None
+
+    from yunque.chat import run_terminal_chat
 
     run_terminal_chat(session, read_line, write)
     return 0

@@ -18,7 +18,7 @@ import torch
 
 from yunque.losses import IGNORE
 from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ChatTemplate, check_messages, render
+from yunque.tokenizer.chat import ChatFormat, check_messages
 
 
 SHAPES = (
@@ -162,9 +162,9 @@ class ChatBatches:
     length every step (variable lengths under torch.compile's dynamic shapes crashed SFT runs after ~240 steps).
     """
 
-    def __init__(self, tokenizer: Tokenizer, conversations: Sequence[Conversation], *, max_seq_len: int,
-                 policy: str = "truncate", template: ChatTemplate | None = None) -> None:
-        """Render every conversation. One longer than max_seq_len + 1 tokens (max_seq_len inputs and their
+    def __init__(self, fmt: ChatFormat | Tokenizer, conversations: Sequence[Conversation], *, max_seq_len: int,
+                 policy: str = "truncate") -> None:
+        """Render every conversation in `fmt` (the model's ChatFormat; a tokenizer means its own format). One longer than max_seq_len + 1 tokens (max_seq_len inputs and their
         targets) is cut to that length (policy "truncate") or left out ("drop"); one left with no assistant
         token to learn is left out. Both are counted in `counts` and `summary()`."""
         if policy not in POLICIES:
@@ -172,6 +172,8 @@ class ChatBatches:
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be at least 1, got {max_seq_len}")
         self.max_seq_len = max_seq_len
+        fmt = fmt if isinstance(fmt, ChatFormat) else ChatFormat.for_tokenizer(fmt)
+        tokenizer = fmt.tokenizer
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.examples: list[tuple[np.ndarray, np.ndarray]] = []
         """(ids, loss_mask) of each kept conversation, cut to max_seq_len + 1 tokens."""
@@ -182,7 +184,7 @@ class ChatBatches:
         limit = max_seq_len + 1
         for conv in conversations:
             try:
-                ids, mask = render(tokenizer, conv.messages, template=template)
+                ids, mask = fmt.render(conv.messages)
             except ValueError as e:
                 raise ValueError(f"{conv.name}: {e}") from None
             if len(ids) > limit:

@@ -5,25 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from yunque.tokenizer.bpe import Tokenizer
-from yunque.tokenizer.chat import ChatFormat, ChatTemplate
+from yunque.tokenizer.chat import ChatFormat
 
 
-def build_prompt(examples: list[dict], query: str, k: int, fmt: ChatFormat | None = None, *,
-                 chat: bool | None = None, tokenizer: Tokenizer | None = None,
-                 template: ChatTemplate | None = None) -> list[int]:
+def build_prompt(examples: list[dict], query: str, k: int, fmt: ChatFormat, *,
+                 chat: bool | None = None) -> list[int]:
     """Prompt ids for `query` after the first k of `examples` (dicts with "input" and "output"); k=0 is zero-shot.
 
     With a chat format (`fmt.is_chat`): each example a user turn and an assistant turn, then the query as a user
     turn and the opening of the reply. Otherwise plain text: "Input: ...\\nOutput: ...\\n\\n" blocks, then
     "Input: {query}\\nOutput:", with BOS if the tokenizer has one. Generate with `answer_stop(fmt, chat=chat)`.
     chat=False asks for plain text even with a chat format: a base model whose tokenizer has chat tokens it has not
-    learned yet. tokenizer= and template= instead of fmt are cli.py's current call; they go when it passes fmt.
+    learned yet.
     """
-    if fmt is None:
-        if tokenizer is None:
-            raise TypeError("build_prompt() needs fmt, the model's ChatFormat (ChatFormat.of(model_dir, tokenizer))")
-        fmt = ChatFormat.for_tokenizer(tokenizer, template)
     chat = fmt.is_chat if chat is None else chat
     if not 0 <= k <= len(examples):
         raise ValueError(f"k={k} but there are {len(examples)} examples; pass 0 <= k <= {len(examples)}")

@@ -23,7 +23,7 @@ from yunque.data.chat_data import ChatBatches, load_conversations, split_convers
 from yunque.losses import next_token_loss, nll_over
 from yunque.model.lora import apply_adapter, attach_lora, save_adapter_config
 from yunque.modeldir import WEIGHTS, load_model, save_config, save_model
-from yunque.tokenizer.chat import has_chat_tokens, load_chat_template
+from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, run_stage
 
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
@@ -58,8 +58,8 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
     out dir's tokenizer, chat files, config (full) or adapter config (LoRA)."""
     out = Path(cfg.out)
     model, tokenizer = load_model(cfg.model, device=loop.device)
-    template = load_chat_template(cfg.model)
-    if template is None and not has_chat_tokens(tokenizer):
+    fmt = ChatFormat.of(cfg.model, tokenizer)
+    if not fmt.is_chat:
         raise ValueError(f"{cfg.model}: the tokenizer has no chat tokens (<|user|>, <|assistant|>, ...) and the "
                          f"dir has no chat template; fine-tune a model yunque pretrained, or a Hugging Face model "
                          f"with a chat_template in tokenizer_config.json")
@@ -70,8 +70,8 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
     conversations = load_conversations(cfg.data)
     data_key = hashlib.sha256(json.dumps([c.messages for c in conversations]).encode("utf-8")).hexdigest()
     train_convs, val_convs = split_conversations(conversations, cfg.val_fraction, seed=cfg.seed)
-    train = ChatBatches(tokenizer, train_convs, max_seq_len=seq_len, policy=cfg.truncation, template=template)
-    val = ChatBatches(tokenizer, val_convs, max_seq_len=seq_len, policy=cfg.truncation, template=template)
+    train = ChatBatches(fmt, train_convs, max_seq_len=seq_len, policy=cfg.truncation)
+    val = ChatBatches(fmt, val_convs, max_seq_len=seq_len, policy=cfg.truncation)
     print(f"training on {train.summary()}" + (f"; held out {val.summary()}" if val_convs else ""))
 
     if cfg.lora is not None:
@@ -100,7 +100,7 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
 
     info = {"parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "lora_layers": len(layers), "chat_format": "template" if template else "yunque",
+            "lora_layers": len(layers), "chat_format": fmt.kind,
             "data": {"train": {**train.counts, "used": len(train)}, "val": {**val.counts, "used": len(val)}}}
     return Prepared(model, batches, sft_loss, evaluate if len(val) else None,
                     tokens_per_step=round(cfg.batch_size * loop.grad_accum * train.mean_len),
