@@ -12,7 +12,7 @@ from yunque.model.gpt import GPT, causal_attention_bf16
 from yunque.train import loop as loop_module
 from yunque.precision import physical_cores
 from yunque.train.loop import LoopConfig, fit
-from windows import loss_fn, window_batch
+from tests.train.windows import loss_fn, window_batch
 
 CFG = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=16)
 STREAM = torch.randint(0, 64, (2048,), generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ from yunque.tokenizer.bpe import byte_tokenizer
 from yunque.train.checkpoint import STATE, load_checkpoint
 from yunque.train.loop import LoopConfig, fit
 from yunque.train.optim import lr_at, make_adamw, make_optimizer
-from windows import loss_fn, window_batch
+from tests.train.windows import loss_fn, window_batch
 
 TOK = byte_tokenizer()
 CFG = ModelConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=16)
