@@ -166,7 +166,8 @@ def list_models(root: Path) -> list[dict[str, Any]]:
 
 
 def _row(model_dir: Path) -> dict[str, Any]:
-    from yunque.interop.hf import config_from_hf, is_hf_dir  # imported here: hf.py is the heavier module
+    from yunque.interop.hf import is_hf_dir  # imported here: hf.py is the heavier module
+    from yunque.interop.hf_config import config_from_hf
 
     shards = _weight_files(model_dir)
     row = {"name": model_dir.name.replace("--", "/"), "family": f"? (no {CONFIG})", "parameters": None,

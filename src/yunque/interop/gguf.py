@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from yunque.config import ModelConfig
-from yunque.interop.hf import hf_model_type, special_token_ids
+from yunque.interop.hf import special_token_ids
+from yunque.interop.hf_config import hf_model_type
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.modeldir import atomic_write, load_model, weights_of
 from yunque.tokenizer.bpe import Tokenizer, is_byte_level
