@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from yunque.config import preset
 from yunque.model.gpt import GPT, meta_model
-from yunque.modeldir import describe, load_model, save_model
+from yunque.modeldir import MAX_HEADER, describe, load_model, read_safetensors_header, save_model
 from yunque.tokenizer.bpe import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -90,6 +90,13 @@ def test_config_that_does_not_match_the_weights(model_dir):
         load_model(model_dir)
 
 
+def test_shapes_are_checked_against_the_header_before_the_weights_are_read(model_dir, monkeypatch):
+    edit_config(model_dir, d_model=4096, vocab_size=1 << 20)  # a config that would allocate 16 GiB
+    monkeypatch.setattr("yunque.modeldir.load_file", lambda *a: pytest.fail("weights read before the check"))
+    with pytest.raises(ValueError, match=r"tensor \S+ has shape \(64, 64\) but config.json implies \(4096, 4096\)"):
+        load_model(model_dir)
+
+
 def test_config_with_other_layers_than_the_weights(model_dir):
     edit_config(model_dir, n_layer=3)
     with pytest.raises(ValueError, match=r"weights do not match config.json \(missing \['blocks.2"):
@@ -148,3 +155,19 @@ def test_loading_builds_no_random_weights_and_leaves_the_layers_as_they_were(mod
     meta_model(preset("tiny", vocab_size=300))
     torch.manual_seed(0)
     assert torch.equal(torch.nn.Linear(8, 8).weight, a)  # constructors fill their weights again afterwards
+
+
+def test_safetensors_header_reader(model_dir, tmp_path):
+    tensors, metadata = read_safetensors_header(model_dir / "model.safetensors")
+    assert tensors["tok_emb.weight"].shape == (263, 64) and tensors["tok_emb.weight"].dtype == "F32"
+    assert tensors["tok_emb.weight"].torch_dtype == torch.float32 and metadata == {}
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes((MAX_HEADER + 1).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match=f"header of {MAX_HEADER + 1} bytes is larger than safetensors allows"):
+        read_safetensors_header(huge)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((20).to_bytes(8, "little") + b'{"__metadata__": 1}' + b" ")
+    with pytest.raises(ValueError, match="__metadata__ is not a JSON object of strings; the file is corrupt"):
+        read_safetensors_header(bad)
+    with pytest.raises(ValueError, match="nowhere.safetensors: cannot read weights"):
+        read_safetensors_header(tmp_path / "nowhere.safetensors")

@@ -6,18 +6,27 @@ Every stage reads and writes this layout. Weights load only from safetensors (no
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from yunque.atomic import atomic_write, atomic_write_all
+from yunque.atomic import atomic_write, atomic_write_all  # noqa: F401 (atomic_write_all: re-exported for train/)
 from yunque.config import ModelConfig
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+"""safetensors dtype names yunque reads; old checkpoints keep integer and bool buffers next to the weights."""
+MAX_HEADER = 100 * 2**20
+"""Largest safetensors header read (the safetensors library's own limit): a larger one is a corrupt file."""
 
 
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:
@@ -68,18 +77,89 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def weights_metadata(model_dir: str | Path) -> dict[str, str]:
-    """Safetensors metadata of a model dir's weights, reading only the header (which safetensors checks against
-    the file size); a clear error for a missing or truncated file."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file, as its header says (checked against the file's size)."""
+
+    path: Path
+    dtype: str
+    """safetensors' name for it: "BF16", "F32", ... (a key of SAFETENSORS_DTYPES)."""
+    shape: tuple[int, ...]
+    start: int
+    """Byte offset of its data in the file."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """({tensor name: where it lies}, metadata) of a safetensors file, from its header alone; the one reader of
+    safetensors headers in yunque. Every entry is checked against the file's size, so a truncated or corrupt
+    file is a one-line ValueError here, before anything is allocated for it.
+
+    The format: an 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (and "__metadata__": {str: str}), then the data, offsets counted from its start.
+    """
+    path = Path(path)
+
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}; the file is corrupt or truncated")
+
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            if size < 8:
+                raise corrupt(f"{size} bytes, too short for a safetensors header")
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER:
+                raise corrupt(f"header of {n} bytes is larger than safetensors allows ({MAX_HEADER} bytes)")
+            if 8 + n > size:
+                raise corrupt(f"header of {n} bytes runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise corrupt("header's __metadata__ is not a JSON object of strings")
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            kind, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(i, int) and i >= 0 for i in (*shape, begin, end)):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"tensor {name} has a malformed header entry {str(entry)[:80]}") from None
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {kind!r}; yunque reads "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        need = math.prod(shape) * SAFETENSORS_DTYPES[kind].itemsize
+        if end - begin != need:
+            raise corrupt(f"tensor {name} holds {end - begin} bytes but {kind} {shape} needs {need}")
+        if 8 + n + end > size:
+            raise corrupt(f"tensor {name} ends at byte {8 + n + end} but the file has {size} bytes")
+        tensors[name] = StoredTensor(path, kind, shape, 8 + n + begin)
+    return tensors, metadata
+
+
+def _weights_header(model_dir: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise ValueError(f"{path}: missing; the model directory has no weights (was training interrupted "
                          f"before the first checkpoint?)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
+    return read_safetensors_header(path)
+
+
+def weights_metadata(model_dir: str | Path) -> dict[str, str]:
+    """Safetensors metadata of a model dir's weights, reading only the header; a clear error for a missing,
+    truncated or corrupt file."""
+    return _weights_header(model_dir)[1]
 
 
 def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -105,8 +185,10 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
         return load_hf(model_dir, device=device, dtype=dtype)
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    state, _ = load_weights(model_dir)
+    stored, _ = _weights_header(model_dir)
     model = meta_model(cfg)
+    check_shapes(model, {name: s.shape for name, s in stored.items()}, model_dir)  # before anything is allocated
+    state, _ = load_weights(model_dir)
     load_state(model, state, model_dir, assign=True)
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg)
@@ -114,19 +196,25 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
-def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *, assign: bool = False) -> None:
-    """Put weights into model (copied into its parameters, or taken as them with assign=True), naming missing,
-    unexpected or mis-shaped tensors."""
+def check_shapes(model: GPT, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:
+    """ValueError naming missing, unexpected or mis-shaped tensors: `shapes` (name -> shape, e.g. read from a
+    safetensors header) against what `model`'s config implies."""
     expected = weights_of(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not match config.json (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); the model directory is corrupt")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shape)} but config.json implies "
                              f"{tuple(expected[name].shape)}")
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *, assign: bool = False) -> None:
+    """Put weights into model (copied into its parameters, or taken as them with assign=True), naming missing,
+    unexpected or mis-shaped tensors."""
+    check_shapes(model, {name: tuple(t.shape) for name, t in state.items()}, source)
     model.load_state_dict(state, strict=False, assign=assign)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight

@@ -84,6 +84,15 @@ def test_mismatched_shapes_name_the_tensor_and_both_shapes(hf_dir):
         load_hf(hf_dir)
 
 
+def test_shapes_are_checked_against_the_headers_before_anything_is_allocated(hf_dir, monkeypatch):
+    edit_config(hf_dir, intermediate_size=1 << 18, hidden_size=1 << 14, num_attention_heads=64,
+                num_key_value_heads=8)  # 26 GiB of parameters if allocated
+    monkeypatch.setattr(torch.nn.Module, "to_empty", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(ValueError, match=r"tensor model.embed_tokens.weight has shape \(263, 64\) but config.json "
+                                         r"implies \(263, 16384\)"):
+        load_hf(hf_dir)
+
+
 def test_weights_of_another_model_are_refused(hf_dir):
     edit_config(hf_dir, num_hidden_layers=3)
     with pytest.raises(ValueError, match="weights do not match config.json.*missing.*model.layers.2"):

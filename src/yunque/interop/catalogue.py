@@ -14,14 +14,13 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config
+from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config, read_safetensors_header
 
 INDEX = "model.safetensors.index.json"
 ALLOW_PATTERNS = (
@@ -32,7 +31,6 @@ ALLOW_PATTERNS = (
 )
 """What `pull` downloads: root-level files only (no onnx/, no original/ copies of the weights), no pickles."""
 _REPO_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
-_MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is a corrupt file, not a model
 
 
 def catalogue_dir(override: str | None = None) -> Path:
@@ -194,20 +192,15 @@ def _row(model_dir: Path) -> dict[str, Any]:
 
 
 def safetensors_dtype(path: Path) -> str | None:
-    """The dtype holding most of the elements of a safetensors file ("bf16", "f32", ...), read from its header alone
-    (an 8-byte little-endian length, then that much JSON); None for a missing or corrupt file."""
+    """The dtype holding most of the elements of a safetensors file ("bf16", "f32", ...), read from its header
+    alone; None for a missing or corrupt file."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
-                return None
-            header = json.loads(f.read(n))
-        counts = Counter()
-        for name, t in header.items():
-            if name != "__metadata__":
-                counts[t["dtype"].lower()] += math.prod(t["shape"])
-    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError):
+        tensors, _ = read_safetensors_header(path)
+    except ValueError:
         return None
+    counts = Counter()
+    for t in tensors.values():
+        counts[t.dtype.lower()] += math.prod(t.shape)
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -284,5 +277,5 @@ def _catalogue_name(name: str) -> str:
     return "--".join(parts)
 
 
-__all__ = ["catalogue_dir", "pull", "list_models", "format_table", "remove", "resolve", "safetensors_dtype",
-           "ALLOW_PATTERNS"]
+__all__ = ["ALLOW_PATTERNS", "catalogue_dir", "format_table", "list_models", "pull", "remove", "resolve",
+           "safetensors_dtype"]

@@ -208,4 +208,4 @@ def _read_optional_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-__all__ = ["export_gguf", "gguf_tensors", "permute_rope", "DTYPES"]
+__all__ = ["DTYPES", "export_gguf", "gguf_tensors", "permute_rope"]

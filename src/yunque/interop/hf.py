@@ -9,10 +9,8 @@ hf_layout.py; this module reads and writes the files.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from yunque.atomic import atomic_write, atomic_write_all
 from yunque.interop.hf_config import config_from_hf, config_to_hf
 from yunque.interop.hf_layout import layout
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
@@ -27,9 +26,9 @@ from yunque.modeldir import (
     CONFIG,
     TOKENIZER,
     WEIGHTS,
-    atomic_write,
-    atomic_write_all,
+    StoredTensor,
     load_model,
+    read_safetensors_header,
     save_model,
     weights_of,
 )
@@ -38,10 +37,6 @@ from yunque.tokenizer.bpe import BOS, EOS, PAD, Tokenizer, gpt2_tokenizer_from_f
 INDEX = "model.safetensors.index.json"
 EXTRA_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
 """Files kept as they are through import and export: special tokens, chat template, generation defaults."""
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-"""safetensors dtype names yunque reads; old checkpoints keep integer and bool buffers next to the weights."""
 _MODEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers old checkpoints saved
 
@@ -80,60 +75,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
 
 
-@dataclass(frozen=True)
-class _Stored:
-    """Where one tensor lies in a safetensors file."""
-
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # byte offset of its data in the file
-
-
-def _read_header(path: Path) -> dict[str, _Stored]:
-    """Each tensor of a safetensors file -> where it lies, checked against the file's length.
-
-    The format: an 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
-    "data_offsets": [begin, end]}} (and "__metadata__"), then the data, with offsets counted from its start.
-    """
-    def corrupt(why: str) -> ValueError:
-        return ValueError(f"{path}: {why}; the file is corrupt or truncated")
-
-    size = path.stat().st_size
-    if size < 8:
-        raise corrupt(f"{size} bytes, too short for a safetensors header")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if 8 + n > size:
-            raise corrupt(f"header of {n} bytes runs past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise corrupt(f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object")
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            kind, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            if not all(isinstance(i, int) and i >= 0 for i in (*shape, begin, end)):
-                raise ValueError
-        except (TypeError, KeyError, ValueError):
-            raise corrupt(f"tensor {name} has a malformed header entry {entry!r}") from None
-        if kind not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {kind!r}; yunque reads {', '.join(_DTYPES)}")
-        need = math.prod(shape) * _DTYPES[kind].itemsize
-        if end - begin != need:
-            raise corrupt(f"tensor {name} holds {end - begin} bytes but {kind} {shape} needs {need}")
-        if 8 + n + end > size:
-            raise corrupt(f"tensor {name} ends at byte {8 + n + end} but the file has {size} bytes")
-        tensors[name] = _Stored(path, _DTYPES[kind], shape, 8 + n + begin)
-    return tensors
-
-
-def _find_weights(model_dir: Path) -> dict[str, _Stored]:
+def _find_weights(model_dir: Path) -> dict[str, StoredTensor]:
     """Each tensor name -> where it lies, in model.safetensors or the shards of the index."""
     single, index = model_dir / WEIGHTS, model_dir / INDEX
     if single.is_file():
@@ -148,11 +90,11 @@ def _find_weights(model_dir: Path) -> dict[str, _Stored]:
     for path in files:
         if not path.is_file():
             raise ValueError(f"{path}: missing; {INDEX} lists it as a shard of the weights")
-        stored.update(_read_header(path))
+        stored.update(read_safetensors_header(path)[0])
     return stored
 
 
-def _read_into(f: FileIO, s: _Stored, out: torch.Tensor) -> None:
+def _read_into(f: FileIO, s: StoredTensor, out: torch.Tensor) -> None:
     """Read tensor `s` from `f`, its file, into `out`: contiguous, on the CPU, of its dtype."""
     buf = memoryview(out.view(-1).view(torch.uint8).numpy())
     f.seek(s.start)
@@ -200,7 +142,15 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
     if missing or unexpected:
         raise ValueError(f"{model_dir}: weights do not match config.json (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); is config.json from another model?")
-    emb = stored[plan[0].hf[0]].dtype  # the token embedding sets the dtype
+    shapes = weights_of(model)  # meta tensors: shapes without storage
+    for t in plan:  # every shape against the headers before anything is allocated
+        for name, rows in zip(t.hf, t.rows):
+            want = (rows, *shapes[t.name].shape[1:])
+            want = want[::-1] if t.transpose else want
+            if stored[name].shape != want:
+                raise ValueError(f"{stored[name].path}: tensor {name} has shape {stored[name].shape} but "
+                                 f"config.json implies {want}")
+    emb = stored[plan[0].hf[0]].torch_dtype  # the token embedding sets the dtype
     dtype = dtype or (emb if emb in _MODEL_DTYPES else torch.float32)
     model = model.to(dtype).to_empty(device=device)  # cast while on meta: nothing is allocated twice
     if cfg.tie_embeddings:
@@ -215,15 +165,11 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
             dest, offset = state[t.name], 0
             for name, rows in zip(t.hf, t.rows):
                 s = stored[name]
-                want = (rows, *dest.shape[1:])
-                want = want[::-1] if t.transpose else want
-                if s.shape != want:
-                    raise ValueError(f"{s.path}: tensor {name} has shape {s.shape} but config.json implies {want}")
                 part = dest.narrow(0, offset, rows)  # contiguous: a run of whole rows of a contiguous tensor
-                if part.device.type == "cpu" and s.dtype == part.dtype and not t.transpose:
+                if part.device.type == "cpu" and s.torch_dtype == part.dtype and not t.transpose:
                     _read_into(files[s.path], s, part)
                 else:  # a transpose, a cast or another device: through a copy of this one tensor
-                    x = torch.empty(s.shape, dtype=s.dtype)
+                    x = torch.empty(s.shape, dtype=s.torch_dtype)
                     _read_into(files[s.path], s, x)
                     part.copy_(x.T if t.transpose else x)
                 offset += rows
