@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from yunque.config import preset
+from yunque.config import LoraConfig, preset
 from yunque.model.gpt import GPT, meta_model
+from yunque.model.lora import attach_lora, lora_state_dict, save_adapter
 from yunque.modeldir import MAX_HEADER, describe, load_model, read_safetensors_header, save_model
 from yunque.tokenizer.bpe import byte_tokenizer
 
@@ -141,6 +142,31 @@ def test_describe(tmp_path):
     lines = [{"step": 10, "loss": 3.0, "val_loss": 3.2, "elapsed": 30.0}, {"step": 20, "loss": 2.5, "elapsed": 90.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert describe(tmp_path)["training"] == {"steps": 20, "final_loss": 2.5, "val_loss": 3.2, "minutes": 1.5}
+
+
+def test_describe_tolerates_a_cut_last_line_of_metrics(model_dir):
+    lines = [{"step": 10, "loss": 3.0, "val_loss": 3.2, "elapsed": 30.0}, {"step": 20, "loss": 2.5, "elapsed": 90.0}]
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (model_dir / "metrics.jsonl").write_text(text + '{"step": 30, "lo', encoding="utf-8")  # killed mid-append
+    assert describe(model_dir)["training"] == {"steps": 20, "final_loss": 2.5, "val_loss": 3.2, "minutes": 1.5}
+
+
+def test_describe_a_lora_adapter_dir(tmp_path):
+    model = tiny()
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=("qkv", "down"))
+    attach_lora(model, cfg)
+    save_adapter(tmp_path / "adapter", model, cfg, base_model="/runs/base")
+    d = describe(tmp_path / "adapter")
+    n = sum(t.numel() for t in lora_state_dict(model).values())
+    assert {k: d[k] for k in ("format", "adapter", "base_model", "parameters")} == {
+        "format": "LoRA adapter", "adapter": "rank 4, alpha 8, targets qkv, down", "base_model": "/runs/base",
+        "parameters": f"{n:,} (adapter only)"}
+    with pytest.raises(ValueError, match=r"adapter is a LoRA adapter, not a model; apply it to its base model "
+                                         r"\(`yunque chat BASE --adapter .*`\) or fold it in"):
+        load_model(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="adapter_model.safetensors: missing"):
+        describe(tmp_path / "adapter")
 
 
 def test_loading_builds_no_random_weights_and_leaves_the_layers_as_they_were(model_dir):

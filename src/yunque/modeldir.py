@@ -1,6 +1,8 @@
 """Model directories on disk: config.json + model.safetensors + tokenizer.json.
 
-Every stage reads and writes this layout. Weights load only from safetensors (no pickled code).
+Every stage reads and writes this layout. Weights load only from safetensors (no pickled code). `load_model` and
+`describe` open any format that formats.py lists (this one, Hugging Face dirs, ...); the yunque format and LoRA
+adapter dirs are defined here, as the YUNQUE and ADAPTER entries.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from yunque import formats
 from yunque.atomic import atomic_write, atomic_write_all  # noqa: F401 (atomic_write_all: re-exported for train/)
-from yunque.config import ModelConfig
+from yunque.config import LoraConfig, ModelConfig
+from yunque.formats import ModelFormat
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
+from yunque.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -174,15 +180,32 @@ def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """Load (model in eval mode, tokenizer) from a model dir, ours or a Hugging Face one (see interop/hf.py).
+    """Load (model in eval mode, tokenizer) from a model dir of any format in `formats.FORMATS`: ours, a Hugging
+    Face one (interop/hf.py), ... The weights keep the dtype they were saved in (bf16 stays bf16) unless `dtype`
+    is given, and are held once."""
+    return formats.load(model_dir, device=device, dtype=dtype)
 
-    The weights keep the dtype they were saved in (bf16 stays bf16) unless `dtype` is given, and are held once:
-    the model is built on the meta device and takes the loaded tensors as its parameters.
-    """
-    from yunque.interop.hf import is_hf_dir, load_hf  # imported here: interop sits above modeldir
 
-    if is_hf_dir(model_dir):
-        return load_hf(model_dir, device=device, dtype=dtype)
+def describe(model_dir: str | Path) -> dict[str, Any]:
+    """What `yunque info` shows for a model dir of any format: architecture, size, cost per token, context,
+    tokenizer, training summary (or, for a LoRA adapter dir, the adapter and its base model)."""
+    return formats.describe(model_dir)
+
+
+def is_yunque_dir(path: Path) -> bool:
+    """Whether `path` holds a config.json that yunque wrote (model_type "yunque")."""
+    try:
+        d = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") == "yunque"
+
+
+def load_yunque(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """(model in eval mode, tokenizer) from a yunque model dir: the model is built on the meta device, every
+    tensor's shape is checked against the safetensors header, and only then are the weights read and taken as
+    its parameters."""
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     stored, _ = _weights_header(model_dir)
@@ -234,21 +257,14 @@ def generation_stop_ids(model_dir: str | Path, vocab_size: int) -> set[int]:
     return {i for i in ids if isinstance(i, int) and 0 <= i < vocab_size}
 
 
-def describe(model_dir: str | Path) -> dict:
-    """What `yunque info` shows: architecture, size, cost per token, context, tokenizer, training summary."""
-    model_dir = Path(model_dir)
-    from yunque.interop.hf import is_hf_dir  # imported here: interop sits above modeldir
+def describe_yunque(model_dir: Path) -> dict[str, Any]:
+    cfg, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
+    return model_summary(model_dir, cfg, tokenizer, "yunque", (Path(model_dir) / WEIGHTS).stat().st_size)
 
-    if is_hf_dir(model_dir):
-        from yunque.interop.hf import config_from_hf, load_hf_tokenizer
 
-        hf = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
-        cfg, tokenizer, fmt = config_from_hf(hf), load_hf_tokenizer(model_dir), f"Hugging Face ({hf['model_type']})"
-        size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    else:
-        cfg, tokenizer, fmt = load_config(model_dir), load_tokenizer(model_dir), "yunque"
-        weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
-        size = (model_dir / WEIGHTS).stat().st_size
+def model_summary(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer, fmt: str, size: int) -> dict[str, Any]:
+    """`describe`'s dict for a model of any format, from its config, tokenizer and bytes of weights."""
     style = "llama" if cfg.pos == "rope" else "gpt2"
     d = {
         "model": str(model_dir),
@@ -262,13 +278,66 @@ def describe(model_dir: str | Path) -> dict:
         "tokenizer": f"{tokenizer.kind}, {tokenizer.vocab_size} tokens",
         "weights": f"{size / 2**20:.1f} MiB",
     }
-    metrics = model_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if records:
-            last = records[-1]
-            vals = [r["val_loss"] for r in records if "val_loss" in r]
-            d["training"] = {"steps": last["step"], "final_loss": last["loss"],
-                             "val_loss": vals[-1] if vals else None,
-                             "minutes": round(last.get("elapsed", 0) / 60, 1)}
-    return d
+    return d | training_summary(model_dir)
+
+
+def training_summary(run_dir: Path) -> dict[str, Any]:
+    """{"training": steps, final loss, last validation loss, minutes} from metrics.jsonl, or {} without one.
+    Lines that do not parse are skipped: a kill while a line was being appended leaves the last one cut."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    if not records:
+        return {}
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"training": {"steps": records[-1]["step"], "final_loss": losses[-1] if losses else None,
+                         "val_loss": vals[-1] if vals else None,
+                         "minutes": round(records[-1].get("elapsed", 0) / 60, 1)}}
+
+
+# ---- LoRA adapter dirs: described, not loaded on their own ----
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether `path` holds a LoRA adapter (adapter_config.json) rather than a model (config.json)."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / CONFIG).is_file()
+
+
+def load_adapter_dir(adapter_dir: Path, **_: Any) -> tuple[GPT, Tokenizer]:
+    raise ValueError(f"{adapter_dir} is a LoRA adapter, not a model; apply it to its base model (`yunque chat BASE "
+                     f"--adapter {adapter_dir}`) or fold it in (`yunque merge BASE {adapter_dir} OUT`)")
+
+
+def describe_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """`describe` for a LoRA adapter dir: rank, alpha, targets, base model, adapter parameters and size."""
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        cfg = LoraConfig(rank=d["rank"], alpha=d["alpha"], dropout=d.get("dropout", 0.0), targets=tuple(d["targets"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a yunque LoRA adapter config ({type(e).__name__}: {e})") from None
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing; an adapter dir (made by `yunque sft --lora`) holds {ADAPTER_CONFIG} "
+                         f"and {ADAPTER_WEIGHTS}")
+    tensors, _ = read_safetensors_header(weights)
+    return {
+        "model": str(adapter_dir),
+        "format": "LoRA adapter",
+        "adapter": f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {', '.join(cfg.targets)}",
+        "base_model": str(d.get("base_model") or "not recorded"),
+        "parameters": f"{sum(math.prod(t.shape) for t in tensors.values()):,} (adapter only)",
+        "weights": f"{weights.stat().st_size / 2**20:.1f} MiB",
+    } | training_summary(adapter_dir)
+
+
+YUNQUE = ModelFormat("yunque", is_yunque_dir, load_yunque, describe_yunque)
+ADAPTER = ModelFormat("LoRA adapter", is_adapter_dir, load_adapter_dir, describe_adapter)

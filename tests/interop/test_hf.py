@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from yunque.config import preset
 from yunque.interop.hf import export_hf, is_hf_dir, load_hf
 from yunque.model.gpt import GPT
-from yunque.modeldir import load_model, save_model
+from yunque.modeldir import describe, load_model, save_model
 from yunque.tokenizer.bpe import byte_tokenizer
 
 TOK = byte_tokenizer()
@@ -55,6 +55,18 @@ def test_unknown_architecture_lists_the_supported_ones(hf_dir):
     with pytest.raises(ValueError, match="config.json: model_type 'falcon' is not supported; yunque reads gpt2, "
                                          "llama, mistral, qwen2, qwen3"):
         load_model(hf_dir)
+
+
+def test_a_config_naming_only_the_architecture(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    del config["model_type"]  # as some old checkpoints write it
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    assert describe(hf_dir)["format"] == "Hugging Face (llama)"
+    load_model(hf_dir)
+    (hf_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    for read in (describe, load_model):
+        with pytest.raises(ValueError, match="config.json: config.json of a llama model has no 'hidden_size'"):
+            read(hf_dir)
 
 
 def test_missing_files_are_named(hf_dir):

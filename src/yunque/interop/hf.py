@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from yunque.atomic import atomic_write, atomic_write_all
-from yunque.interop.hf_config import config_from_hf, config_to_hf
+from yunque.config import ModelConfig
+from yunque.formats import ModelFormat
+from yunque.interop.hf_config import config_from_hf, config_to_hf, model_type_of
 from yunque.interop.hf_layout import layout
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
@@ -28,6 +30,7 @@ from yunque.modeldir import (
     WEIGHTS,
     StoredTensor,
     load_model,
+    model_summary,
     read_safetensors_header,
     save_model,
     weights_of,
@@ -115,6 +118,18 @@ def load_hf_tokenizer(model_dir: Path) -> Tokenizer:
                      f"copy the model's tokenizer files into {model_dir}")
 
 
+def _read_config(model_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """(config.json as read, yunque's ModelConfig for it); one-line ValueError naming the file."""
+    if not (model_dir / CONFIG).is_file():
+        raise ValueError(f"{model_dir / CONFIG}: missing; a Hugging Face model directory needs {CONFIG}, "
+                         f"{WEIGHTS} and {TOKENIZER}")
+    hf = _read_json(model_dir / CONFIG)
+    try:
+        return hf, config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{model_dir / CONFIG}: {e}") from None
+
+
 def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
             dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """(model in eval mode, tokenizer) from a Hugging Face model dir.
@@ -123,13 +138,7 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
     ever held. The model keeps the checkpoint's dtype (a bf16 checkpoint gives bf16 parameters) unless `dtype`.
     """
     model_dir = Path(model_dir)
-    if not (model_dir / CONFIG).is_file():
-        raise ValueError(f"{model_dir / CONFIG}: missing; a Hugging Face model directory needs {CONFIG}, "
-                         f"{WEIGHTS} and {TOKENIZER}")
-    try:
-        cfg = config_from_hf(_read_json(model_dir / CONFIG))
-    except ValueError as e:
-        raise ValueError(f"{model_dir / CONFIG}: {e}") from None
+    _, cfg = _read_config(model_dir)
     tokenizer = load_hf_tokenizer(model_dir)
     stored = _find_weights(model_dir)
     prefix = "transformer." if "transformer.wte.weight" in stored else ""  # the Hub's gpt2 has none
@@ -176,6 +185,19 @@ def load_hf(model_dir: str | Path, *, device: str | torch.device = "cpu",
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
     return model.eval(), tokenizer
+
+
+def describe_hf(model_dir: Path) -> dict[str, Any]:
+    """`describe` for a Hugging Face dir: config, tokenizer and every weights file's header are read and checked."""
+    hf, cfg = _read_config(model_dir)
+    tokenizer = load_hf_tokenizer(model_dir)
+    files = {s.path for s in _find_weights(model_dir).values()}
+    size = sum(p.stat().st_size for p in files)
+    return model_summary(model_dir, cfg, tokenizer, f"Hugging Face ({model_type_of(hf)})", size)
+
+
+HF = ModelFormat("Hugging Face", is_hf_dir, load_hf, describe_hf)
+"""The entry of formats.FORMATS that makes an HF dir work wherever a model dir does."""
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> None:
@@ -236,4 +258,4 @@ def _json_writer(obj: dict[str, Any]):
     return lambda p: Path(p).write_text(text, encoding="utf-8")
 
 
-__all__ = ["INDEX", "export_hf", "import_hf", "is_hf_dir", "load_hf", "special_token_ids"]
+__all__ = ["HF", "INDEX", "describe_hf", "export_hf", "import_hf", "is_hf_dir", "load_hf", "special_token_ids"]

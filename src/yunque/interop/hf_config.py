@@ -19,11 +19,17 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistra
 """HF model_type -> architecture class, for every model type yunque reads. SmolLM2 and TinyLlama are "llama"."""
 
 
+def model_type_of(hf: dict[str, Any]) -> str | None:
+    """An HF config's model_type; for old configs that name only the class, the type of a class yunque reads."""
+    kind = hf.get("model_type")
+    if kind is None:
+        kind = next((k for k, a in ARCHITECTURES.items() if a in (hf.get("architectures") or [])), None)
+    return kind
+
+
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     """yunque's ModelConfig for an HF config.json; ValueError for a model type or an option yunque cannot run."""
-    kind = hf.get("model_type")
-    if kind is None:  # some old configs name only the class
-        kind = next((k for k, a in ARCHITECTURES.items() if a in (hf.get("architectures") or [])), None)
+    kind = model_type_of(hf)
     if kind not in ARCHITECTURES:
         raise ValueError(f"model_type {kind!r} is not supported; yunque reads {', '.join(ARCHITECTURES)} "
                          f"(SmolLM2 and TinyLlama are llama)")
@@ -159,4 +165,4 @@ def config_to_hf(cfg: ModelConfig, special_ids: dict[str, int], dtype: torch.dty
     return hf
 
 
-__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "hf_model_type"]
+__all__ = ["ARCHITECTURES", "config_from_hf", "config_to_hf", "hf_model_type", "model_type_of"]
