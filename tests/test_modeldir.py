@@ -80,6 +80,12 @@ def test_corrupt_config_json(model_dir):
         load_model(model_dir)
 
 
+def test_config_json_that_is_not_an_object(model_dir):
+    (model_dir / "config.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="config.json: holds a JSON list, not an object; the model directory is"):
+        load_model(model_dir)
+
+
 def edit_config(model_dir, **changes) -> None:
     path = model_dir / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}), encoding="utf-8")
@@ -107,6 +113,18 @@ def test_config_with_other_layers_than_the_weights(model_dir):
 def test_config_with_an_unknown_key(model_dir):
     edit_config(model_dir, n_embd=64)
     with pytest.raises(ValueError, match=r"config.json: unknown model config keys \['n_embd'\]"):
+        load_model(model_dir)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"n_head": 0}, "n_head must be positive, got 0"),
+    ({"n_head": None}, "n_head must be an integer, got None"),
+    ({"d_model": "64"}, "d_model must be an integer, got '64'"),
+    ({"vocab_size": 2**34}, "vocab_size=17179869184 is larger than yunque allows"),
+])
+def test_untrusted_sizes_fail_before_anything_is_allocated(model_dir, changes, message):
+    edit_config(model_dir, **changes)
+    with pytest.raises(ValueError, match=f"config.json: {message}"):
         load_model(model_dir)
 
 

@@ -76,6 +76,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
+    if not isinstance(d, dict):
+        raise ValueError(  # noqa: TRY004 (a ValueError is what the CLI reports as one line)
+            f"{path}: holds a JSON {type(d).__name__}, not an object; the model directory is corrupt")
     d.pop("model_type", None)
     try:
         return ModelConfig.from_dict(d)

@@ -65,7 +65,7 @@ def test_a_config_naming_only_the_architecture(hf_dir):
     load_model(hf_dir)
     (hf_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     for read in (describe, load_model):
-        with pytest.raises(ValueError, match="config.json: config.json of a llama model has no 'hidden_size'"):
+        with pytest.raises(ValueError, match="config.json: hidden_size is missing; a llama config needs it"):
             read(hf_dir)
 
 
@@ -87,6 +87,32 @@ def test_missing_shard_is_named(hf_dir, tmp_path):
     shards[-1].unlink()
     with pytest.raises(ValueError, match=f"{shards[-1].name}: missing; model.safetensors.index.json lists it"):
         load_hf(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("outside", ["../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_naming_a_file_outside_the_dir_is_refused(hf_dir, tmp_path, outside):
+    shard(hf_dir, tmp_path / "sharded")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = outside
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for read in (load_model, describe):
+        with pytest.raises(ValueError, match=f"index.json: weight_map names the shard '{outside}', which is not a "
+                                             f"file of .*; yunque reads shards only from the model directory"):
+            read(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "config.json: holds a JSON list, not an object"),  # not an HF dir: read as a yunque one
+    ({"architectures": ["LlamaForCausalLM"]}, "config.json: hidden_size is missing; a llama config needs it"),
+    ({"model_type": "llama", "vocab_size": 2**34, "hidden_size": 64, "intermediate_size": 128,
+      "num_hidden_layers": 2, "num_attention_heads": 4}, "vocab_size=17179869184 is larger than yunque allows"),
+])
+def test_untrusted_config_json_is_one_line(hf_dir, config, message):
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    for read in (load_model, describe):
+        with pytest.raises(ValueError, match=message) as e:
+            read(hf_dir)
+        assert "\n" not in str(e.value)
 
 
 def test_mismatched_shapes_name_the_tensor_and_both_shapes(hf_dir):

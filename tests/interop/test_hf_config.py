@@ -67,3 +67,44 @@ def test_unsupported_configs_say_what_is_supported(change, message):
 def test_export_refuses_configs_no_hf_family_holds(cfg, why):
     with pytest.raises(ValueError, match=f"cannot be written as a Hugging Face model.*{why}"):
         hf_model_type(cfg)
+
+
+# ---- untrusted config.json files: one line each, naming the key, before anything is allocated ----
+
+LLAMA = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 4}
+GPT2 = {"model_type": "gpt2", "vocab_size": 300, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+
+
+@pytest.mark.parametrize("config, message", [
+    ({**LLAMA, "num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({**LLAMA, "num_attention_heads": None}, "num_attention_heads is missing; a llama config needs it"),
+    ({**LLAMA, "hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({**LLAMA, "num_hidden_layers": True}, "num_hidden_layers must be a positive integer, got True"),
+    ({**LLAMA, "vocab_size": 2**34}, "vocab_size=17179869184 is larger than yunque allows"),
+    ({**LLAMA, "num_key_value_heads": 3}, "n_head=4 is not divisible by n_kv_head=3"),
+    ({**LLAMA, "max_position_embeddings": -1}, "max_position_embeddings must be a positive integer, got -1"),
+    ({**LLAMA, "tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, got 'yes'"),
+    ({**LLAMA, "rms_norm_eps": [1e-5]}, r"rms_norm_eps must be a number, got \[1e-05\]"),
+    ({**LLAMA, "rope_scaling": "linear"}, "rope_scaling must be a JSON object, got 'linear'"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "linear"}}, "rope_scaling.factor is missing"),
+    ({**LLAMA, "rope_parameters": {"rope_type": "llama3", "factor": "8"}},
+     "rope_parameters.factor must be a number, got '8'"),
+    ({**LLAMA, "model_type": "mistral", "sliding_window": "4k"}, "sliding_window must be a positive integer"),
+    ({**LLAMA, "model_type": ["llama"]}, r"model_type \['llama'\] is not supported"),
+    ({"architectures": "LlamaForCausalLM"}, "model_type 'LlamaForCausalLM' is not supported"),
+    ({"architectures": ["LlamaForCausalLM"]}, "hidden_size is missing; a llama config needs it"),
+    ({**GPT2, "n_head": 0}, "n_head must be a positive integer, got 0"),
+    ({**GPT2, "n_positions": None}, "n_ctx is missing; a gpt2 config needs it"),
+    ({**GPT2, "n_embd": 10**9}, "d_model=1000000000 is larger than yunque allows"),
+    (["llama"], "the config holds a JSON list, not an object"),
+])
+def test_untrusted_configs_fail_with_one_line_naming_the_key(config, message):
+    with pytest.raises(ValueError, match=message) as e:
+        config_from_hf(config)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_optional_keys_may_be_null_or_of_another_family():
+    assert config_from_hf({**LLAMA, "num_key_value_heads": None, "head_dim": None}).kv_heads == 4
+    assert config_from_hf({**LLAMA, "model_type": "qwen2", "layer_types": 5}).max_seq_len == 2048

@@ -20,9 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from yunque.interop.hf import INDEX, is_hf_dir, weight_files
+from yunque.interop.hf_config import config_from_hf, model_type_of
 from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config, read_safetensors_header
 
-INDEX = "model.safetensors.index.json"
 ALLOW_PATTERNS = (
     CONFIG, "generation_config.json",
     WEIGHTS, INDEX, "model-*-of-*.safetensors",  # one file, or shards named by the index
@@ -122,8 +123,8 @@ def _short(e: BaseException) -> str:
 def _check_complete(model_dir: Path, repo_id: str) -> None:
     """ValueError naming what a downloaded dir lacks: config.json, safetensors weights (every shard), a tokenizer."""
     missing = [] if (model_dir / CONFIG).is_file() else [CONFIG]
-    shards = _weight_files(model_dir)
-    missing += [p.name for p in shards or [] if not p.is_file()]
+    shards = weight_files(model_dir)
+    missing += [p.name for p in shards if not p.is_file()]
     if not ((model_dir / TOKENIZER).is_file() or (model_dir / "vocab.json").is_file()
             and (model_dir / "merges.txt").is_file()):
         missing.append(f"{TOKENIZER} (or vocab.json + merges.txt)")
@@ -141,54 +142,60 @@ def _check_complete(model_dir: Path, repo_id: str) -> None:
     raise ValueError(f"{'; '.join(problems)}; {where} (`yunque rm {repo_id}` deletes them)")
 
 
-def _weight_files(model_dir: Path) -> list[Path] | None:
-    """model.safetensors, or the shards its index names (present or not); None when there is neither."""
-    if (model_dir / WEIGHTS).is_file():
-        return [model_dir / WEIGHTS]
-    try:
-        weight_map = json.loads((model_dir / INDEX).read_text(encoding="utf-8")).get("weight_map", {})
-        return sorted({model_dir / f for f in weight_map.values()})
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 # ---- list ----
 
 def list_models(root: Path) -> list[dict[str, Any]]:
     """One row per model dir under root, sorted by name: name, family, parameters (None when unknown), dtype (None
-    when unknown), size (bytes on disk, every file), context (None when unknown) and path."""
+    when unknown), size (bytes on disk, every file), context (None when unknown), path, and problem: None, or
+    one line saying why yunque cannot load the model (a bad entry is listed with it, never stops the listing)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [_row(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    rows = []
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        try:
+            rows.append(_row(model_dir))
+        except (ValueError, OSError) as e:
+            rows.append({"name": model_dir.name.replace("--", "/"), "family": "? (unreadable)", "parameters": None,
+                         "dtype": None, "size": 0, "context": None, "path": model_dir,
+                         "problem": _one_line(e, model_dir)})
+    return rows
 
 
 def _row(model_dir: Path) -> dict[str, Any]:
-    from yunque.interop.hf import is_hf_dir  # imported here: hf.py is the heavier module
-    from yunque.interop.hf_config import config_from_hf
-
-    shards = _weight_files(model_dir)
+    shards = weight_files(model_dir)
     row = {"name": model_dir.name.replace("--", "/"), "family": f"? (no {CONFIG})", "parameters": None,
            "dtype": safetensors_dtype(shards[0]) if shards else None, "size": _size(model_dir), "context": None,
-           "path": model_dir}
+           "path": model_dir, "problem": None if shards else "no safetensors weights"}
     if not (model_dir / CONFIG).is_file():
-        return row
+        return {**row, "problem": f"no {CONFIG}"}
     if is_hf_dir(model_dir):
         hf = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
-        kind = hf.get("model_type") or (hf.get("architectures") or ["?"])[0]
+        classes = hf.get("architectures")
+        kind = model_type_of(hf) or (classes[0] if isinstance(classes, list) and classes else None)
+        kind = kind if isinstance(kind, str) else "?"
         try:
             cfg = config_from_hf(hf)
-        except ValueError:
+        except ValueError as e:
             context = hf.get("max_position_embeddings") or hf.get("n_positions")
-            return {**row, "family": f"{kind} (unsupported)", "context": context if isinstance(context, int) else None}
+            return {**row, "family": f"{kind} (unsupported)", "problem": f"{CONFIG}: {_one_line(e, model_dir)}",
+                    "context": context if isinstance(context, int) and not isinstance(context, bool) else None}
         family = kind
     else:
         try:
             cfg = load_config(model_dir)
-        except ValueError:
-            return {**row, "family": f"? (bad {CONFIG})"}
+        except ValueError as e:
+            return {**row, "family": f"? (bad {CONFIG})", "problem": _one_line(e, model_dir)}
         family = f"yunque ({'llama' if cfg.pos == 'rope' else 'gpt2'}-style)"
     return {**row, "family": family, "parameters": cfg.num_params(), "context": cfg.max_seq_len}
+
+
+def _one_line(e: BaseException, model_dir: Path) -> str:
+    """The error as one line of at most 200 characters, file names relative to the model's dir."""
+    text = " ".join(str(e).replace(f"{model_dir}{os.sep}", "").split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def safetensors_dtype(path: Path) -> str | None:
@@ -209,14 +216,17 @@ def _size(model_dir: Path) -> int:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """`yunque models`: aligned columns, sizes like "487.2 MiB", parameters like "124.4M", "?" for unknowns."""
+    """`yunque models`: aligned columns, sizes like "487.2 MiB", parameters like "124.4M", "?" for unknowns; then
+    one line per model that cannot be loaded, saying why."""
     table = [("NAME", "FAMILY", "PARAMS", "DTYPE", "SIZE", "CONTEXT")]
     table += [(r["name"], r["family"], _human_count(r["parameters"]), r["dtype"] or "?", _human_size(r["size"]),
                "?" if r["context"] is None else str(r["context"])) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     right = {2, 4, 5}  # numbers line up on their last digit
-    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in table)
+    lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in table]
+    problems = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+    return "\n".join(lines + ([""] + problems if problems else []))
 
 
 def _human_count(n: int | None) -> str:

@@ -12,7 +12,7 @@ import json
 import shutil
 from contextlib import ExitStack
 from io import FileIO
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -71,24 +71,45 @@ def special_token_ids(tokenizer: Tokenizer, tok_config: dict[str, Any]) -> dict[
 
 # ---- loading ----
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
 
 
-def _find_weights(model_dir: Path) -> dict[str, StoredTensor]:
-    """Each tensor name -> where it lies, in model.safetensors or the shards of the index."""
+def weight_files(model_dir: Path) -> list[Path]:
+    """model.safetensors, or the shards that model.safetensors.index.json names (present or not); [] when there
+    is neither. ValueError for an index that is not one, or that names a file outside model_dir."""
     single, index = model_dir / WEIGHTS, model_dir / INDEX
     if single.is_file():
-        files = [single]
-    elif index.is_file():
-        files = sorted({model_dir / f for f in _read_json(index).get("weight_map", {}).values()})
-    else:
+        return [single]
+    if not index.is_file():
+        return []
+    d = _read_json(index)
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map from tensor names to shard files; the model directory is corrupt")
+    files = set()
+    for name in weight_map.values():
+        # plain names only: a shard is a file of this dir, never "../../x" or "/x" (symlinks in it are followed,
+        # as in the Hub's own cache)
+        if not isinstance(name, str) or not name or PurePosixPath(name).is_absolute() or ".." in name.split("/") \
+                or "\\" in name:
+            raise ValueError(f"{index}: weight_map names the shard {name!r:.60}, which is not a file of "
+                             f"{model_dir}; yunque reads shards only from the model directory")
+        files.add(model_dir / name)
+    return sorted(files)
+
+
+def _find_weights(model_dir: Path) -> dict[str, StoredTensor]:
+    """Each tensor name -> where it lies, in model.safetensors or the shards of the index."""
+    files = weight_files(model_dir)
+    if not files:
         hint = " (pytorch_model.bin is not read: pickles can run code; re-save it with safetensors)" \
             if (model_dir / "pytorch_model.bin").is_file() else ""
-        raise ValueError(f"{single}: missing, and no {INDEX} either; the directory has no weights{hint}")
+        raise ValueError(f"{model_dir / WEIGHTS}: missing, and no {INDEX} either; the directory has no "
+                         f"weights{hint}")
     stored = {}
     for path in files:
         if not path.is_file():
@@ -258,4 +279,5 @@ def _json_writer(obj: dict[str, Any]):
     return lambda p: Path(p).write_text(text, encoding="utf-8")
 
 
-__all__ = ["HF", "INDEX", "describe_hf", "export_hf", "import_hf", "is_hf_dir", "load_hf", "special_token_ids"]
+__all__ = ["HF", "INDEX", "describe_hf", "export_hf", "import_hf", "is_hf_dir", "load_hf", "special_token_ids",
+           "weight_files"]

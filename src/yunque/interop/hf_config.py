@@ -23,88 +23,137 @@ def model_type_of(hf: dict[str, Any]) -> str | None:
     """An HF config's model_type; for old configs that name only the class, the type of a class yunque reads."""
     kind = hf.get("model_type")
     if kind is None:
-        kind = next((k for k, a in ARCHITECTURES.items() if a in (hf.get("architectures") or [])), None)
-    return kind
+        classes = hf.get("architectures")
+        classes = classes if isinstance(classes, list) else []
+        kind = next((k for k, a in ARCHITECTURES.items() if a in classes), None)
+    return kind if isinstance(kind, str) else None
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """yunque's ModelConfig for an HF config.json; ValueError for a model type or an option yunque cannot run."""
+    """yunque's ModelConfig for an HF config.json; ValueError, naming the key, for a model type or an option yunque
+    cannot run and for a missing or ill-typed value. Sizes are bounded by ModelConfig, so a config from an
+    untrusted file fails here, before anything is allocated."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"the config holds a JSON {type(hf).__name__}, not an object")  # noqa: TRY004
     kind = model_type_of(hf)
     if kind not in ARCHITECTURES:
-        raise ValueError(f"model_type {kind!r} is not supported; yunque reads {', '.join(ARCHITECTURES)} "
+        named = hf.get("model_type", hf.get("architectures"))
+        raise ValueError(f"model_type {_shown(named)} is not supported; yunque reads {', '.join(ARCHITECTURES)} "
                          f"(SmolLM2 and TinyLlama are llama)")
-    try:
-        return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf, kind)
-    except KeyError as e:
-        raise ValueError(f"config.json of a {kind} model has no {e.args[0]!r}") from None
+    return _gpt2_config(hf) if kind == "gpt2" else _llama_config(hf, kind)
+
+
+_REQUIRED = object()
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _get(d: dict[str, Any], key: str, default: Any, ok: Any, want: str, where: str = "") -> Any:
+    """d[key] (or `default` when absent or null), checked with `ok(value)`; ValueError naming the key (as
+    `where.key` for a key of a nested object)."""
+    name, value = f"{where}.{key}" if where else key, d.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{name} is missing" + ("" if where else f"; a {model_type_of(d)} config needs it"))
+        return default
+    if not ok(value):
+        raise ValueError(f"{name} must be {want}, got {_shown(value)}")
+    return value
+
+
+def _size(d: dict[str, Any], key: str, default: Any = _REQUIRED, where: str = "") -> Any:
+    """A positive integer (or `default`, which may be None for "not set")."""
+    return _get(d, key, default, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                "a positive integer", where)
+
+
+def _number(d: dict[str, Any], key: str, default: Any, where: str = "") -> float:
+    number = _get(d, key, default, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number",
+                  where)
+    return number if number is None else float(number)
+
+
+def _flag(hf: dict[str, Any], key: str, default: bool) -> bool:
+    return _get(hf, key, default, lambda v: isinstance(v, bool), "true or false")
 
 
 def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation_function {act!r} is not supported; yunque's GPT-2 MLP is GELU with the "
+        raise ValueError(f"activation_function {_shown(act)} is not supported; yunque's GPT-2 MLP is GELU with the "
                          f"tanh approximation (gelu_new)")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
-            raise ValueError(f"GPT-2 option {key}={hf[key]} is not supported; yunque runs {key}={want}")
+            raise ValueError(f"GPT-2 option {key}={_shown(hf[key])} is not supported; yunque runs {key}={want}")
     return ModelConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"],
-        d_ff=hf.get("n_inner"), max_seq_len=hf.get("n_positions") or hf["n_ctx"], pos="learned", norm="layernorm",
-        mlp="gelu", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        vocab_size=_size(hf, "vocab_size"), n_layer=_size(hf, "n_layer"), n_head=_size(hf, "n_head"),
+        d_model=_size(hf, "n_embd"), d_ff=_size(hf, "n_inner", None),
+        max_seq_len=_size(hf, "n_positions", None) or _size(hf, "n_ctx"), pos="learned", norm="layernorm",
+        mlp="gelu", bias=True, tie_embeddings=_flag(hf, "tie_word_embeddings", True),
+        norm_eps=_number(hf, "layer_norm_epsilon", 1e-5))
 
 
 def _llama_config(hf: dict[str, Any], kind: str) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported; yunque's SwiGLU uses silu")
+        raise ValueError(f"hidden_act {_shown(hf['hidden_act'])} is not supported; yunque's SwiGLU uses silu")
     if hf.get("mlp_bias"):
         raise ValueError("mlp_bias=true is not supported; yunque's SwiGLU MLP has no biases")
     if kind != "qwen2" and hf.get("attention_bias"):
         raise ValueError("attention_bias=true (biases on q, k, v and the output projection) is not supported; "
                          "yunque has biases on q, k, v only (Qwen2)")
-    d, H = hf["hidden_size"], hf["num_attention_heads"]
-    K = hf.get("num_key_value_heads") or H
-    head_dim = hf.get("head_dim")
+    d, H = _size(hf, "hidden_size"), _size(hf, "num_attention_heads")
+    K = _size(hf, "num_key_value_heads", H)
+    head_dim = _size(hf, "head_dim", None)
     if head_dim == d // H and d % H == 0:
         head_dim = None  # the default: keeps the config as yunque itself would write it
-    max_len = hf.get("max_position_embeddings", 2048)
+    max_len = _size(hf, "max_position_embeddings", 2048)
     window = _sliding_window(hf, kind)
     if window is not None and window < max_len:
         max_len = window  # within the window, sliding-window attention is full causal attention: exact, not approximate
     theta, scaling = _rope(hf)
     return ModelConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=H, n_kv_head=None if K == H else K,
-        d_model=d, d_ff=hf["intermediate_size"], head_dim=head_dim,
+        vocab_size=_size(hf, "vocab_size"), n_layer=_size(hf, "num_hidden_layers"), n_head=H,
+        n_kv_head=None if K == H else K, d_model=d, d_ff=_size(hf, "intermediate_size"), head_dim=head_dim,
         max_seq_len=max_len, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=kind == "qwen2",
-        qk_norm=kind == "qwen3", tie_embeddings=hf.get("tie_word_embeddings", False),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling)
+        qk_norm=kind == "qwen3", tie_embeddings=_flag(hf, "tie_word_embeddings", False),
+        norm_eps=_number(hf, "rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling)
 
 
 def _sliding_window(hf: dict[str, Any], kind: str) -> int | None:
     """Mistral's attention window, or Qwen's when it is switched on; None when attention is full."""
-    if kind == "mistral":
-        return hf.get("sliding_window")
-    if kind in ("qwen2", "qwen3") and (hf.get("use_sliding_window")
-                                       or "sliding_attention" in (hf.get("layer_types") or [])):
-        return hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if kind == "mistral" or (kind in ("qwen2", "qwen3") and (
+            hf.get("use_sliding_window") or isinstance(layer_types, list) and "sliding_attention" in layer_types)):
+        return _size(hf, "sliding_window", None)
     return None
 
 
 def _rope(hf: dict[str, Any]) -> tuple[float, dict | None]:
     """(rope_theta, yunque rope_scaling) from transformers 4 keys (rope_theta, rope_scaling) or 5 (rope_parameters)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or params
-    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    params = _get(hf, "rope_parameters", {}, lambda v: isinstance(v, dict), "a JSON object")
+    scaling = _get(hf, "rope_scaling", None, lambda v: isinstance(v, dict), "a JSON object")
+    where = "rope_scaling" if scaling else "rope_parameters"
+    scaling = scaling or params
+    theta = _number(hf, "rope_theta", _number(params, "rope_theta", 10000.0, "rope_parameters"))
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, None
     if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        return theta, {"rope_type": "llama3", **{k: scaling[k] for k in keys if k in scaling}}
+        out = {"rope_type": "llama3", "factor": _number(scaling, "factor", _REQUIRED, where)}
+        for key in ("low_freq_factor", "high_freq_factor"):
+            if scaling.get(key) is not None:
+                out[key] = _number(scaling, key, None, where)
+        if scaling.get("original_max_position_embeddings") is not None:
+            out["original_max_position_embeddings"] = _size(scaling, "original_max_position_embeddings", None, where)
+        return theta, out
     if kind == "linear":
-        return theta, {"rope_type": "linear", "factor": scaling["factor"]}
-    raise ValueError(f"rope scaling {kind!r} is not supported; yunque runs 'llama3' and 'linear' scaling, or none")
+        return theta, {"rope_type": "linear", "factor": _number(scaling, "factor", _REQUIRED, where)}
+    raise ValueError(f"rope scaling {_shown(kind)} is not supported; yunque runs 'llama3' and 'linear' scaling, "
+                     f"or none")
 
 
 def hf_model_type(cfg: ModelConfig) -> str:
