@@ -38,6 +38,7 @@ from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.modeldir import load_model, save_model, weights_of
 from yunque.tokenizer.bpe import Tokenizer, byte_tokenizer, gpt2_tokenizer_from_files, train_bpe
+from yunque.tokenizer.chat import render, render_prompt
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -250,7 +251,7 @@ def test_exported_model_loads_in_transformers_with_identical_outputs(kind, tmp_p
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf.config.model_type == kind.split("-")[0]
     text = texts["shakespeare"][:150]
-    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok(text)["input_ids"] == tok.encode(text, bos=True)  # the start token yunque adds, added
     ids = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         diff = (model(ids) - hf(ids).logits).abs().max().item()
@@ -260,6 +261,43 @@ def test_exported_model_loads_in_transformers_with_identical_outputs(kind, tmp_p
     a, b = weights_of(model), weights_of(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert hf_tok.decode(ids[0]) == tok.decode(ids[0].tolist())
+
+
+def test_exported_chat_model_replies_in_transformers_as_in_yunque(tmp_path, tok):
+    """A chat model, exported: transformers renders the prompt with the exported chat template (the ids of
+    render_prompt), and greedy generate() gives yunque's reply token for token, stopping at <|end|>."""
+    conversation = [{"role": "system", "content": "Answer in one line."},
+                    {"role": "user", "content": "Who is the king?"},
+                    {"role": "assistant", "content": "King Richard, my lord, and long may he reign."}]
+    ids, mask = render(tok, conversation)
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.tensor([ids[:-1]])
+    y = torch.tensor([[i if learn else -100 for i, learn in zip(ids[1:], mask[1:])]])
+    for _ in range(80):  # SFT on one conversation: the reply, and its end of turn, are learnt
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model(tmp_path / "yunque", model.eval(), tok)
+    export_hf(tmp_path / "yunque", tmp_path / "hf")
+
+    messages, end = conversation[:2], tok.special_ids["<|end|>"]
+    prompt = render_prompt(tok, messages)
+    loaded, ytok = load_model(tmp_path / "yunque")
+    ours = Engine(loaded, ytok, precision="fp32").generate([prompt], SamplingParams(max_new_tokens=40,
+                                                                                    temperature=0))[0]
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    theirs_prompt = hf_tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert theirs_prompt == prompt
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([theirs_prompt]), max_new_tokens=40, do_sample=False)
+    reply = out[0, len(prompt):].tolist()
+    assert reply == [*ours, end]  # generate() stopped at the end of the turn, as the engine did
+    assert len(ours) > 10 and ytok.decode(ours) == conversation[2]["content"]
+    assert hf_tok.eos_token == "<|end|>"
 
 
 # ---- tokenizers ----

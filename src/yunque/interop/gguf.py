@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from yunque.config import ModelConfig
-from yunque.interop.hf import special_token_ids
 from yunque.interop.hf_config import hf_model_type
+from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.modeldir import atomic_write, load_model, weights_of
-from yunque.tokenizer.bpe import Tokenizer, is_byte_level
+from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 """Storage types for matrices; norms, biases and rope factors are always f32, as llama.cpp expects."""
@@ -87,13 +87,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
     model, tokenizer = load_model(model_dir)
     cfg = model.cfg
     arch = hf_model_type(cfg)
-    tok_config = _read_optional_json(model_dir / "tokenizer_config.json")
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # several named templates: llama.cpp's key holds the default one
-        tok_config["chat_template"] = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if (model_dir / "chat_template.jinja").is_file():
-        tok_config["chat_template"] = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    vocab = _vocab(tokenizer, cfg, tok_config, gguf)  # checked before anything is written
+    # the same start token, chat template and end of turn as a Hugging Face export (see hf_tokenizer.py)
+    tok_config = export_tokenizer_config(model_dir, tokenizer, cfg.max_seq_len)
+    vocab = _vocab(tokenizer, cfg, tok_config, chat_template_source(model_dir, tokenizer), gguf)  # checked first
 
     def write(path: Path) -> None:
         w = gguf.GGUFWriter(str(path), arch)
@@ -138,7 +134,7 @@ def _metadata(w: Any, cfg: ModelConfig, arch: str, name: str, dtype: str, gguf: 
         w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
 
 
-def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any],
+def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any], template: str | None,
            gguf: Any) -> dict[str, tuple[str, Any]]:
     """tokenizer.* metadata as {key: (writer type, value)}: llama.cpp's "gpt2" (byte-level BPE) vocabulary."""
     config = json.loads(tokenizer.inner.to_str())
@@ -163,14 +159,16 @@ def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any],
             gguf.Keys.Tokenizer.LIST: ("array", tokens),
             gguf.Keys.Tokenizer.TOKEN_TYPE: ("array", [int(t) for t in types]),
             gguf.Keys.Tokenizer.MERGES: ("array", merges),
-            gguf.Keys.Tokenizer.ADD_BOS: ("bool", bool(tok_config.get("add_bos_token", tokenizer.bos_id is not None)))}
+            gguf.Keys.Tokenizer.ADD_BOS: ("bool", tokenizer.bos_id is not None)}
     ids = special_token_ids(tokenizer, tok_config)
     for kind, key in (("bos", gguf.Keys.Tokenizer.BOS_ID), ("eos", gguf.Keys.Tokenizer.EOS_ID),
                       ("pad", gguf.Keys.Tokenizer.PAD_ID)):
         if f"{kind}_token_id" in ids:
             meta[key] = ("uint32", ids[f"{kind}_token_id"])
-    if tok_config.get("chat_template"):
-        meta[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = ("string", tok_config["chat_template"])
+    if END_OF_TURN in tokenizer.special_ids:  # llama.cpp stops a chat reply at its end-of-turn token
+        meta[gguf.Keys.Tokenizer.EOT_ID] = ("uint32", tokenizer.special_ids[END_OF_TURN])
+    if template:
+        meta[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = ("string", template)
     return meta
 
 
@@ -202,10 +200,6 @@ def _encode(x: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     if qtype == Q.F16:
         return a.astype(np.float16)
     return gguf.quants.quantize(a, qtype)
-
-
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 __all__ = ["DTYPES", "export_gguf", "gguf_tensors", "permute_rope"]

@@ -23,6 +23,16 @@ from yunque.config import ModelConfig
 from yunque.formats import ModelFormat
 from yunque.interop.hf_config import config_from_hf, config_to_hf, model_type_of
 from yunque.interop.hf_layout import layout
+from yunque.interop.hf_tokenizer import (
+    GENERATION_CONFIG,
+    TOKENIZER_CONFIG,
+    export_tokenizer_config,
+    export_tokenizer_json,
+    load_hf_tokenizer,
+    read_json_object,
+    special_token_ids,
+    stop_token_ids,
+)
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
     CONFIG,
@@ -35,7 +45,7 @@ from yunque.modeldir import (
     save_model,
     weights_of,
 )
-from yunque.tokenizer.bpe import BOS, EOS, PAD, Tokenizer, gpt2_tokenizer_from_files
+from yunque.tokenizer.bpe import Tokenizer
 
 INDEX = "model.safetensors.index.json"
 EXTRA_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -52,21 +62,6 @@ def is_hf_dir(path: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and d.get("model_type") != "yunque" and ("model_type" in d or "architectures" in d)
-
-
-def special_token_ids(tokenizer: Tokenizer, tok_config: dict[str, Any]) -> dict[str, int]:
-    """{"bos_token_id", "eos_token_id", "pad_token_id"} (those that exist): the tokens tokenizer_config.json
-    names (a model from Hugging Face), else yunque's own <|bos|>, <|endoftext|>, <|pad|>."""
-    vocab = tokenizer.inner.get_vocab(with_added_tokens=True)
-    ours = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    ids = {}
-    for kind in ("bos", "eos", "pad"):
-        token = tok_config.get(f"{kind}_token")
-        token = token.get("content") if isinstance(token, dict) else token  # an AddedToken written out
-        i = vocab.get(token) if isinstance(token, str) else None
-        if (i := ours[kind] if i is None else i) is not None:
-            ids[f"{kind}_token_id"] = i
-    return ids
 
 
 # ---- loading ----
@@ -127,16 +122,6 @@ def _read_into(f: FileIO, s: StoredTensor, out: torch.Tensor) -> None:
         if not n:
             raise ValueError(f"{s.path}: ended inside the tensor at byte {s.start}; the file is corrupt or truncated")
         buf = buf[n:]
-
-
-def load_hf_tokenizer(model_dir: Path) -> Tokenizer:
-    if (model_dir / TOKENIZER).is_file():
-        return Tokenizer.load(model_dir)
-    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
-    if vocab.is_file() and merges.is_file():
-        return gpt2_tokenizer_from_files(vocab, merges)
-    raise ValueError(f"{model_dir / TOKENIZER}: missing, and no vocab.json + merges.txt either; "
-                     f"copy the model's tokenizer files into {model_dir}")
 
 
 def _read_config(model_dir: Path) -> tuple[dict[str, Any], ModelConfig]:
@@ -235,7 +220,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> None:
 # ---- export ----
 
 def export_hf(model_dir: str | Path, out_dir: str | Path) -> None:
-    """Write a model dir as a Hugging Face dir that `AutoModelForCausalLM` and `AutoTokenizer` load.
+    """Write a model dir as a Hugging Face dir that `AutoModelForCausalLM` and `AutoTokenizer` load, and that
+    encodes, chats and stops as yunque does (start token, chat template, end of turn: see hf_tokenizer.py).
 
     GPT-2-style configs become GPT2LMHeadModel; Llama-style ones LlamaForCausalLM, or Qwen2 (qkv_bias) or Qwen3
     (qk_norm). ValueError saying why for a config no HF family can hold.
@@ -250,25 +236,19 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> None:
         for name, x in zip(t.hf, pieces):
             # split pieces share storage, which safetensors refuses: each is written from its own copy
             tensors[name] = x.T.contiguous() if t.transpose else x.clone() if len(pieces) > 1 else x
-    extra = {name: _read_json(model_dir / name) for name in ("tokenizer_config.json", "generation_config.json")
-             if (model_dir / name).is_file()}
-    tok_config = extra.get("tokenizer_config.json", {})
-    tok_config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-    for key, token in (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)):
-        if key not in tok_config and token in tokenizer.special_ids:
-            tok_config[key] = token
-    tok_config.setdefault("model_max_length", cfg.max_seq_len)
-    tok_config.setdefault("clean_up_tokenization_spaces", False)  # decode as yunque does
+    tok_config = export_tokenizer_config(model_dir, tokenizer, cfg.max_seq_len)
     special_ids = special_token_ids(tokenizer, tok_config)
     hf_config = config_to_hf(cfg, special_ids, state["tok_emb.weight"].dtype)
-    gen_config = {**special_ids, **extra.get("generation_config.json", {})}
+    gen_config = {**special_ids, "eos_token_id": stop_token_ids(tokenizer, tok_config),
+                  **read_json_object(model_dir / GENERATION_CONFIG)}
+    tokenizer_json = export_tokenizer_json(tokenizer)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [(out_dir / CONFIG, _json_writer(hf_config)),
              (out_dir / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-             (out_dir / TOKENIZER, lambda p: Path(p).write_text(tokenizer.inner.to_str(pretty=True), encoding="utf-8")),
-             (out_dir / "tokenizer_config.json", _json_writer(tok_config)),
-             (out_dir / "generation_config.json", _json_writer(gen_config))]
+             (out_dir / TOKENIZER, lambda p: Path(p).write_text(tokenizer_json, encoding="utf-8")),
+             (out_dir / TOKENIZER_CONFIG, _json_writer(tok_config)),
+             (out_dir / GENERATION_CONFIG, _json_writer(gen_config))]
     files += [(out_dir / name, lambda p, src=model_dir / name: shutil.copyfile(src, p))
               for name in ("special_tokens_map.json", "chat_template.jinja") if (model_dir / name).is_file()]
     atomic_write_all(files)
@@ -279,5 +259,4 @@ def _json_writer(obj: dict[str, Any]):
     return lambda p: Path(p).write_text(text, encoding="utf-8")
 
 
-__all__ = ["HF", "INDEX", "describe_hf", "export_hf", "import_hf", "is_hf_dir", "load_hf", "special_token_ids",
-           "weight_files"]
+__all__ = ["HF", "INDEX", "describe_hf", "export_hf", "import_hf", "is_hf_dir", "load_hf", "weight_files"]

@@ -93,7 +93,7 @@ class Tokenizer:
         if start_token is not None and start_token not in vocab:
             raise ValueError(f"the start token {start_token!r} is not in the vocabulary; fix bos_token in "
                              f"tokenizer_config.json or remove its add_bos_token")
-        self._bos_id = _template_start(inner)
+        self._bos_id = template_start_id(inner)
         if self._bos_id is None:
             self._bos_id = vocab[start_token] if start_token is not None else self._special_ids.get(BOS)
 
@@ -240,7 +240,7 @@ class Tokenizer:
         return cls(inner, start_token=_configured_start(file.parent / "tokenizer_config.json"))
 
 
-def _template_start(inner: tokenizers.Tokenizer) -> int | None:
+def template_start_id(inner: tokenizers.Tokenizer) -> int | None:
     """The id of the one special token that the post-processor's single-sequence template puts before the text
     (a TemplateProcessing, alone or in a Sequence), or None."""
     if inner.post_processor is None:
