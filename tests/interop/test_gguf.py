@@ -230,6 +230,18 @@ def test_bad_dtype_and_inexpressible_configs_are_refused(tmp_path, tok):
     assert not (tmp_path / "m.gguf").exists()
 
 
+def test_an_existing_file_is_replaced_only_with_force(tmp_path, tok):
+    _, path = model_dir(tmp_path, tok, "llama")
+    (tmp_path / "m.gguf").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'm.gguf'} already exists \\(a file\\); pass --force"):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"mine"
+    with pytest.raises(ValueError, match="is a directory; name the .gguf file to write"):
+        export_gguf(path, tmp_path, force=True)
+    export_gguf(path, tmp_path / "m.gguf", dtype="f32", force=True)
+    assert gguf.GGUFReader(tmp_path / "m.gguf").tensors
+
+
 def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32(tmp_path, tok):
     save_model(tmp_path, GPT(preset("tiny", vocab_size=tok.vocab_size, d_model=48)), tok)
     export_gguf(tmp_path, tmp_path / "model.gguf", dtype="q8_0")

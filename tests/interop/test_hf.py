@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from yunque.config import preset
-from yunque.interop.hf import export_hf, is_hf_dir, load_hf
+from yunque.interop.hf import export_hf, import_hf, is_hf_dir, load_hf
 from yunque.model.gpt import GPT
 from yunque.modeldir import describe, load_model, save_model
 from yunque.tokenizer.bpe import byte_tokenizer
@@ -181,3 +181,35 @@ def test_unknown_safetensors_dtype_is_named(hf_dir):
     rewrite_header(hf_dir / "model.safetensors", lambda h: first_weight(h).update(dtype="F4"))
     with pytest.raises(ValueError, match="tensor model.embed_tokens.weight has dtype 'F4'; yunque reads F64, F32"):
         load_hf(hf_dir)
+
+
+# ---- outputs of import and export ----
+
+def test_import_and_export_refuse_an_existing_output_unless_forced(hf_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for convert, source in ((import_hf, hf_dir), (export_hf, tmp_path / "yunque")):
+        with pytest.raises(ValueError, match=f"^{out} already exists \\(a non-empty directory\\); pass --force"):
+            convert(source, out)
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    import_hf(hf_dir, out, force=True)
+    assert load_model(out)[0].cfg.d_ff == 128 and not (out / "notes.txt").exists()
+    export_hf(tmp_path / "yunque", out, force=True)
+    assert is_hf_dir(out)
+    with pytest.raises(ValueError, match="holds the input"):
+        export_hf(out, out, force=True)
+
+
+def test_a_failed_export_leaves_no_partial_output(hf_dir, tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("yunque.interop.hf.save_file", disk_full)
+    for out in (tmp_path / "new", hf_dir):  # a new output, and an old one being replaced
+        before = sorted(p.name for p in tmp_path.iterdir())
+        old = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+        with pytest.raises(OSError, match="No space left"):
+            export_hf(tmp_path / "yunque", out, force=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial output, no staging dir
+        assert old is None or {p.name: p.read_bytes() for p in out.iterdir()} == old

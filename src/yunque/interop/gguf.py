@@ -25,6 +25,7 @@ import torch
 from yunque.config import ModelConfig
 from yunque.interop.hf_config import hf_model_type
 from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
+from yunque.interop.output import check_output
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.modeldir import atomic_write, load_model, weights_of
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
@@ -75,15 +76,19 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield "rope_freqs.weight", base / rope_frequencies(cfg)
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f16") -> None:
-    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype`."""
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> None:
+    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype`. An
+    existing file is refused unless `force`; it is replaced only once the new one is complete."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise ModuleNotFoundError("GGUF export needs the gguf package; pip install gguf") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model_dir = Path(model_dir)
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"{out_path} is a directory; name the .gguf file to write")
+    check_output(out_path, force=force, sources=(model_dir,))
     model, tokenizer = load_model(model_dir)
     cfg = model.cfg
     arch = hf_model_type(cfg)
@@ -106,6 +111,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
             w.write_tensor_data(_encode(x, _ggml_type(x, dtype, gguf), gguf))
         w.close()
 
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)
 
 

@@ -33,6 +33,7 @@ from yunque.interop.hf_tokenizer import (
     special_token_ids,
     stop_token_ids,
 )
+from yunque.interop.output import check_output, staged_dir
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
     CONFIG,
@@ -206,27 +207,32 @@ HF = ModelFormat("Hugging Face", is_hf_dir, load_hf, describe_hf)
 """The entry of formats.FORMATS that makes an HF dir work wherever a model dir does."""
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> None:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> None:
     """Convert a Hugging Face model dir into a yunque model dir, keeping tokenizer_config.json (special tokens,
-    chat template) and generation_config.json as they are."""
+    chat template) and generation_config.json as they are. An existing non-empty `out_dir` is refused unless
+    `force`; the output appears whole or not at all (see output.py)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output(out_dir, force=force, sources=(hf_dir,))  # before the work, not after it
     model, tokenizer = load_hf(hf_dir)
-    save_model(out_dir, model, tokenizer)
-    for name in EXTRA_FILES:
-        if (hf_dir / name).is_file():
-            atomic_write(out_dir / name, lambda p, src=hf_dir / name: shutil.copyfile(src, p))
+    with staged_dir(out_dir, force=force, sources=(hf_dir,)) as staging:
+        save_model(staging, model, tokenizer)
+        for name in EXTRA_FILES:
+            if (hf_dir / name).is_file():
+                atomic_write(staging / name, lambda p, src=hf_dir / name: shutil.copyfile(src, p))
 
 
 # ---- export ----
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> None:
+def export_hf(model_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> None:
     """Write a model dir as a Hugging Face dir that `AutoModelForCausalLM` and `AutoTokenizer` load, and that
     encodes, chats and stops as yunque does (start token, chat template, end of turn: see hf_tokenizer.py).
 
     GPT-2-style configs become GPT2LMHeadModel; Llama-style ones LlamaForCausalLM, or Qwen2 (qkv_bias) or Qwen3
-    (qk_norm). ValueError saying why for a config no HF family can hold.
+    (qk_norm). ValueError saying why for a config no HF family can hold. An existing non-empty `out_dir` is
+    refused unless `force`; the output appears whole or not at all (see output.py).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_output(out_dir, force=force, sources=(model_dir,))
     model, tokenizer = load_model(model_dir)
     cfg = model.cfg
     state = weights_of(model)
@@ -243,15 +249,15 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> None:
                   **read_json_object(model_dir / GENERATION_CONFIG)}
     tokenizer_json = export_tokenizer_json(tokenizer)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = [(out_dir / CONFIG, _json_writer(hf_config)),
-             (out_dir / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
-             (out_dir / TOKENIZER, lambda p: Path(p).write_text(tokenizer_json, encoding="utf-8")),
-             (out_dir / TOKENIZER_CONFIG, _json_writer(tok_config)),
-             (out_dir / GENERATION_CONFIG, _json_writer(gen_config))]
-    files += [(out_dir / name, lambda p, src=model_dir / name: shutil.copyfile(src, p))
-              for name in ("special_tokens_map.json", "chat_template.jinja") if (model_dir / name).is_file()]
-    atomic_write_all(files)
+    with staged_dir(out_dir, force=force, sources=(model_dir,)) as staging:
+        files = [(staging / CONFIG, _json_writer(hf_config)),
+                 (staging / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})),
+                 (staging / TOKENIZER, lambda p: Path(p).write_text(tokenizer_json, encoding="utf-8")),
+                 (staging / TOKENIZER_CONFIG, _json_writer(tok_config)),
+                 (staging / GENERATION_CONFIG, _json_writer(gen_config))]
+        files += [(staging / name, lambda p, src=model_dir / name: shutil.copyfile(src, p))
+                  for name in ("special_tokens_map.json", "chat_template.jinja") if (model_dir / name).is_file()]
+        atomic_write_all(files)
 
 
 def _json_writer(obj: dict[str, Any]):
