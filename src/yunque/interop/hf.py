@@ -3,7 +3,8 @@
 An HF dir holds config.json (with `model_type`), model.safetensors or a sharded model.safetensors.index.json, and
 tokenizer.json (or GPT-2's vocab.json + merges.txt), often with tokenizer_config.json (special tokens, chat
 template) and generation_config.json. The config mapping lives in hf_config.py, the tensor names in
-hf_layout.py; this module reads and writes the files.
+hf_layout.py, the tokenizer's files in hf_tokenizer.py; this module reads and writes the weights and the dirs.
+`HF` is the entry of formats.FORMATS that makes an HF dir work wherever a yunque model dir does.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from yunque.tokenizer.bpe import Tokenizer
 
 INDEX = "model.safetensors.index.json"
 EXTRA_FILES = ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-"""Files kept as they are through import and export: special tokens, chat template, generation defaults."""
+"""Files an import keeps as they are: special tokens, chat template, generation defaults (an export keeps them too,
+filling in what is missing: see hf_tokenizer.py)."""
 _MODEL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers old checkpoints saved
 
