@@ -1,23 +1,38 @@
 """Model directories on disk: config.json + model.safetensors + tokenizer.json.
 
-Every stage reads and writes this layout. Weights load only from safetensors (no pickled code).
+Every stage reads and writes this layout. Weights load only from safetensors (no pickled code). `load_model` and
+`describe` open any format that formats.py lists (this one, Hugging Face dirs, ...); the yunque format and LoRA
+adapter dirs are defined here, as the YUNQUE and ADAPTER entries.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from yunque.atomic import atomic_write, atomic_write_all
-from yunque.config import ModelConfig
+from yunque import formats
+from yunque.atomic import atomic_write, atomic_write_all  # noqa: F401 (atomic_write_all: re-exported for train/)
+from yunque.config import LoraConfig, ModelConfig
+from yunque.formats import ModelFormat
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
+from yunque.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+                      "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
+"""safetensors dtype names yunque reads; old checkpoints keep integer and bool buffers next to the weights."""
+MAX_HEADER = 100 * 2**20
+"""Largest safetensors header read (the safetensors library's own limit): a larger one is a corrupt file."""
 
 
 def weights_of(model: GPT) -> dict[str, torch.Tensor]:
@@ -61,6 +76,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}); the model directory is corrupt") from None
+    if not isinstance(d, dict):
+        raise ValueError(  # noqa: TRY004 (a ValueError is what the CLI reports as one line)
+            f"{path}: holds a JSON {type(d).__name__}, not an object; the model directory is corrupt")
     d.pop("model_type", None)
     try:
         return ModelConfig.from_dict(d)
@@ -68,18 +86,89 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def weights_metadata(model_dir: str | Path) -> dict[str, str]:
-    """Safetensors metadata of a model dir's weights, reading only the header (which safetensors checks against
-    the file size); a clear error for a missing or truncated file."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file, as its header says (checked against the file's size)."""
+
+    path: Path
+    dtype: str
+    """safetensors' name for it: "BF16", "F32", ... (a key of SAFETENSORS_DTYPES)."""
+    shape: tuple[int, ...]
+    start: int
+    """Byte offset of its data in the file."""
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """({tensor name: where it lies}, metadata) of a safetensors file, from its header alone; the one reader of
+    safetensors headers in yunque. Every entry is checked against the file's size, so a truncated or corrupt
+    file is a one-line ValueError here, before anything is allocated for it.
+
+    The format: an 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}} (and "__metadata__": {str: str}), then the data, offsets counted from its start.
+    """
+    path = Path(path)
+
+    def corrupt(why: str) -> ValueError:
+        return ValueError(f"{path}: {why}; the file is corrupt or truncated")
+
+    try:
+        with open(path, "rb") as f:
+            size = path.stat().st_size
+            if size < 8:
+                raise corrupt(f"{size} bytes, too short for a safetensors header")
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER:
+                raise corrupt(f"header of {n} bytes is larger than safetensors allows ({MAX_HEADER} bytes)")
+            if 8 + n > size:
+                raise corrupt(f"header of {n} bytes runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read weights ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise corrupt("header's __metadata__ is not a JSON object of strings")
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            kind, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            if not all(isinstance(i, int) and i >= 0 for i in (*shape, begin, end)):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"tensor {name} has a malformed header entry {str(entry)[:80]}") from None
+        if kind not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {kind!r}; yunque reads "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        need = math.prod(shape) * SAFETENSORS_DTYPES[kind].itemsize
+        if end - begin != need:
+            raise corrupt(f"tensor {name} holds {end - begin} bytes but {kind} {shape} needs {need}")
+        if 8 + n + end > size:
+            raise corrupt(f"tensor {name} ends at byte {8 + n + end} but the file has {size} bytes")
+        tensors[name] = StoredTensor(path, kind, shape, 8 + n + begin)
+    return tensors, metadata
+
+
+def _weights_header(model_dir: str | Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     path = Path(model_dir) / WEIGHTS
     if not path.is_file():
         raise ValueError(f"{path}: missing; the model directory has no weights (was training interrupted "
                          f"before the first checkpoint?)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from None
+    return read_safetensors_header(path)
+
+
+def weights_metadata(model_dir: str | Path) -> dict[str, str]:
+    """Safetensors metadata of a model dir's weights, reading only the header; a clear error for a missing,
+    truncated or corrupt file."""
+    return _weights_header(model_dir)[1]
 
 
 def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -94,19 +183,38 @@ def load_weights(model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 
 def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """Load (model in eval mode, tokenizer) from a model dir, ours or a Hugging Face one (see interop/hf.py).
+    """Load (model in eval mode, tokenizer) from a model dir of any format in `formats.FORMATS`: ours, a Hugging
+    Face one (interop/hf.py), ... The weights keep the dtype they were saved in (bf16 stays bf16) unless `dtype`
+    is given, and are held once."""
+    return formats.load(model_dir, device=device, dtype=dtype)
 
-    The weights keep the dtype they were saved in (bf16 stays bf16) unless `dtype` is given, and are held once:
-    the model is built on the meta device and takes the loaded tensors as its parameters.
-    """
-    from yunque.interop.hf import is_hf_dir, load_hf  # imported here: interop sits above modeldir
 
-    if is_hf_dir(model_dir):
-        return load_hf(model_dir, device=device, dtype=dtype)
+def describe(model_dir: str | Path) -> dict[str, Any]:
+    """What `yunque info` shows for a model dir of any format: architecture, size, cost per token, context,
+    tokenizer, training summary (or, for a LoRA adapter dir, the adapter and its base model)."""
+    return formats.describe(model_dir)
+
+
+def is_yunque_dir(path: Path) -> bool:
+    """Whether `path` holds a config.json that yunque wrote (model_type "yunque")."""
+    try:
+        d = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("model_type") == "yunque"
+
+
+def load_yunque(model_dir: str | Path, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """(model in eval mode, tokenizer) from a yunque model dir: the model is built on the meta device, every
+    tensor's shape is checked against the safetensors header, and only then are the weights read and taken as
+    its parameters."""
     cfg = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    state, _ = load_weights(model_dir)
+    stored, _ = _weights_header(model_dir)
     model = meta_model(cfg)
+    check_shapes(model, {name: s.shape for name, s in stored.items()}, model_dir)  # before anything is allocated
+    state, _ = load_weights(model_dir)
     load_state(model, state, model_dir, assign=True)
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg)
@@ -114,19 +222,25 @@ def load_model(model_dir: str | Path, *, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
-def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *, assign: bool = False) -> None:
-    """Put weights into model (copied into its parameters, or taken as them with assign=True), naming missing,
-    unexpected or mis-shaped tensors."""
+def check_shapes(model: GPT, shapes: dict[str, tuple[int, ...]], source: str | Path) -> None:
+    """ValueError naming missing, unexpected or mis-shaped tensors: `shapes` (name -> shape, e.g. read from a
+    safetensors header) against what `model`'s config implies."""
     expected = weights_of(model)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not match config.json (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); the model directory is corrupt")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
-            raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name].shape):
+            raise ValueError(f"{source}: tensor {name} has shape {tuple(shape)} but config.json implies "
                              f"{tuple(expected[name].shape)}")
+
+
+def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *, assign: bool = False) -> None:
+    """Put weights into model (copied into its parameters, or taken as them with assign=True), naming missing,
+    unexpected or mis-shaped tensors."""
+    check_shapes(model, {name: tuple(t.shape) for name, t in state.items()}, source)
     model.load_state_dict(state, strict=False, assign=assign)
     if model.cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -146,21 +260,14 @@ def generation_stop_ids(model_dir: str | Path, vocab_size: int) -> set[int]:
     return {i for i in ids if isinstance(i, int) and 0 <= i < vocab_size}
 
 
-def describe(model_dir: str | Path) -> dict:
-    """What `yunque info` shows: architecture, size, cost per token, context, tokenizer, training summary."""
-    model_dir = Path(model_dir)
-    from yunque.interop.hf import is_hf_dir  # imported here: interop sits above modeldir
+def describe_yunque(model_dir: Path) -> dict[str, Any]:
+    cfg, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
+    return model_summary(model_dir, cfg, tokenizer, "yunque", (Path(model_dir) / WEIGHTS).stat().st_size)
 
-    if is_hf_dir(model_dir):
-        from yunque.interop.hf import config_from_hf, load_hf_tokenizer
 
-        hf = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
-        cfg, tokenizer, fmt = config_from_hf(hf), load_hf_tokenizer(model_dir), f"Hugging Face ({hf['model_type']})"
-        size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    else:
-        cfg, tokenizer, fmt = load_config(model_dir), load_tokenizer(model_dir), "yunque"
-        weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
-        size = (model_dir / WEIGHTS).stat().st_size
+def model_summary(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer, fmt: str, size: int) -> dict[str, Any]:
+    """`describe`'s dict for a model of any format, from its config, tokenizer and bytes of weights."""
     style = "llama" if cfg.pos == "rope" else "gpt2"
     d = {
         "model": str(model_dir),
@@ -174,13 +281,66 @@ def describe(model_dir: str | Path) -> dict:
         "tokenizer": f"{tokenizer.kind}, {tokenizer.vocab_size} tokens",
         "weights": f"{size / 2**20:.1f} MiB",
     }
-    metrics = model_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if records:
-            last = records[-1]
-            vals = [r["val_loss"] for r in records if "val_loss" in r]
-            d["training"] = {"steps": last["step"], "final_loss": last["loss"],
-                             "val_loss": vals[-1] if vals else None,
-                             "minutes": round(last.get("elapsed", 0) / 60, 1)}
-    return d
+    return d | training_summary(model_dir)
+
+
+def training_summary(run_dir: Path) -> dict[str, Any]:
+    """{"training": steps, final loss, last validation loss, minutes} from metrics.jsonl, or {} without one.
+    Lines that do not parse are skipped: a kill while a line was being appended leaves the last one cut."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    if not records:
+        return {}
+    losses = [r["loss"] for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"training": {"steps": records[-1]["step"], "final_loss": losses[-1] if losses else None,
+                         "val_loss": vals[-1] if vals else None,
+                         "minutes": round(records[-1].get("elapsed", 0) / 60, 1)}}
+
+
+# ---- LoRA adapter dirs: described, not loaded on their own ----
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether `path` holds a LoRA adapter (adapter_config.json) rather than a model (config.json)."""
+    return (path / ADAPTER_CONFIG).is_file() and not (path / CONFIG).is_file()
+
+
+def load_adapter_dir(adapter_dir: Path, **_: Any) -> tuple[GPT, Tokenizer]:
+    raise ValueError(f"{adapter_dir} is a LoRA adapter, not a model; apply it to its base model (`yunque chat BASE "
+                     f"--adapter {adapter_dir}`) or fold it in (`yunque merge BASE {adapter_dir} OUT`)")
+
+
+def describe_adapter(adapter_dir: Path) -> dict[str, Any]:
+    """`describe` for a LoRA adapter dir: rank, alpha, targets, base model, adapter parameters and size."""
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        cfg = LoraConfig(rank=d["rank"], alpha=d["alpha"], dropout=d.get("dropout", 0.0), targets=tuple(d["targets"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a yunque LoRA adapter config ({type(e).__name__}: {e})") from None
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(f"{weights}: missing; an adapter dir (made by `yunque sft --lora`) holds {ADAPTER_CONFIG} "
+                         f"and {ADAPTER_WEIGHTS}")
+    tensors, _ = read_safetensors_header(weights)
+    return {
+        "model": str(adapter_dir),
+        "format": "LoRA adapter",
+        "adapter": f"rank {cfg.rank}, alpha {cfg.alpha:g}, targets {', '.join(cfg.targets)}",
+        "base_model": str(d.get("base_model") or "not recorded"),
+        "parameters": f"{sum(math.prod(t.shape) for t in tensors.values()):,} (adapter only)",
+        "weights": f"{weights.stat().st_size / 2**20:.1f} MiB",
+    } | training_summary(adapter_dir)
+
+
+YUNQUE = ModelFormat("yunque", is_yunque_dir, load_yunque, describe_yunque)
+ADAPTER = ModelFormat("LoRA adapter", is_adapter_dir, load_adapter_dir, describe_adapter)

@@ -5,6 +5,7 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 from fnmatch import fnmatch
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,8 +16,16 @@ from huggingface_hub import errors
 from safetensors.torch import save_file
 
 from yunque.config import preset
-from yunque.interop.catalogue import (ALLOW_PATTERNS, catalogue_dir, format_table, list_models, pull, remove,
-                                      resolve, safetensors_dtype)
+from yunque.interop.catalogue import (
+    ALLOW_PATTERNS,
+    catalogue_dir,
+    format_table,
+    list_models,
+    pull,
+    remove,
+    resolve,
+    safetensors_dtype,
+)
 from yunque.model.gpt import GPT
 from yunque.modeldir import save_model
 from yunque.tokenizer.bpe import byte_tokenizer
@@ -141,11 +150,12 @@ def test_pull_then_list_shows_dtype_size_and_parameters(hub, tmp_path):
     model = GPT(preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=32))
     assert tiny == {"name": "me/tiny", "family": "yunque (llama-style)", "dtype": "f32", "context": 32,
                     "parameters": sum(p.numel() for p in model.parameters()), "size": size_of(hub / "me/tiny"),
-                    "path": tiny_dir}
+                    "path": tiny_dir, "problem": None}
     fetched = [p for p in (hub / "org/llama").iterdir() if p.name in ("config.json", "model.safetensors",
                                                                         "tokenizer.json")]
     assert llama == {"name": "org/llama", "family": "llama", "dtype": "bf16", "context": 128,
-                     "parameters": LLAMA_PARAMS, "size": sum(p.stat().st_size for p in fetched), "path": llama_dir}
+                     "parameters": LLAMA_PARAMS, "size": sum(p.stat().st_size for p in fetched), "path": llama_dir,
+                     "problem": None}
 
 
 def test_list_sharded_unsupported_and_incomplete_dirs(hub, tmp_path):
@@ -161,6 +171,57 @@ def test_list_sharded_unsupported_and_incomplete_dirs(hub, tmp_path):
         ("gemma (unsupported)", None, 8192)
     assert (rows["broken/download"]["family"], rows["broken/download"]["dtype"]) == ("? (no config.json)", None)
     assert list_models(tmp_path / "nowhere") == []
+
+
+BAD_ENTRIES = {
+    "bad--list": ("? (bad config.json)", "holds a JSON list, not an object", lambda d: (d / "config.json").write_text(
+        "[1, 2]")),
+    "bad--json": ("? (bad config.json)", "not valid JSON", lambda d: (d / "config.json").write_text("{")),
+    "bad--heads": ("llama (unsupported)", "config.json: num_attention_heads must be a positive integer, got 0",
+                   lambda d: edit(d, num_attention_heads=0)),
+    "bad--nullheads": ("llama (unsupported)", "config.json: num_attention_heads is missing",
+                       lambda d: edit(d, num_attention_heads=None)),
+    "bad--strings": ("llama (unsupported)", "config.json: hidden_size must be a positive integer, got '64'",
+                     lambda d: edit(d, hidden_size="64")),
+    "bad--vocab": ("llama (unsupported)", "config.json: vocab_size=17179869184 is larger than yunque allows",
+                   lambda d: edit(d, vocab_size=2**34)),
+    "bad--arch": ("llama (unsupported)", "config.json: hidden_size is missing",
+                  lambda d: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')),
+    "bad--escape": ("? (unreadable)", "weight_map names the shard '../../etc/passwd', which is not a file of",
+                    lambda d: escape(d, "../../etc/passwd")),
+    "bad--absolute": ("? (unreadable)", "weight_map names the shard '/etc/passwd'", lambda d: escape(d, "/etc/passwd")),
+    "bad--yunque": ("? (bad config.json)", "config.json: n_head must be an integer, got '4'",
+                    lambda d: edit(d, n_head="4")),
+}
+
+
+def edit(model_dir: Path, **changes) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def escape(model_dir: Path, shard: str) -> None:
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+
+
+def test_list_marks_bad_entries_and_still_lists_the_good_ones(hub, tmp_path):
+    root = tmp_path / "models"
+    fake = FakeHub(hub)
+    pull("me/tiny", root=root, download=fake)
+    pull("org/llama", root=root, download=fake)
+    for name, (_, _, damage) in BAD_ENTRIES.items():
+        shutil.copytree(root / ("me--tiny" if name == "bad--yunque" else "org--llama"), root / name)
+        damage(root / name)
+    rows = {r["name"]: r for r in list_models(root)}
+    assert rows["me/tiny"]["problem"] is None and rows["me/tiny"]["parameters"] > 0
+    assert rows["org/llama"]["problem"] is None and rows["org/llama"]["parameters"] == LLAMA_PARAMS
+    for name, (family, problem, _) in BAD_ENTRIES.items():
+        row = rows[name.replace("--", "/")]
+        assert row["family"] == family, name
+        assert problem in row["problem"] and "\n" not in row["problem"], name
+    table = format_table(list(rows.values()))
+    assert "\nbad/heads: config.json: num_attention_heads must be a positive integer, got 0" in table
 
 
 def test_pull_a_repo_with_a_missing_shard_names_it(hub, tmp_path):

@@ -14,6 +14,7 @@ from yunque.interop.gguf import export_gguf, permute_rope
 from yunque.model.gpt import GPT, apply_rope, rope_frequencies
 from yunque.modeldir import save_model
 from yunque.tokenizer.bpe import train_bpe
+from yunque.tokenizer.chat import yunque_template
 
 Q = gguf.GGMLQuantizationType
 MODELS = {
@@ -131,8 +132,12 @@ def test_export_reads_back_with_expected_names_shapes_types_and_values(tmp_path,
     assert types[tok.eos_id] == gguf.TokenType.CONTROL and types[300] == gguf.TokenType.NORMAL
     assert len(value(reader, "tokenizer.ggml.merges")) == tok.vocab_size - 256 - 7
     assert value(reader, "tokenizer.ggml.merges")[0] == "Ġ t"
+    # a yunque tokenizer has the chat tokens: the end of a turn is where llama.cpp stops, and the template is ours
     assert (value(reader, "tokenizer.ggml.bos_token_id"), value(reader, "tokenizer.ggml.eos_token_id"),
-            value(reader, "tokenizer.ggml.padding_token_id")) == (tok.bos_id, tok.eos_id, tok.pad_id)
+            value(reader, "tokenizer.ggml.padding_token_id")) == (tok.bos_id, tok.special_ids["<|end|>"], tok.pad_id)
+    assert value(reader, "tokenizer.ggml.eot_token_id") == tok.special_ids["<|end|>"]
+    assert value(reader, "tokenizer.ggml.add_bos_token") is True
+    assert value(reader, "tokenizer.chat_template") == yunque_template().source
 
     # tensors
     expected = expected_tensors(model, arch)
@@ -223,6 +228,18 @@ def test_bad_dtype_and_inexpressible_configs_are_refused(tmp_path, tok):
     with pytest.raises(ValueError, match="mix GPT-2 and Llama parts"):
         export_gguf(tmp_path / "mixed", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_an_existing_file_is_replaced_only_with_force(tmp_path, tok):
+    _, path = model_dir(tmp_path, tok, "llama")
+    (tmp_path / "m.gguf").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'm.gguf'} already exists \\(a file\\); pass --force"):
+        export_gguf(path, tmp_path / "m.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == b"mine"
+    with pytest.raises(ValueError, match="is a directory; name the .gguf file to write"):
+        export_gguf(path, tmp_path, force=True)
+    export_gguf(path, tmp_path / "m.gguf", dtype="f32", force=True)
+    assert gguf.GGUFReader(tmp_path / "m.gguf").tensors
 
 
 def test_q8_0_falls_back_to_f16_for_rows_not_a_multiple_of_32(tmp_path, tok):

@@ -10,11 +10,10 @@ import pytest
 import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import decoders, models
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from yunque.tokenizer import SPECIAL_TOKENS, Tokenizer, byte_tokenizer, load_tokenizer, train_bpe
-from yunque.tokenizer.bpe import BOS, EOS, PAD, gpt2_tokenizer_from_files
-
+from yunque.tokenizer.bpe import BOS, EOS, PAD, _byte_level, gpt2_tokenizer_from_files
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all afternoon.",
@@ -253,3 +252,83 @@ def test_corrupt_json_error_names_the_file(tmp_path: Path, content: str) -> None
 def test_pad_is_a_special_token(bpe: Tokenizer) -> None:
     assert bpe.pad_id == bpe.special_ids[PAD]
     assert bpe.decode([bpe.pad_id]) == PAD
+
+
+# ---- start tokens of Hugging Face tokenizers ----
+
+HUB_STYLES = {
+    # TinyLlama / Llama 2: <s> added by a TemplateProcessing post-processor, and add_bos_token in the config
+    "llama2": (["<unk>", "<s>", "</s>"], "<s>", {"add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>",
+                                                 "tokenizer_class": "LlamaTokenizer"}),
+    # Llama 3: <|begin_of_text|> added by Sequence[ByteLevel, TemplateProcessing]; the config does not say
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>",
+               {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                "tokenizer_class": "PreTrainedTokenizerFast"}),
+    # Qwen2 / GPT-2: no start token at all
+    "qwen": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None,
+             {"eos_token": "<|im_end|>", "tokenizer_class": "Qwen2Tokenizer"}),
+}
+
+
+def hub_tokenizer_dir(path: Path, style: str, *, template: bool = True) -> Path:
+    """A small tokenizer dir as the Hub ships one (tokenizer.json + tokenizer_config.json), built here."""
+    specials, start, config = HUB_STYLES[style]
+    inner = _byte_level(models.BPE(), use_regex=True)
+    inner.train_from_iterator(TRAIN_TEXTS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if start is not None and template:
+        single, pair = f"{start} $A", f"{start} $A {start}:1 $B:1"
+        steps.append(processors.TemplateProcessing(single=single, pair=pair,
+                                                   special_tokens=[(start, inner.token_to_id(start))]))
+    inner.post_processor = processors.Sequence(steps) if style == "llama3" else steps[-1]
+    path.mkdir(parents=True, exist_ok=True)
+    inner.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("style", list(HUB_STYLES))
+def test_hub_tokenizers_start_with_their_own_start_token(style: str, tmp_path: Path) -> None:
+    tok = load_tokenizer(hub_tokenizer_dir(tmp_path, style))
+    start = HUB_STYLES[style][1]
+    assert tok.bos_id == (None if start is None else tok.inner.token_to_id(start))
+    if start is not None:
+        assert tok.encode("Hola", bos=True) == [tok.bos_id, *tok.encode("Hola")]
+        assert tok.bos_id not in tok.encode(f"{start} in data is text")
+
+
+def test_add_bos_token_without_a_template_still_starts_with_it(tmp_path: Path) -> None:
+    """A tokenizer.json without a post-processor and a config saying add_bos_token (how transformers 4 added
+    <s>): the model was trained with <s> first, so yunque adds it."""
+    tok = load_tokenizer(hub_tokenizer_dir(tmp_path, "llama2", template=False))
+    assert tok.bos_id == tok.inner.token_to_id("<s>")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<nope>"}))
+    with pytest.raises(ValueError, match="start token '<nope>' is not in the vocabulary; fix bos_token"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("style", list(HUB_STYLES))
+def test_hub_tokenizers_give_transformers_ids_with_their_start_token(style: str, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    path = hub_tokenizer_dir(tmp_path, style)
+    tok = load_tokenizer(path)
+    theirs = transformers.AutoTokenizer.from_pretrained(path)
+    for text in CORPUS[:3] + TRICKY[1:3]:
+        assert theirs(text)["input_ids"] == tok.encode(text, bos=tok.bos_id is not None)
+
+
+def test_save_is_atomic(bpe: Tokenizer, byte: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    file = byte.save(tmp_path)
+    before = file.read_bytes()
+
+    def disk_full(self, text, **kwargs):
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bpe.save(tmp_path)
+    assert file.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]

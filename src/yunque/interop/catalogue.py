@@ -14,16 +14,16 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config
+from yunque.interop.hf import INDEX, is_hf_dir, weight_files
+from yunque.interop.hf_config import config_from_hf, model_type_of
+from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config, read_safetensors_header
 
-INDEX = "model.safetensors.index.json"
 ALLOW_PATTERNS = (
     CONFIG, "generation_config.json",
     WEIGHTS, INDEX, "model-*-of-*.safetensors",  # one file, or shards named by the index
@@ -32,7 +32,6 @@ ALLOW_PATTERNS = (
 )
 """What `pull` downloads: root-level files only (no onnx/, no original/ copies of the weights), no pickles."""
 _REPO_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
-_MAX_HEADER = 100 * 2**20  # a safetensors header larger than this is a corrupt file, not a model
 
 
 def catalogue_dir(override: str | None = None) -> Path:
@@ -124,8 +123,8 @@ def _short(e: BaseException) -> str:
 def _check_complete(model_dir: Path, repo_id: str) -> None:
     """ValueError naming what a downloaded dir lacks: config.json, safetensors weights (every shard), a tokenizer."""
     missing = [] if (model_dir / CONFIG).is_file() else [CONFIG]
-    shards = _weight_files(model_dir)
-    missing += [p.name for p in shards or [] if not p.is_file()]
+    shards = weight_files(model_dir)
+    missing += [p.name for p in shards if not p.is_file()]
     if not ((model_dir / TOKENIZER).is_file() or (model_dir / "vocab.json").is_file()
             and (model_dir / "merges.txt").is_file()):
         missing.append(f"{TOKENIZER} (or vocab.json + merges.txt)")
@@ -143,70 +142,72 @@ def _check_complete(model_dir: Path, repo_id: str) -> None:
     raise ValueError(f"{'; '.join(problems)}; {where} (`yunque rm {repo_id}` deletes them)")
 
 
-def _weight_files(model_dir: Path) -> list[Path] | None:
-    """model.safetensors, or the shards its index names (present or not); None when there is neither."""
-    if (model_dir / WEIGHTS).is_file():
-        return [model_dir / WEIGHTS]
-    try:
-        weight_map = json.loads((model_dir / INDEX).read_text(encoding="utf-8")).get("weight_map", {})
-        return sorted({model_dir / f for f in weight_map.values()})
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 # ---- list ----
 
 def list_models(root: Path) -> list[dict[str, Any]]:
     """One row per model dir under root, sorted by name: name, family, parameters (None when unknown), dtype (None
-    when unknown), size (bytes on disk, every file), context (None when unknown) and path."""
+    when unknown), size (bytes on disk, every file), context (None when unknown), path, and problem: None, or
+    one line saying why yunque cannot load the model (a bad entry is listed with it, never stops the listing)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [_row(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    rows = []
+    for model_dir in sorted(root.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        try:
+            rows.append(_row(model_dir))
+        except (ValueError, OSError) as e:
+            rows.append({"name": model_dir.name.replace("--", "/"), "family": "? (unreadable)", "parameters": None,
+                         "dtype": None, "size": 0, "context": None, "path": model_dir,
+                         "problem": _one_line(e, model_dir)})
+    return rows
 
 
 def _row(model_dir: Path) -> dict[str, Any]:
-    from yunque.interop.hf import config_from_hf, is_hf_dir  # imported here: hf.py is the heavier module
-
-    shards = _weight_files(model_dir)
+    shards = weight_files(model_dir)
     row = {"name": model_dir.name.replace("--", "/"), "family": f"? (no {CONFIG})", "parameters": None,
            "dtype": safetensors_dtype(shards[0]) if shards else None, "size": _size(model_dir), "context": None,
-           "path": model_dir}
+           "path": model_dir, "problem": None if shards else "no safetensors weights"}
     if not (model_dir / CONFIG).is_file():
-        return row
+        return {**row, "problem": f"no {CONFIG}"}
     if is_hf_dir(model_dir):
         hf = json.loads((model_dir / CONFIG).read_text(encoding="utf-8"))
-        kind = hf.get("model_type") or (hf.get("architectures") or ["?"])[0]
+        classes = hf.get("architectures")
+        kind = model_type_of(hf) or (classes[0] if isinstance(classes, list) and classes else None)
+        kind = kind if isinstance(kind, str) else "?"
         try:
             cfg = config_from_hf(hf)
-        except ValueError:
+        except ValueError as e:
             context = hf.get("max_position_embeddings") or hf.get("n_positions")
-            return {**row, "family": f"{kind} (unsupported)", "context": context if isinstance(context, int) else None}
+            return {**row, "family": f"{kind} (unsupported)", "problem": f"{CONFIG}: {_one_line(e, model_dir)}",
+                    "context": context if isinstance(context, int) and not isinstance(context, bool) else None}
         family = kind
     else:
         try:
             cfg = load_config(model_dir)
-        except ValueError:
-            return {**row, "family": f"? (bad {CONFIG})"}
+        except ValueError as e:
+            return {**row, "family": f"? (bad {CONFIG})", "problem": _one_line(e, model_dir)}
         family = f"yunque ({'llama' if cfg.pos == 'rope' else 'gpt2'}-style)"
     return {**row, "family": family, "parameters": cfg.num_params(), "context": cfg.max_seq_len}
 
 
+def _one_line(e: BaseException, model_dir: Path) -> str:
+    """The error as one line of at most 200 characters, file names relative to the model's dir."""
+    text = " ".join(str(e).replace(f"{model_dir}{os.sep}", "").split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def safetensors_dtype(path: Path) -> str | None:
-    """The dtype holding most of the elements of a safetensors file ("bf16", "f32", ...), read from its header alone
-    (an 8-byte little-endian length, then that much JSON); None for a missing or corrupt file."""
+    """The dtype holding most of the elements of a safetensors file ("bf16", "f32", ...), read from its header
+    alone; None for a missing or corrupt file."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
-                return None
-            header = json.loads(f.read(n))
-        counts = Counter()
-        for name, t in header.items():
-            if name != "__metadata__":
-                counts[t["dtype"].lower()] += math.prod(t["shape"])
-    except (OSError, struct.error, ValueError, AttributeError, KeyError, TypeError):
+        tensors, _ = read_safetensors_header(path)
+    except ValueError:
         return None
+    counts = Counter()
+    for t in tensors.values():
+        counts[t.dtype.lower()] += math.prod(t.shape)
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -215,14 +216,17 @@ def _size(model_dir: Path) -> int:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """`yunque models`: aligned columns, sizes like "487.2 MiB", parameters like "124.4M", "?" for unknowns."""
+    """`yunque models`: aligned columns, sizes like "487.2 MiB", parameters like "124.4M", "?" for unknowns; then
+    one line per model that cannot be loaded, saying why."""
     table = [("NAME", "FAMILY", "PARAMS", "DTYPE", "SIZE", "CONTEXT")]
     table += [(r["name"], r["family"], _human_count(r["parameters"]), r["dtype"] or "?", _human_size(r["size"]),
                "?" if r["context"] is None else str(r["context"])) for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     right = {2, 4, 5}  # numbers line up on their last digit
-    return "\n".join("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in table)
+    lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                       for i, (cell, w) in enumerate(zip(line, widths))).rstrip() for line in table]
+    problems = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+    return "\n".join(lines + ([""] + problems if problems else []))
 
 
 def _human_count(n: int | None) -> str:
@@ -283,5 +287,5 @@ def _catalogue_name(name: str) -> str:
     return "--".join(parts)
 
 
-__all__ = ["catalogue_dir", "pull", "list_models", "format_table", "remove", "resolve", "safetensors_dtype",
-           "ALLOW_PATTERNS"]
+__all__ = ["ALLOW_PATTERNS", "catalogue_dir", "format_table", "list_models", "pull", "remove", "resolve",
+           "safetensors_dtype"]

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 
 from yunque.config import ModelConfig
-from yunque.interop.hf import hf_model_type, special_token_ids
+from yunque.interop.hf_config import hf_model_type
+from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
+from yunque.interop.output import check_output
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.modeldir import atomic_write, load_model, weights_of
-from yunque.tokenizer.bpe import Tokenizer, is_byte_level
+from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 """Storage types for matrices; norms, biases and rope factors are always f32, as llama.cpp expects."""
@@ -74,25 +76,25 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield "rope_freqs.weight", base / rope_frequencies(cfg)
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f16") -> None:
-    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype`."""
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> None:
+    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype`. An
+    existing file is refused unless `force`; it is replaced only once the new one is complete."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise ModuleNotFoundError("GGUF export needs the gguf package; pip install gguf") from None
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model_dir = Path(model_dir)
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"{out_path} is a directory; name the .gguf file to write")
+    check_output(out_path, force=force, sources=(model_dir,))
     model, tokenizer = load_model(model_dir)
     cfg = model.cfg
     arch = hf_model_type(cfg)
-    tok_config = _read_optional_json(model_dir / "tokenizer_config.json")
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):  # several named templates: llama.cpp's key holds the default one
-        tok_config["chat_template"] = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if (model_dir / "chat_template.jinja").is_file():
-        tok_config["chat_template"] = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    vocab = _vocab(tokenizer, cfg, tok_config, gguf)  # checked before anything is written
+    # the same start token, chat template and end of turn as a Hugging Face export (see hf_tokenizer.py)
+    tok_config = export_tokenizer_config(model_dir, tokenizer, cfg.max_seq_len)
+    vocab = _vocab(tokenizer, cfg, tok_config, chat_template_source(model_dir, tokenizer), gguf)  # checked first
 
     def write(path: Path) -> None:
         w = gguf.GGUFWriter(str(path), arch)
@@ -109,6 +111,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
             w.write_tensor_data(_encode(x, _ggml_type(x, dtype, gguf), gguf))
         w.close()
 
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out_path, write)
 
 
@@ -137,7 +140,7 @@ def _metadata(w: Any, cfg: ModelConfig, arch: str, name: str, dtype: str, gguf: 
         w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
 
 
-def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any],
+def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any], template: str | None,
            gguf: Any) -> dict[str, tuple[str, Any]]:
     """tokenizer.* metadata as {key: (writer type, value)}: llama.cpp's "gpt2" (byte-level BPE) vocabulary."""
     config = json.loads(tokenizer.inner.to_str())
@@ -162,14 +165,16 @@ def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any],
             gguf.Keys.Tokenizer.LIST: ("array", tokens),
             gguf.Keys.Tokenizer.TOKEN_TYPE: ("array", [int(t) for t in types]),
             gguf.Keys.Tokenizer.MERGES: ("array", merges),
-            gguf.Keys.Tokenizer.ADD_BOS: ("bool", bool(tok_config.get("add_bos_token", tokenizer.bos_id is not None)))}
+            gguf.Keys.Tokenizer.ADD_BOS: ("bool", tokenizer.bos_id is not None)}
     ids = special_token_ids(tokenizer, tok_config)
     for kind, key in (("bos", gguf.Keys.Tokenizer.BOS_ID), ("eos", gguf.Keys.Tokenizer.EOS_ID),
                       ("pad", gguf.Keys.Tokenizer.PAD_ID)):
         if f"{kind}_token_id" in ids:
             meta[key] = ("uint32", ids[f"{kind}_token_id"])
-    if tok_config.get("chat_template"):
-        meta[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = ("string", tok_config["chat_template"])
+    if END_OF_TURN in tokenizer.special_ids:  # llama.cpp stops a chat reply at its end-of-turn token
+        meta[gguf.Keys.Tokenizer.EOT_ID] = ("uint32", tokenizer.special_ids[END_OF_TURN])
+    if template:
+        meta[gguf.Keys.Tokenizer.CHAT_TEMPLATE] = ("string", template)
     return meta
 
 
@@ -203,8 +208,4 @@ def _encode(x: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     return gguf.quants.quantize(a, qtype)
 
 
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-__all__ = ["export_gguf", "gguf_tensors", "permute_rope", "DTYPES"]
+__all__ = ["DTYPES", "export_gguf", "gguf_tensors", "permute_rope"]

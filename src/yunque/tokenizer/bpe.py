@@ -22,6 +22,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from yunque.atomic import atomic_write_text
+
 BOS = "<|bos|>"
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -79,13 +81,21 @@ class Tokenizer:
     `inner.encode_special_tokens = True` so special tokens' text in data is encoded as plain text.
     """
 
-    def __init__(self, inner: tokenizers.Tokenizer) -> None:
+    def __init__(self, inner: tokenizers.Tokenizer, *, start_token: str | None = None) -> None:
+        """`start_token`: the token sequences begin with when `inner` itself adds none (a Hugging Face
+        tokenizer_config.json's bos_token, when its add_bos_token is true); see `bos_id`."""
         self.inner = inner
         inner.encode_special_tokens = True
         vocab = inner.get_vocab(with_added_tokens=True)
         # max id + 1, not the token count: Hub vocabularies may have holes, and the embedding needs every id
         self._vocab_size = max(vocab.values(), default=-1) + 1
         self._special_ids = {tok: vocab[tok] for tok in SPECIAL_TOKENS if tok in vocab}
+        if start_token is not None and start_token not in vocab:
+            raise ValueError(f"the start token {start_token!r} is not in the vocabulary; fix bos_token in "
+                             f"tokenizer_config.json or remove its add_bos_token")
+        self._bos_id = template_start_id(inner)
+        if self._bos_id is None:
+            self._bos_id = vocab[start_token] if start_token is not None else self._special_ids.get(BOS)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
@@ -102,7 +112,11 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        return self._special_ids.get(BOS)
+        """The token a sequence starts with, or None: the special token that tokenizer.json's post-processor
+        puts first (how Hugging Face tokenizers add <s> or <|begin_of_text|>, what transformers 5 follows), else
+        the `start_token` given (tokenizer_config.json's add_bos_token, how transformers 4 added it), else
+        yunque's <|bos|>."""
+        return self._bos_id
 
     @property
     def eos_id(self) -> int | None:
@@ -135,18 +149,18 @@ class Tokenizer:
 
     def _wrap(self, ids: list[int], *, bos: bool, eos: bool) -> list[int]:
         if bos:
-            ids = [self._required(BOS, "bos"), *ids]
+            ids = [self._required(self._bos_id, BOS, "bos"), *ids]
         if eos:
-            ids = [*ids, self._required(EOS, "eos")]
+            ids = [*ids, self._required(self.eos_id, EOS, "eos")]
         return ids
 
-    def _required(self, token: str, flag: str) -> int:
-        if token not in self._special_ids:
+    def _required(self, i: int | None, token: str, flag: str) -> int:
+        if i is None:
             raise ValueError(
                 f"{flag}=True but this tokenizer has no {token} token; pass {flag}=False, "
                 f"or use a tokenizer made by train_bpe or byte_tokenizer"
             )
-        return self._special_ids[token]
+        return i
 
     def _checked(self, ids: Sequence[int]) -> list[int]:
         ids = list(map(int, ids))  # accepts numpy and torch integers too
@@ -198,11 +212,12 @@ class Tokenizer:
         return b"".join([table[i] for i in self._checked(ids)])
 
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json into directory `path`, or to `path` itself if it ends in .json; returns the file."""
+        """Write tokenizer.json into directory `path`, or to `path` itself if it ends in .json; returns the file.
+        Atomic: a crash leaves the old file or the new one, never a part of either."""
         path = Path(path)
         file = path if path.suffix == ".json" else path / "tokenizer.json"
         file.parent.mkdir(parents=True, exist_ok=True)
-        self.inner.save(str(file), pretty=True)
+        atomic_write_text(file, self.inner.to_str(pretty=True))
         return file
 
     def fingerprint(self) -> str:
@@ -222,7 +237,41 @@ class Tokenizer:
             raise ValueError(
                 f"{file} is not a valid tokenizer.json ({e}); re-save it with Tokenizer.save or point at another file"
             ) from e
-        return cls(inner)
+        return cls(inner, start_token=_configured_start(file.parent / "tokenizer_config.json"))
+
+
+def template_start_id(inner: tokenizers.Tokenizer) -> int | None:
+    """The id of the one special token that the post-processor's single-sequence template puts before the text
+    (a TemplateProcessing, alone or in a Sequence), or None."""
+    if inner.post_processor is None:
+        return None
+    config = json.loads(inner.post_processor.__getstate__())
+    parts = config.get("processors", []) if config.get("type") == "Sequence" else [config]
+    for part in parts:
+        if part.get("type") != "TemplateProcessing":
+            continue
+        before = []
+        for piece in part.get("single", []):
+            if "Sequence" in piece:
+                break
+            before += part["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
+        return before[0] if len(before) == 1 else None
+    return None
+
+
+def _configured_start(path: Path) -> str | None:
+    """bos_token of a Hugging Face tokenizer_config.json whose add_bos_token is true, else None."""
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(config, dict) or config.get("add_bos_token") is not True:
+        return None
+    token = config.get("bos_token")
+    token = token.get("content") if isinstance(token, dict) else token  # an AddedToken written out
+    return token if isinstance(token, str) else None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
