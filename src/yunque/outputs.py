@@ -1,84 +1,79 @@
-"""New outputs that appear whole or not at all, and never replace what a user has without being told to.
+"""Where a command writes a new output (`import`, `export`, `merge`, `tokenizer train`): never over what exists
+unless asked (`force`), never a half-written result. (Training runs claim their dir through the stage skeleton,
+train/run.py, which adds resume and a lock.)
 
-Commands that write a dir or a file (`merge`, `import`, `export`, `tokenizer train`) write it under a temporary
-sibling name and rename it into place only when it is complete; an existing non-empty output is refused unless
-`force`, and even then replaced only once the new one is complete. (Training runs claim their dir through the
-stage skeleton instead, which adds resume and a lock: train/run.py.)
+A directory output is built under a temporary name beside it (the same filesystem, so the last step is a rename)
+and renamed into place only once complete. With `force` the old output is moved aside first and deleted only once
+the new one is in place. A failure removes the temporary directory and leaves the old output as it was. (A file
+output, the GGUF export, gets the same from `atomic_write`.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+STAGING = ".yunque-tmp"
+"""Suffix of the temporary directory an output is built in."""
 
-def check_new(out: str | Path, *, force: bool, inputs: list[str | Path] = ()) -> None:
-    """ValueError if `out` exists (a non-empty dir, or a file) and `force` is not given, or if `out` is or holds
-    one of `inputs` (which replacing it would destroy)."""
+
+def check_output(out: str | Path, *, force: bool, sources: tuple[str | Path, ...] = ()) -> None:
+    """ValueError unless `out` may be written: it does not exist or is an empty directory, or `force` is given.
+    Never the input itself, nor a directory holding it, since replacing `out` would delete it."""
     out = Path(out)
-    root = out.resolve()
-    for spec in inputs:
-        path = Path(spec).resolve()
-        if path == root or root in path.parents:
-            raise ValueError(f"{out} is where {spec} is read from; choose another output")
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not force:
-        kind = "a model" if (out / "config.json").is_file() else "files" if out.is_dir() else "a file"
-        raise ValueError(f"{out} already holds {kind}; pass --force to replace it, or choose another output")
-
-
-def _partial(out: Path) -> Path:
-    return out.with_name(f".{out.name}.yunque-partial-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def new_dir(out: str | Path, *, force: bool = False, inputs: list[str | Path] = ()) -> Iterator[Path]:
-    """A fresh temporary dir beside `out` to write into; renamed to `out` when the block ends without error,
-    removed when it fails. See `check_new` for what is refused."""
-    out = Path(out)
-    check_new(out, force=force, inputs=inputs)
-    tmp = _partial(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap(tmp, out)
-
-
-@contextlib.contextmanager
-def new_file(out: str | Path, *, force: bool = False, inputs: list[str | Path] = ()) -> Iterator[Path]:
-    """A temporary path beside `out` to write one file to; renamed to `out` when the block ends without error."""
-    out = Path(out)
-    check_new(out, force=force, inputs=inputs)
-    if out.is_dir():
-        raise ValueError(f"{out} is a directory; pass a file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(out)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Put `tmp` where `out` is, replacing an old `out` only after the new one is in place."""
-    if not out.exists():
-        os.replace(tmp, out)
+    for source in map(Path, sources):
+        if source.resolve() == out.resolve() or out.resolve() in source.resolve().parents:
+            raise ValueError(f"{out} holds the input {source}; write the output somewhere else")
+    if not (out.exists() or out.is_symlink()) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
         return
-    old = out.with_name(f".{out.name}.yunque-old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    if not force:
+        kind = "a non-empty directory" if out.is_dir() else "a file"
+        raise ValueError(f"{out} already exists ({kind}); pass --force to replace it, or choose another output")
 
 
-__all__ = ["check_new", "new_dir", "new_file"]
+@contextmanager
+def staged_dir(out: str | Path, *, force: bool, sources: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """A temporary directory beside `out` to write the output into, renamed to `out` when the block completes
+    (replacing it if `force`); removed, with `out` untouched, when the block raises."""
+    out = Path(out)
+    check_output(out, force=force, sources=sources)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=STAGING, dir=out.parent))
+    try:
+        yield staging
+        _fsync(staging)
+        check_output(out, force=force, sources=sources)  # again: something may have appeared there meanwhile
+        _put_in_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists() or out.is_symlink():
+        old = staging.with_name(staging.name.removesuffix(STAGING) + ".old" + STAGING)
+        os.rename(out, old)  # aside, not deleted, until the new output is in place
+        os.rename(staging, out)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        os.rename(staging, out)
+    _fsync(out.parent)
+
+
+def _fsync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+__all__ = ["STAGING", "check_output", "staged_dir"]

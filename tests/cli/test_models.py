@@ -1,11 +1,18 @@
-"""`yunque info` (and, with the interop commands, import/export), in-process through `yunque.cli.main`."""
+"""`yunque info`, `import`, `export`, `models` and `rm`, on yunque and Hugging Face dirs and the catalogue, in-process
+through `yunque.cli.main`."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.cli.util import fails
 from yunque.cli import main
+from yunque.config import preset
+from yunque.model.gpt import GPT
+from yunque.modeldir import save_model
+from yunque.tokenizer.bpe import byte_tokenizer
 
 
 def test_info(run, capsys):
@@ -39,3 +46,41 @@ def truncate_weights(d):
 def test_corrupt_model_dir(run, tmp_path, capsys, damage, words, command):
     out = damaged_copy(run, tmp_path, damage)
     fails(capsys, [a.format(dir=out) for a in command], *words)
+
+
+def test_export_import_round_trip_and_hf_dirs_work_as_model_dirs(tmp_path, capsys):
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_model(tmp_path / "y", GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64)), tok)
+
+    assert main(["export", str(tmp_path / "y"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama"
+    assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["format"] == "Hugging Face (llama)" and info["context"] == 64
+
+    assert main(["generate", str(tmp_path / "hf"), "ab", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    from_hf = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "y"), "ab", "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == from_hf
+
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    a, b = load_file(tmp_path / "y" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert main(["export", str(tmp_path / "y"), "--format", "gguf", str(tmp_path / "m.gguf"), "--dtype", "f32"]) == 0
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
+def test_catalogue_names_work_as_model_args(tmp_path, capsys):
+    tok = byte_tokenizer()
+    cat = tmp_path / "cat"
+    save_model(cat / "me--tiny", GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64)), tok)
+    assert main(["models", "--catalogue", str(cat)]) == 0
+    assert "me/tiny" in capsys.readouterr().out
+    assert main(["info", "me/tiny", "--catalogue", str(cat)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["rm", "me/tiny", "--catalogue", str(cat)]) == 0
+    assert not (cat / "me--tiny").exists()
+    assert main(["info", "me/tiny", "--catalogue", str(cat)]) == 1
+    assert "yunque pull" in capsys.readouterr().err

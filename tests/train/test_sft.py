@@ -98,7 +98,7 @@ def test_lora_trains_adapters_only_merges_and_resumes(base, gsm8k, tmp_path):
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), adapted(ids), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="already holds a model"):
+    with pytest.raises(ValueError, match="already exists.*--force"):
         merge(base, out, merged_dir)
 
     # resume with a longer budget: the run's own settings (LoRA included) come from run.json

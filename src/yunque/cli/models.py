@@ -22,6 +22,7 @@ def register(sub) -> None:
                   examples="  yunque import ~/models/SmolLM2-135M-Instruct runs/smol\n")
     imp.add_argument("hf_dir", metavar="HF_DIR", help="the Hugging Face model dir to read")
     imp.add_argument("out", metavar="OUT_DIR", help="the yunque model dir to write")
+    imp.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds something")
 
     exp = command(sub, "export", cmd_export, help="write a model as a Hugging Face dir or a GGUF file",
                   description="Export a model dir for transformers (--format hf) or llama.cpp / ollama "
@@ -33,6 +34,7 @@ def register(sub) -> None:
     exp.add_argument("out", metavar="OUT", help="output dir (hf) or .gguf file")
     exp.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
                      help="GGUF tensor type (default: f16)")
+    exp.add_argument("--force", action="store_true", help="replace OUT if it holds something")
 
     pull = command(sub, "pull", cmd_pull, help="download a Hugging Face model (safetensors only) into the catalogue",
                    description="Download a model's safetensors, config and tokenizer files from the Hugging Face "
@@ -72,7 +74,7 @@ def cmd_info(args) -> int:
 def cmd_import(args) -> int:
     from yunque.interop.hf import import_hf
 
-    import_hf(args.hf_dir, args.out)
+    import_hf(args.hf_dir, args.out, force=args.force)
     print(f"imported {args.hf_dir} -> {args.out}")
     return 0
 
@@ -82,13 +84,13 @@ def cmd_export(args) -> int:
     if args.format == "hf":
         from yunque.interop.hf import export_hf
 
-        export_hf(src, args.out)
+        export_hf(src, args.out, force=args.force)
     else:
         try:
             from yunque.interop.gguf import export_gguf
         except ModuleNotFoundError:
             raise ValueError("GGUF export needs the gguf package; pip install 'yunque[gguf]'") from None
-        export_gguf(src, args.out, dtype=args.dtype)
+        export_gguf(src, args.out, dtype=args.dtype, force=args.force)
     print(f"exported {src} -> {args.out} ({args.format})")
     return 0
 

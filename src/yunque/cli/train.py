@@ -113,12 +113,12 @@ def warn_ignored_on_resume(args, names: list[str]) -> None:
 
 def cmd_tokenizer_train(args) -> int:
     from yunque.data.sources import SkipReport, iter_documents
-    from yunque.outputs import new_dir
+    from yunque.outputs import staged_dir
     from yunque.tokenizer.bpe import train_bpe
 
     report = SkipReport()
     texts = (d.text for d in iter_documents(list(args.data), text_field=args.text_field, report=report))
-    with new_dir(args.out, force=args.force, inputs=list(args.data)) as tmp:
+    with staged_dir(args.out, force=args.force, sources=tuple(args.data)) as tmp:
         tok = train_bpe(texts, args.vocab_size, show_progress=sys.stderr.isatty())
         tok.save(tmp)
     if report.total:

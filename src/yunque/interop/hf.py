@@ -34,7 +34,7 @@ from yunque.interop.hf_tokenizer import (
     special_token_ids,
     stop_token_ids,
 )
-from yunque.interop.output import check_output, staged_dir
+from yunque.outputs import check_output, staged_dir
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
     CONFIG,

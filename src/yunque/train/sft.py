@@ -23,6 +23,7 @@ from yunque.data.chat_data import ChatBatches, load_conversations, split_convers
 from yunque.losses import next_token_loss, nll_over
 from yunque.model.lora import apply_adapter, attach_lora, save_adapter_config
 from yunque.modeldir import WEIGHTS, load_model, save_config, save_model
+from yunque.outputs import staged_dir
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, run_stage
 
@@ -110,9 +111,7 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> None:
     """Write base + adapter as one ordinary model dir (weights W + scale * B @ A), loadable without yunque's LoRA.
     An existing non-empty `out_dir` is refused unless `force`; a failed merge leaves nothing behind."""
-    from yunque.outputs import new_dir
-
-    with new_dir(out_dir, force=force, inputs=[base_dir, adapter_dir]) as tmp:
+    with staged_dir(out_dir, force=force, sources=(base_dir, adapter_dir)) as tmp:
         model, tokenizer = load_model(base_dir)
         save_model(tmp, apply_adapter(model, adapter_dir), tokenizer)
         for name in CHAT_FILES:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from yunque.interop.output import check_output, staged_dir
+from yunque.outputs import check_output, staged_dir
 
 
 def test_what_may_be_written_without_force(tmp_path):
