@@ -25,10 +25,11 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.eval.perplexity import bits_per_byte, unigram_loss
 from yunque.eval.qa import answer_questions
 from yunque.modeldir import load_model
-from yunque.tokenizer.chat import ChatFormat
 from yunque.precision import DTYPES, matmul_gflops
+from yunque.tokenizer.chat import ChatFormat
 from yunque.train.pretrain import main as pretrain
-from yunque.train.sft import assistant_loss, main as sft
+from yunque.train.sft import assistant_loss
+from yunque.train.sft import main as sft
 
 SAMPLE_PROMPTS = ("def ", "class Parser:\n    ", "import os\n\n", "The ")
 

@@ -8,15 +8,15 @@ import torch
 
 from yunque.data.chat_data import (
     ChatBatches,
-    length_bucket,
     Conversation,
+    length_bucket,
     load_conversations,
     record_messages,
     split_conversations,
 )
+from yunque.losses import IGNORE
 from yunque.tokenizer.bpe import END_OF_TURN, byte_tokenizer
 from yunque.tokenizer.chat import render
-from yunque.losses import IGNORE
 
 TOK = byte_tokenizer()
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from yunque.config import ModelConfig
+from yunque.losses import next_token_loss
 from yunque.model.gpt import GPT
 from yunque.model.lora import (
     LoraConfig,
@@ -20,7 +21,6 @@ from yunque.model.lora import (
 from yunque.modeldir import WEIGHTS
 from yunque.train.checkpoint import STATE, TRAINABLE
 from yunque.train.loop import LoopConfig, fit
-from yunque.losses import next_token_loss
 from yunque.train.optim import make_adamw
 
 LLAMA = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=16)

@@ -20,7 +20,6 @@ from yunque.losses import IGNORE
 from yunque.tokenizer.bpe import Tokenizer
 from yunque.tokenizer.chat import ChatFormat, check_messages
 
-
 SHAPES = (
     '{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}',
     '{"instruction", "input" (optional), "output"} (Alpaca)',

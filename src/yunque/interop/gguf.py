@@ -25,9 +25,9 @@ import torch
 from yunque.config import ModelConfig
 from yunque.interop.hf_config import hf_model_type
 from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
-from yunque.outputs import check_output
 from yunque.model.gpt import GPT, rope_frequencies
 from yunque.modeldir import atomic_write, load_model, weights_of
+from yunque.outputs import check_output
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")

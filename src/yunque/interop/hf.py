@@ -34,7 +34,6 @@ from yunque.interop.hf_tokenizer import (
     special_token_ids,
     stop_token_ids,
 )
-from yunque.outputs import check_output, staged_dir
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import (
     CONFIG,
@@ -47,6 +46,7 @@ from yunque.modeldir import (
     save_model,
     weights_of,
 )
+from yunque.outputs import check_output, staged_dir
 from yunque.tokenizer.bpe import Tokenizer
 
 INDEX = "model.safetensors.index.json"

@@ -81,7 +81,8 @@ def prepare(cfg: PretrainConfig, loop: LoopConfig) -> Prepared:
     return Prepared(model, batches, next_token_loss_of, evaluate if has_val else None,
                     tokens_per_step=cfg.batch_size * seq_len * loop.grad_accum, fingerprint=data_key,
                     info={"parameters": model.num_params(), "model": model_cfg.to_dict(), "data_dir": str(data_dir),
-                          "vocab_size": tokenizer.vocab_size})
+                          "vocab_size": tokenizer.vocab_size},
+                    facts={"tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}})
 
 
 def _tokenizer(cfg: PretrainConfig, report: SkipReport) -> Tokenizer:

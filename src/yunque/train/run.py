@@ -7,7 +7,8 @@
     prepare          the stage's own part: data -> batches, model preparation, loss (a `Prepared`)
     train            the held-out loss before training, then `fit`
     clean up         a run that fails before its first checkpoint removes what it created; one stopped after a
-                     checkpoint stays, and `yunque info` says how far it got and that --resume continues it
+                     checkpoint stays, and `yunque info` says how far it got and that --resume continues it. A run
+                     killed before its first checkpoint keeps its run.json: --resume starts it again from step 0
 
 A stage is then a config, a `prepare` function and a call to `run_stage`: pretrain.py and sft.py.
 """
@@ -59,6 +60,8 @@ class Prepared:
     """What the training data was (a content hash); a resumed run whose data changed is refused."""
     info: dict[str, Any] = field(default_factory=dict)
     """Figures for the summary (parameters, data counts, ...)."""
+    facts: dict[str, Any] = field(default_factory=dict)
+    """What a fresh run found out and records in run.json beside its settings (e.g. the tokenizer's real size)."""
 
 
 def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepared], *,
@@ -70,16 +73,24 @@ def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepare
     out = Path(cfg.out)
     loop = cfg.loop
     with claim(out, resume=loop.resume, force=cfg.force, inputs=inputs(cfg)) as fresh_dir:
+        saved: dict[str, Any] = {}
         if loop.resume:
             cfg, loop, saved = restore(stage, type(cfg), out, loop)
+            if not has_checkpoint(out):  # stopped before its first checkpoint: start again, the same run exactly
+                print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved settings")
+                _clear(out, keep=(RUN,))
+                loop = dataclasses.replace(loop, resume=False)
         loop = dataclasses.replace(loop, out_dir=str(out))
         with cleanup_on_failure(out, created=fresh_dir):
+            if not loop.resume:  # first, so that a kill from here on leaves a run --resume can start again
+                record(out, stage, cfg, loop, saved.get("data_fingerprint"))
             run = prepare(cfg, loop)
-            if loop.resume and run.fingerprint is not None and run.fingerprint != saved.get("data_fingerprint"):
+            before_data = saved.get("data_fingerprint")
+            if before_data is not None and run.fingerprint is not None and run.fingerprint != before_data:
                 raise ValueError(f"the training data changed since the run in {out} began, so resuming would not "
                                  f"be exact; restore the data, or start a new run (--force)")
             if not loop.resume:
-                record(out, stage, cfg, loop, run.fingerprint)
+                record(out, stage, cfg, loop, run.fingerprint, run.facts)
             loop = dataclasses.replace(loop, tokens_per_step=run.tokens_per_step, trainable_only=run.trainable_only)
             before = None
             if run.evaluate is not None and not loop.resume:
@@ -119,9 +130,7 @@ def claim(out: Path, *, resume: bool, force: bool, inputs: list[str] = ()) -> It
                              f"replace it, or choose another --out")
         elif held:
             _refuse_clearing_inputs(out, inputs)
-            for name in held:
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            _clear(out)
         try:
             yield not resume
         except BaseException:
@@ -137,10 +146,15 @@ def cleanup_on_failure(out: Path, *, created: bool) -> Iterator[None]:
         yield
     except BaseException:
         if created and not has_checkpoint(out):
-            for path in out.iterdir():
-                if path.name != LOCK:
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _clear(out)
         raise
+
+
+def _clear(out: Path, keep: tuple[str, ...] = ()) -> None:
+    """Delete what `out` holds but its lock (and `keep`)."""
+    for path in out.iterdir():
+        if path.name != LOCK and path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _refuse_clearing_inputs(out: Path, inputs: list[str]) -> None:
@@ -197,12 +211,14 @@ def what_is_in(out: Path) -> str:
 
 # ---- run.json ----
 
-def record(out: Path, stage: str, cfg: Any, loop: LoopConfig, fingerprint: str | None) -> None:
-    """Write run.json: what a --resume needs to continue exactly (paths made absolute, so it works from anywhere)."""
+def record(out: Path, stage: str, cfg: Any, loop: LoopConfig, fingerprint: str | None,
+           facts: dict[str, Any] | None = None) -> None:
+    """Write run.json: what a --resume needs to continue exactly (paths made absolute, so it works from anywhere),
+    and what the run found out (`facts`)."""
     config = {k: v for k, v in to_dict(cfg).items() if k not in ("loop", "force")}
     config = _absolute(config)
     atomic_write_text(out / RUN, _json({"stage": stage, "config": config, "loop": to_dict(loop),
-                                        "data_fingerprint": fingerprint}))
+                                        "data_fingerprint": fingerprint, **(facts or {})}))
 
 
 def restore(stage: str, cls: type, out: Path, today: LoopConfig) -> tuple[Any, LoopConfig, dict[str, Any]]:
