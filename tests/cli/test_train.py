@@ -176,3 +176,60 @@ def test_sft_bad_input(base, chats, tmp_path, capsys):
     assert main(["sft", "--model", str(base), "--data", str(chats), "--out", str(tmp_path / "o"), "--lora",
                  "--lora-targets", "nope"]) == 1
     assert "qkv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("minutes", ["inf", "nan", "-1"])
+def test_impossible_minutes_are_one_line(text, tmp_path, capsys, minutes):
+    fails(capsys, ["pretrain", "--out", str(tmp_path / "R"), "--data", str(text), "--minutes", minutes,
+                   "--tokenizer", "bytes"], "minutes")
+    assert not (tmp_path / "R").exists()
+
+
+def test_a_corrupt_gz_is_one_line_naming_it(text, tmp_path, capsys):
+    import gzip
+
+    data = tmp_path / "corpus.txt.gz"
+    data.write_bytes(gzip.compress(text.read_bytes())[:300])  # cut short
+    fails(capsys, ["pretrain", "--out", str(tmp_path / "R"), "--data", str(data), *TRAIN], str(data),
+          "corrupt or truncated")
+    records = tmp_path / "records.jsonl.gz"
+    records.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
+    fails(capsys, ["pretrain", "--out", str(tmp_path / "R"), "--data", str(records), *TRAIN], str(records))
+
+
+def test_nothing_is_overwritten_without_force(run, text, base, chats, tmp_path, capsys):
+    """pretrain over an imported or merged model, sft over a model, tokenizer train over a tokenizer, merge over
+    a model: each refuses and leaves the files as they were; --force replaces."""
+    model = tmp_path / "model"
+    shutil.copytree(base, model)
+    before = snapshot(model)
+    fails(capsys, ["pretrain", "--out", str(model), "--data", str(text), *TRAIN], "already holds a model",
+          "--force")
+    fails(capsys, ["sft", "--model", str(base), "--data", str(chats), "--out", str(model), "--no-progress"],
+          "already holds a model")
+    fails(capsys, ["tokenizer", "train", "--data", str(text), "--vocab-size", "300", "--out", str(model)],
+          "already exists", "--force")
+    fails(capsys, ["merge", str(base), str(run), str(model)], "already exists", "--force")
+    assert snapshot(model) == before
+    fails(capsys, ["sft", "--model", str(model), "--data", str(chats), "--out", str(model), "--force"],
+          "this run reads from")  # --force never deletes the run's own input
+    assert snapshot(model) == before
+    assert main(["pretrain", "--out", str(model), "--data", str(text), *TRAIN, "--force"]) == 0
+    assert json.loads((model / "run.json").read_text())["stage"] == "pretrain"
+
+
+def test_a_second_process_on_the_same_run_dir_gets_one_line(run, capsys):
+    from yunque.train.run import lock
+
+    with lock(run):  # as if another yunque process were training in it
+        fails(capsys, ["pretrain", "--out", str(run), "--resume", "--no-progress"], "another yunque process",
+              str(run))
+
+
+def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
+    out = tmp_path / "R"
+    shutil.copytree(run, out)
+    assert main(["pretrain", "--out", str(out), "--resume", "--lr", "0.5", "--batch-size", "99",
+                 "--checkpoint-every", "5", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--batch-size, --lr ignored with --resume" in err and "checkpoint-every" not in err

@@ -191,7 +191,7 @@ def test_a_failing_compile_falls_back_to_eager_and_the_run_finishes(tmp_path, mo
     fit(eager, batches, loss_fn, loop(tmp_path / "eager", compile="off"))
     calls = []
 
-    def fragile_compile(fn):
+    def fragile_compile(fn, **options):
         def compiled(model, batch):
             calls.append(1)
             if len(calls) == 4:

@@ -116,3 +116,27 @@ def test_bad_settings_leave_no_directory(base, gsm8k, tmp_path):
     with pytest.raises(ValueError, match=r"unknown LoRA target\(s\) q_proj; accepted: down, lm_head, proj, qkv, up"):
         sft(base, gsm8k, tmp_path / "c", lora=LoraConfig(targets=("q_proj",)))
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_auto_compile_engages_on_ragged_conversations_and_the_run_finishes(base, tmp_path, monkeypatch):
+    """SFT batches are padded to a few length buckets, so the compiled step (here switched on at step 10, as
+    compile="auto" does once the time left repays it) meets a handful of static shapes instead of a new length
+    at every step: the run that used to crash after ~240 steps with a stride assertion now finishes compiled."""
+    from yunque.data.chat_data import ChatBatches, length_bucket, load_conversations
+    from yunque.tokenizer.chat import ChatFormat
+    from yunque.train import loop as loop_module
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "ragged.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "say " + "ab" * int(n)}, {"role": "assistant", "content": "ok"}]}
+            for n in np.where(rng.random(64) < 0.8, rng.integers(1, 8, size=64), rng.integers(15, 28, size=64))]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    monkeypatch.setattr(loop_module, "compile_pays", lambda seconds_left: True)
+    loop = LoopConfig(max_steps=20, lr=3e-3, warmup_steps=3, weight_decay=0.0, precision="fp32", eval_every=0,
+                      progress=False, compile="auto")
+    s = main(SFTConfig(model=str(base), data=(str(data),), out=str(tmp_path / "out"), batch_size=4, max_seq_len=64,
+                       val_fraction=0.0, loop=loop))
+    assert s["steps"] == 20 and s["compiled"]
+    train = ChatBatches(ChatFormat.for_tokenizer(byte_tokenizer()), load_conversations([data]), max_seq_len=64)
+    lengths = {train.sample(4, seed=0, step=i)[0].shape[1] for i in range(10, 20)}  # the compiled steps' batches
+    assert lengths == {length_bucket(33, 64), length_bucket(32, 64)} == {32, 64}  # ragged, two static shapes

@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (with a suggestion for a mistyped one) instead of usage."""
+    """argparse that reports a bad flag in one line (with a suggestion for a mistyped one) instead of usage.
+    Flags must be typed whole: a prefix such as --max-step is a typo to point out, not a flag to guess."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see `{self.prog} --help`)\n")

@@ -125,10 +125,11 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, names: list[str], *, 
             kwargs["metavar"] = metavars[name]
         if hint is bool:
             if default:
-                parser.add_argument("--no-" + (prefix + name).replace("_", "-"), action=_Switch, value=False,
-                                    help=f"{text} This flag turns it off.".strip(), **kwargs)
+                made = parser.add_argument("--no-" + (prefix + name).replace("_", "-"), action=_Switch, value=False,
+                                           help=f"{text} This flag turns it off.".strip(), **kwargs)
             else:
-                parser.add_argument(flag_name(prefix + name), action=_Switch, help=text, **kwargs)
+                made = parser.add_argument(flag_name(prefix + name), action=_Switch, help=text, **kwargs)
+            made.field = (cls, name)
             continue
         if typing.get_origin(hint) is Literal:
             kwargs["choices"] = typing.get_args(hint)
@@ -141,9 +142,10 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, names: list[str], *, 
         else:
             raise TypeError(f"{cls.__name__}.{name}: no flag type for {hints[name]}")
         action = _TupleGiven if typing.get_origin(hint) is tuple else _Given
-        parser.add_argument(flag_name(prefix + name), action=action,
-                            help=f"{text} (default: {_default_text(default)})".strip().replace("%%%%", "%%"),
-                            **kwargs)
+        made = parser.add_argument(flag_name(prefix + name), action=action,
+                                   help=f"{text} (default: {_default_text(default)})".strip().replace("%%%%", "%%"),
+                                   **kwargs)
+        made.field = (cls, name)  # what tests/cli/test_flags.py checks the default against
 
 
 class _TupleGiven(_Given):

@@ -190,7 +190,12 @@ def _plan(cfg: LoopConfig, start: int, saved_total: int | None, now: float) -> S
 
 class _StepFn:
     """`loss_fn(model, batch)`, eager or compiled. Compiled, the model's forward and the loss are one graph (the
-    fp32 cast, log-softmax and their backward fuse); a compile that fails falls back to eager with one notice."""
+    fp32 cast, log-softmax and their backward fuse); a compile that fails falls back to eager with one notice.
+
+    Compiled with static shapes: one graph per batch shape. Pretraining has one shape; fine-tuning pads its
+    batches to a few length buckets (data/chat_data.length_bucket). Left to guess, torch.compile turns the second
+    shape it meets into a dynamic-shape graph, and that graph failed on CPU with torch 2.13 when a batch of
+    another length came ("expected size 4==4, stride 2048==1024 at dim=0": tests/train/test_sft.py)."""
 
     def __init__(self, loss_fn: LossFn, mode: str, note: Callable[[str], None], first_step: int) -> None:
         self.eager, self.fn, self.mode, self.note = loss_fn, loss_fn, mode, note
@@ -203,7 +208,7 @@ class _StepFn:
         return self.fn is not self.eager
 
     def compile(self, at_step: int) -> None:
-        self.fn, self.compiled_at = torch.compile(self.eager), at_step
+        self.fn, self.compiled_at = torch.compile(self.eager, dynamic=False), at_step
 
     def fall_back(self, error: Exception) -> None:
         first = (str(error).strip().splitlines() or [""])[0][:160]
