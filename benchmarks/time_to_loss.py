@@ -80,11 +80,11 @@ def train_to_target(recipe: dict, data: str) -> dict:
     from yunque.config import ModelConfig
     from yunque.data.loaders import TokenWindows
     from yunque.eval.perplexity import score_windows
+    from yunque.losses import next_token_loss
     from yunque.model.gpt import GPT
     from yunque.precision import resolve_precision
     from yunque.tokenizer.bpe import byte_tokenizer
     from yunque.train.loop import LoopConfig, fit
-    from yunque.losses import next_token_loss
 
     r = recipe
     tok = byte_tokenizer()

@@ -33,10 +33,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="yunque
 import torch  # noqa: E402
 
 from yunque.config import ModelConfig, preset  # noqa: E402
+from yunque.losses import next_token_loss  # noqa: E402
 from yunque.model.gpt import GPT  # noqa: E402
 from yunque.precision import physical_cores  # noqa: E402
 from yunque.train.loop import LoopConfig, fit  # noqa: E402
-from yunque.losses import next_token_loss  # noqa: E402
 
 WARMUP_STEPS = 3
 """Steps excluded from the timing: the first compiles (fast path) and the first two allocate."""

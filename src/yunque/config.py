@@ -12,9 +12,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -251,9 +252,9 @@ Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 
 
-def check(obj: Any, problems: Iterator[str] = iter(())) -> None:
+def check(obj: Any, problems: Iterator[str] | None = None) -> None:
     """ValueError with the first problem of a config: a field of the wrong type, or one of `problems`."""
-    problem = next(_type_problems(obj), None) or next(problems, None)
+    problem = next(_type_problems(obj), None) or next(problems or iter(()), None)
     if problem:
         raise ValueError(problem)
 

@@ -70,3 +70,9 @@ def test_generate_few_shot(base, tmp_path, capsys):
                  "--temperature", "0"]) == 0
     assert main(["generate", str(base), "7+1", "--few-shot", str(shots), "--k", "9"]) == 1
     assert "k=9" in capsys.readouterr().err
+
+
+def test_a_capped_length_is_said(run, capsys):
+    assert main(["generate", str(run), "ROMEO:", "--max-new-tokens", "500", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 500 capped to 25" in err and "32-token context" in err

@@ -11,17 +11,18 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
+import operator
 import textwrap
 import types
 import typing
-from functools import cache
 from typing import Any, Literal
 
 _GIVEN = "_given_flags"
 
 
-@cache
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each field of dataclass `cls` (and of its bases), by field name."""
     docs: dict[str, str] = {}
@@ -81,7 +82,7 @@ def _unwrap(hint: Any) -> tuple[Any, bool]:
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+        return (rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)), True
     return hint, False
 
 

@@ -163,9 +163,10 @@ class ChatBatches:
 
     def __init__(self, fmt: ChatFormat | Tokenizer, conversations: Sequence[Conversation], *, max_seq_len: int,
                  policy: str = "truncate") -> None:
-        """Render every conversation in `fmt` (the model's ChatFormat; a tokenizer means its own format). One longer than max_seq_len + 1 tokens (max_seq_len inputs and their
-        targets) is cut to that length (policy "truncate") or left out ("drop"); one left with no assistant
-        token to learn is left out. Both are counted in `counts` and `summary()`."""
+        """Render every conversation in `fmt` (the model's ChatFormat; a tokenizer means yunque's format). One
+        longer than max_seq_len + 1 tokens (max_seq_len inputs and their targets) is cut to that length (policy
+        "truncate") or left out ("drop"); one left with no assistant token to learn is left out. Both are counted
+        in `counts` and `summary()`."""
         if policy not in POLICIES:
             raise ValueError(f"unknown truncation policy {policy!r}; choose one of {', '.join(POLICIES)}")
         if max_seq_len < 1:

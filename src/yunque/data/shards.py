@@ -182,7 +182,8 @@ def _remove_old_build(out: Path) -> None:
 
 
 def _parts(doc: Document, part_chars: int) -> Iterator[tuple[Document, bool, bool]]:
-    """(part, is_first, is_last) pieces of a document, each about part_chars long, cut after a newline where possible."""
+    """(part, is_first, is_last) pieces of a document, each about part_chars long, cut after a newline where
+    possible."""
     text, start, k = doc.text, 0, 0
     while start < len(text):
         end = len(text) if len(text) - start <= part_chars else start + part_chars
@@ -205,7 +206,7 @@ def _frame(ids: list[int], bos_id: int | None, eos_id: int | None, *, first: boo
 
 
 def _in_val(name: str, seed: int, val_fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{seed}:{name}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 

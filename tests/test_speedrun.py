@@ -1,0 +1,45 @@
+"""The speedrun end to end on the built-in corpus, squeezed into a minute: report.md and report.json say how the
+run went, what the machine should do, and when the model is not worth much yet."""
+
+import json
+
+import pytest
+
+from yunque.config import SpeedrunConfig
+from yunque.speedrun import LOW_MFU, main, warnings
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun")
+    r = main(SpeedrunConfig(out=str(out), minutes=0.1, sft_minutes=0.1, vocab_size=512, heldout_questions=8,
+                            eval_tokens=16384, progress=False))
+    return out, r
+
+
+def test_the_report_tells_a_bad_run_from_a_good_one(report):
+    out, r = report
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(r))
+    md = (out / "report.md").read_text()
+    # a six-second pretraining is undertrained, and says so
+    assert r["undertrained"] and any("undertrained" in w for w in r["warnings"]) and "**Warnings:**" in md
+    assert r["tokens_per_sec"] > 0 and r["machine_gflops"] > 0 and 0 < r["mfu"] < 1.5 and "% of this machine" in md
+    assert r["steps"] > r["warmup_steps"] > 0 and "threads, torch" in r["machine"]
+    for side in ("before", "after"):
+        assert {"format_rate", "repetition_rate", "empty_rate", "mean_f1"} <= r["sft"][side].keys()
+    assert "repeat themselves" in md
+
+
+def test_the_plot_and_the_table_show_the_same_validation_figure(report):
+    out, r = report
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["val_loss"] for x in records if "val_loss" in x][-1] == r["val_loss"]
+
+
+def test_warnings_name_a_starved_run_and_a_degenerate_assistant():
+    r = {"undertrained": None, "mfu": LOW_MFU / 2, "precision": "fp32", "achieved_gflops": 1.0,
+         "machine_gflops": 100.0, "sft": {"after": {"repetition_rate": 0.9}}}
+    found = warnings(r)
+    assert "machine was busy" in found[0] and "repeat themselves" in found[1]
+    r.update(mfu=0.5, sft={"after": {"repetition_rate": 0.0}})
+    assert warnings(r) == []
