@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from yunque import formats
-from yunque.atomic import atomic_write, atomic_write_all  # noqa: F401 (atomic_write_all: re-exported for train/)
+from yunque.atomic import atomic_write
 from yunque.config import LoraConfig, ModelConfig
 from yunque.formats import ModelFormat
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
@@ -284,12 +284,12 @@ def model_summary(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer, fmt: 
     return d | training_summary(model_dir)
 
 
-def training_summary(run_dir: Path) -> dict[str, Any]:
-    """{"training": steps, final loss, last validation loss, minutes} from metrics.jsonl, or {} without one.
-    Lines that do not parse are skipped: a kill while a line was being appended leaves the last one cut."""
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, one per logged step. Lines that do not parse are skipped: a kill
+    while a line was being appended leaves the last one cut."""
+    path = Path(path)
     if not path.is_file():
-        return {}
+        return []
     records = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
@@ -298,13 +298,53 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
+    return records
+
+
+def checkpoint_progress(run_dir: str | Path) -> tuple[int, int | None] | None:
+    """(step, planned steps or None) of the training checkpoint in `run_dir` (train_state.pt beside weights whose
+    header carries the step), read from the header alone; None if there is no readable checkpoint."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "train_state.pt").is_file():
+        return None
+    for name in (WEIGHTS, ADAPTER_WEIGHTS):
+        if (run_dir / name).is_file():
+            try:
+                meta = read_safetensors_header(run_dir / name)[1]
+            except ValueError:
+                return None
+            step, total = meta.get("step", ""), meta.get("max_steps", "")
+            return (int(step), int(total) if total.isdigit() else None) if step.isdigit() else None
+    return None
+
+
+def training_summary(run_dir: Path) -> dict[str, Any]:
+    """{"training": steps, final loss, last validation loss, minutes, and for a run dir whether it finished or
+    stopped (and how to continue it)} from metrics.jsonl and the checkpoint, or {} without them."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
     if not records:
         return {}
     losses = [r["loss"] for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
-    return {"training": {"steps": records[-1]["step"], "final_loss": losses[-1] if losses else None,
-                         "val_loss": vals[-1] if vals else None,
-                         "minutes": round(records[-1].get("elapsed", 0) / 60, 1)}}
+    summary = {"steps": records[-1]["step"], "final_loss": losses[-1] if losses else None,
+               "val_loss": vals[-1] if vals else None, "minutes": round(records[-1].get("elapsed", 0) / 60, 1)}
+    progress, stage = checkpoint_progress(run_dir), _run_stage(run_dir)
+    if progress is not None and stage is not None:
+        step, total = progress
+        if step == total:
+            summary["status"] = f"finished ({stage})"
+        else:
+            summary["status"] = (f"stopped at step {step}" + (f" of {total}" if total else "")
+                                 + f"; `yunque {stage} --out {run_dir} --resume` continues it")
+    return {"training": summary}
+
+
+def _run_stage(run_dir: Path) -> str | None:
+    try:
+        stage = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("stage")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, str) else None
 
 
 # ---- LoRA adapter dirs: described, not loaded on their own ----

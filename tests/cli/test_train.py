@@ -56,6 +56,9 @@ def test_interrupted_pretrain_resumes_exactly(run, text, tmp_path, capsys, monke
     monkeypatch.setattr(train_loop, "lr_at", killed_at_step_15)
     fails(capsys, argv, "interrupted", code=130)
     monkeypatch.undo()
+    assert main(["info", str(out)]) == 0  # says how far it got and how to go on
+    assert f"status=stopped at step 10 of 20; `yunque pretrain --out {out} --resume` continues it" in \
+        capsys.readouterr().out
 
     # the run's settings (data, seed, batch, budget) come from its run.json, not from today's flags
     assert main(["pretrain", "--out", str(out), "--resume", "--no-progress"]) == 0
@@ -63,6 +66,7 @@ def test_interrupted_pretrain_resumes_exactly(run, text, tmp_path, capsys, monke
     a, b = load_file(out / "model.safetensors"), load_file(run / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same as the uninterrupted run
     assert (out / "metrics.jsonl").read_text().count("\n") == 2
+    assert main(["info", str(out)]) == 0 and "status=finished (pretrain)" in capsys.readouterr().out
 
 
 def test_resume_keeps_the_run_architecture(run, text, tmp_path, capsys):

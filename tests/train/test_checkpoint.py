@@ -6,8 +6,8 @@ import torch
 
 from tests.train.windows import TOK, assert_same_weights, batches, loop, loss_fn, new_model
 from yunque.atomic import JOURNAL, TMP
-from yunque.modeldir import WEIGHTS, load_model, save_model, weights_metadata
-from yunque.train.checkpoint import STATE, checkpoint_progress, has_checkpoint, load_checkpoint, save_checkpoint
+from yunque.modeldir import WEIGHTS, checkpoint_progress, load_model, save_model, weights_metadata
+from yunque.train.checkpoint import STATE, has_checkpoint, load_checkpoint, save_checkpoint
 from yunque.train.loop import fit
 from yunque.train.optim import make_adamw
 

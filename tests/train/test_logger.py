@@ -2,7 +2,8 @@
 
 import json
 
-from yunque.train.logger import TrainLog, read_metrics
+from yunque.modeldir import read_metrics
+from yunque.train.logger import TrainLog
 
 
 def test_a_cut_last_line_is_skipped(tmp_path):

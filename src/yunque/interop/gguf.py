@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from yunque.atomic import atomic_write
 from yunque.config import ModelConfig
 from yunque.interop.hf_config import hf_model_type
 from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
 from yunque.model.gpt import GPT, rope_frequencies
-from yunque.modeldir import atomic_write, load_model, weights_of
+from yunque.modeldir import load_model, weights_of
 from yunque.outputs import check_output
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 

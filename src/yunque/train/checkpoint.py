@@ -84,20 +84,6 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     return state
 
 
-def checkpoint_progress(out_dir: str | Path) -> tuple[int, int | None] | None:
-    """(step, planned steps or None) of the checkpoint in `out_dir`, read from the weights' header only; None if
-    there is no readable checkpoint."""
-    for name in (WEIGHTS, TRAINABLE):
-        path = Path(out_dir) / name
-        if (Path(out_dir) / STATE).is_file() and path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-            except (SafetensorError, OSError, RuntimeError):  # a damaged file has no readable step
-                return None
-            step, total = meta.get("step", ""), meta.get("max_steps", "")
-            return (int(step), int(total) if total.isdigit() else None) if step.isdigit() else None
-    return None
 def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = Path(out_dir) / TRAINABLE
     if not path.is_file():

@@ -9,24 +9,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from yunque.modeldir import read_metrics
+
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line cut short by a kill (the last one) is skipped, not an error."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 class TrainLog:

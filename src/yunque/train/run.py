@@ -29,8 +29,9 @@ import torch
 
 from yunque.atomic import atomic_write_text, recover
 from yunque.config import LoopConfig, from_dict, load_json, to_dict
+from yunque.modeldir import checkpoint_progress
 from yunque.precision import autocast, resolve_precision
-from yunque.train.checkpoint import checkpoint_progress, has_checkpoint
+from yunque.train.checkpoint import has_checkpoint
 from yunque.train.loop import LossFn, fit
 from yunque.train.runtime import Runtime
 
