@@ -4,6 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import AddedToken
+
+from yunque.config import preset
+from yunque.model.gpt import GPT
+from yunque.modeldir import save_model
+from yunque.tokenizer.bpe import Tokenizer, byte_tokenizer
+from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -21,3 +28,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""ChatML, the template of Qwen's and SmolLM's Hub models."""
+
+
+@pytest.fixture(scope="session")
+def chatml() -> ChatFormat:
+    """A Hugging Face style chat format: a byte tokenizer with ChatML's special tokens, and ChatML's template."""
+    inner = byte_tokenizer().inner
+    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    return ChatFormat.for_tokenizer(Tokenizer(inner), ChatTemplate(CHATML))
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory):
+    """A tiny untrained model dir whose byte tokenizer has yunque's chat tokens."""
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("base")
+    save_model(d, GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)), tok)
+    return d

@@ -12,7 +12,7 @@ from yunque.chat import ChatSession, load_chat_model
 from yunque.config import preset
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
-from yunque.modeldir import load_model, save_model
+from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import ASSISTANT, END_OF_TURN, USER, Tokenizer, byte_tokenizer, gpt2_tokenizer_from_files
 from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
@@ -24,14 +24,6 @@ ALTERNATING = ("{% for m in messages %}{% if (m.role == 'user') != (loop.index0 
                "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("base")
-    save_model(d, GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)), tok)
-    return d
 
 
 def chatml_tokenizer() -> Tokenizer:

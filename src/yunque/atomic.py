@@ -20,7 +20,8 @@ TMP = ".yunque-tmp"
 """Suffix of files being written: distinctive, so that `recover` deletes only files of ours."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -45,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         path.with_name(path.name + TMP).unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -78,9 +79,9 @@ def _finish(folder: Path, journal: list[list[str]]) -> None:
     for tmp, name in journal:
         if (folder / tmp).exists():
             os.replace(folder / tmp, folder / name)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     (folder / JOURNAL).unlink(missing_ok=True)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def recover(folder: str | Path) -> bool:
@@ -108,4 +109,4 @@ def recover(folder: str | Path) -> bool:
     return finished
 
 
-__all__ = ["atomic_write", "atomic_write_all", "atomic_write_text", "recover", "JOURNAL"]
+__all__ = ["atomic_write", "atomic_write_all", "atomic_write_text", "recover", "fsync_dir", "JOURNAL"]

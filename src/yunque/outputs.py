@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from yunque.atomic import fsync_dir
+
 STAGING = ".yunque-tmp"
 """Suffix of the temporary directory an output is built in."""
 
@@ -45,7 +47,7 @@ def staged_dir(out: str | Path, *, force: bool, sources: tuple[str | Path, ...] 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=STAGING, dir=out.parent))
     try:
         yield staging
-        _fsync(staging)
+        fsync_dir(staging)
         check_output(out, force=force, sources=sources)  # again: something may have appeared there meanwhile
         _put_in_place(staging, out)
     finally:
@@ -65,15 +67,7 @@ def _put_in_place(staging: Path, out: Path) -> None:
             old.unlink()
     else:
         os.rename(staging, out)
-    _fsync(out.parent)
-
-
-def _fsync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out.parent)
 
 
 __all__ = ["STAGING", "check_output", "staged_dir"]

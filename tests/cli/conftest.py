@@ -1,16 +1,11 @@
-"""Fixtures of the CLI tests: a few KB of Tiny Shakespeare, a model dir made by `yunque pretrain`, a tiny model
-with yunque's chat tokens, and a file of short conversations."""
+"""Fixtures of the CLI tests: a few KB of Tiny Shakespeare, a model dir made by `yunque pretrain`, and a file of
+short conversations (the tiny chat model `base` is in tests/conftest.py)."""
 
 import json
 
 import pytest
-import torch
 
 from yunque.cli import main
-from yunque.config import preset
-from yunque.model.gpt import GPT
-from yunque.modeldir import save_model
-from yunque.tokenizer.bpe import byte_tokenizer
 
 TRAIN = ["--tokenizer", "bytes", "--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "20",
          "--eval-every", "10", "--no-progress"]
@@ -30,16 +25,6 @@ def run(text, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "R"
     assert main(["pretrain", "--out", str(out), "--data", str(text), *TRAIN]) == 0
     return out
-
-
-@pytest.fixture(scope="session")
-def base(tmp_path_factory):
-    """A tiny untrained model whose byte tokenizer has yunque's chat tokens."""
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("base")
-    save_model(d, GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)), tok)
-    return d
 
 
 @pytest.fixture(scope="session")

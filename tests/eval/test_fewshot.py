@@ -2,11 +2,10 @@
 strings that end the answer."""
 
 import pytest
-from tokenizers import AddedToken
 
 from yunque.eval.fewshot import answer_stop, build_prompt
-from yunque.tokenizer.bpe import BOS, Tokenizer, byte_tokenizer, gpt2_tokenizer_from_files
-from yunque.tokenizer.chat import ChatFormat, ChatTemplate, render_prompt
+from yunque.tokenizer.bpe import BOS, byte_tokenizer, gpt2_tokenizer_from_files
+from yunque.tokenizer.chat import ChatFormat, render_prompt
 
 TOK = byte_tokenizer()
 FMT = ChatFormat.for_tokenizer(TOK)
@@ -34,13 +33,8 @@ def test_chat_model_prompt_is_prior_turns_ended_with_the_turn():
     assert answer_stop(FMT) == FMT.stop
 
 
-def test_template_model_prompt_is_its_own_turns():
-    inner = byte_tokenizer().inner
-    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
-    tok = Tokenizer(inner)
-    chatml = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    fmt = ChatFormat.for_tokenizer(tok, chatml)
+def test_template_model_prompt_is_its_own_turns(chatml):
+    fmt, tok = chatml, chatml.tokenizer
     assert tok.decode(build_prompt(EXAMPLES, "7+1", 1, fmt)) == ("<|im_start|>user\n2+2<|im_end|>\n"
                                                                  "<|im_start|>assistant\n4<|im_end|>\n"
                                                                  "<|im_start|>user\n7+1<|im_end|>\n"

@@ -4,14 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import AddedToken
 
 from yunque.config import preset
 from yunque.engine.engine import Engine
 from yunque.eval.qa import answer_questions, is_repetitive, repetition, token_f1
 from yunque.model.gpt import GPT
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, byte_tokenizer
-from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 
 def test_token_f1_by_hand():
@@ -95,13 +93,8 @@ def test_degenerate_replies_do_not_keep_the_format():
     assert r["questions"] == 6 and [e["reply"] for e in r["examples"]] == [x.decode().strip() for x in replies[:5]]
 
 
-def test_replies_end_where_the_format_ends_a_turn():
-    inner = byte_tokenizer().inner
-    inner.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
-    tok = Tokenizer(inner)
-    chatml = ChatTemplate("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    fmt = ChatFormat.for_tokenizer(tok, chatml)
+def test_replies_end_where_the_format_ends_a_turn(chatml):
+    fmt, tok = chatml, chatml.tokenizer
     conv = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     engine = FakeEngine(tok, [b"Hello"])
     assert answer_questions(engine, [conv], fmt)["format_rate"] == 1.0
