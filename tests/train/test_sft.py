@@ -140,3 +140,18 @@ def test_auto_compile_engages_on_ragged_conversations_and_the_run_finishes(base,
     train = ChatBatches(ChatFormat.for_tokenizer(byte_tokenizer()), load_conversations([data]), max_seq_len=64)
     lengths = {train.sample(4, seed=0, step=i)[0].shape[1] for i in range(10, 20)}  # the compiled steps' batches
     assert lengths == {length_bucket(33, 64), length_bucket(32, 64)} == {32, 64}  # ragged, two static shapes
+
+
+def test_run_json_keeps_absolute_paths_so_resume_works_from_anywhere(base, gsm8k, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(gsm8k, tmp_path / "chats.jsonl")
+    monkeypatch.chdir(tmp_path)
+    sft(base, "chats.jsonl", "out", steps=2)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["stage"] == "sft" and run["config"]["data"] == [str(tmp_path / "chats.jsonl")]
+    assert run["config"]["model"] == str(base.resolve())
+    monkeypatch.chdir(base)
+    resumed = main(SFTConfig(model="", data=(), out=str(tmp_path / "out"),
+                             loop=LoopConfig(max_steps=3, resume=True, progress=False)))
+    assert resumed["steps"] == 3
