@@ -1,6 +1,6 @@
-"""Twin tests of the engine's fast paths against the simple ones.
+"""Twin tests of the engine's fast paths against the simple ones (static cache: tests/model/test_kv_cache.py).
 
-static-shape KV cache == growing cache; oneDNN-packed linear == nn.Linear; compiled decode step == eager;
+oneDNN-packed linear == nn.Linear; compiled decode step == eager;
 bf16 decoding == fp32 decoding on a model that has learned something; and the engine's copy of the model leaves
 the caller's alone.
 """
@@ -51,47 +51,6 @@ def learned() -> GPT:
         opt.step()
     assert loss.item() < 0.1
     return model.eval()
-
-
-def greedy_steps(model: GPT, cache: KVCache, ids: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list]:
-    """Prefill ids (B, P), then n greedy steps; returns the last-position logits of each forward and the tokens."""
-    logits, tokens = [model(ids, kv_cache=cache)[:, -1]], []
-    for _ in range(n):
-        tokens.append(logits[-1].argmax(-1))
-        logits.append(decode_step(model, tokens[-1], cache))
-    return logits, [t.tolist() for t in tokens]
-
-
-@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
-def test_static_cache_equals_growing_cache(name):
-    model = tiny(name)
-    pad = torch.tensor([0, 3, 5])
-    ids = torch.randint(0, 256, (3, 9))
-    with torch.inference_mode():
-        runs = [greedy_steps(model, KVCache(model.cfg, 3, 40, pad=pad, static=static), ids, 12)
-                for static in (False, True)]
-    (dyn_logits, dyn_tokens), (sta_logits, sta_tokens) = runs
-    assert sta_tokens == dyn_tokens
-    for a, b in zip(sta_logits, dyn_logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
-def test_static_cache_select_and_drop_padding_equal_growing_cache():
-    model = tiny("gpt2-tiny")
-    pad = torch.tensor([0, 3, 5])
-    ids = torch.randint(0, 256, (3, 9))
-    out = []
-    with torch.inference_mode():
-        for static in (False, True):
-            cache = KVCache(model.cfg, 3, 12, pad=pad, static=static)
-            logits, _ = greedy_steps(model, cache, ids, 3)  # 9 + 3 = 12: the cache is full
-            cache.select(torch.tensor([1, 2]))
-            cache.drop_common_padding()  # frees 3 positions
-            assert cache.pos == 9
-            token = logits[-1][1:].argmax(-1)
-            out.append([decode_step(model, token, cache) for _ in range(3)])
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 @needs_onednn
