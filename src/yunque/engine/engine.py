@@ -4,28 +4,26 @@ One decode loop (`Engine._steps`) serves every entry point: `generate` and `gene
 `stream` yields the text it releases step by step, so streamed and non-streamed output are the same by
 construction. Per-sequence stop logic and text lives in `_Sequence`; the loop only runs the model and samples.
 
-Fast paths, each with a twin test in tests/engine/test_fast_decode.py and figures in benchmarks/decode.py: the
-engine decodes with its own copy of the model (`decode_model`), in bf16 where the CPU multiplies it natively, with
-weights packed once for oneDNN (`PackedLinear`) and the KV cache in fp32 on CPU; optionally (`compile=True`) one
-compiled graph per batch size runs each decode step over a static-shape cache.
+The CPU fast path (engine/cpu.py, twin tests in tests/engine/test_cpu.py) sits behind it: the engine decodes with
+its own copy of the model (`decode_model`), in bf16 where the CPU multiplies it natively, with weights packed once
+for oneDNN (`PackedLinear`) and the KV cache in fp32 on CPU; optionally (`compile=True`) one compiled graph per
+batch size runs each decode step over a static-shape cache.
 """
 
 from __future__ import annotations
 
 import codecs
-import copy
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from yunque.config import SamplingParams
+from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
 from yunque.engine.sampling import sample
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
-from yunque.precision import DTYPES, bf16_supported, resolve_precision
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
 
 
@@ -94,15 +92,6 @@ class _Sequence:
         self.finish_reason = reason
 
 
-SMALL_MODEL = 4_000_000
-"""Parameters below which the fp32 weights (16 MB) stay in a CPU's caches, and a decode step is bound by the cost
-of each op rather than by memory: there the engine's "auto" precision is fp32 (bf16 would only add casts) with
-plain F.linear (a packed oneDNN product costs ~10 us a call more than MKL's on a small matrix already in cache).
-On the 1.4M `mini` preset this decodes one prompt ~1.25x faster than bf16 + packed, within ~6% of the
-plain reference loop; a batch of 8 runs ~15% slower than in bf16 (benchmarks/decode.py). One prompt is the common
-case: a chat, `yunque generate`."""
-
-
 class Engine:
     """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming."""
 
@@ -111,14 +100,13 @@ class Engine:
         """Decode with a copy of `model` on `device` (see `decode_model`); `model` itself is left as it is.
 
         precision: "bf16", "fp32", or "auto": bf16 where the device multiplies it natively, fp32 elsewhere and
-        for models under SMALL_MODEL parameters on CPU.
+        for models under SMALL_MODEL parameters on CPU (see `decode_precision`).
         compile: torch.compile the one-token decode step over a static-shape KV cache. It takes seconds per batch
         size and cache length (see `cache_bucket`), so it pays off only for long outputs or a long-lived engine.
         """
         self.device = torch.device(device)
-        small = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-        self.dtype = DTYPES["fp32" if precision == "auto" and small else resolve_precision(precision, self.device)]
-        self.model = decode_model(model, self.dtype, self.device, pack=not (small and self.dtype == torch.float32))
+        self.dtype, pack = decode_precision(model, precision, self.device)
+        self.model = decode_model(model, self.dtype, self.device, pack=pack)
         # On CPU, one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13), while
         # the cache is small next to the weights: keep it in fp32.
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -243,118 +231,4 @@ class Engine:
             filled += 1
 
 
-def cache_bucket(n: int) -> int:
-    """The static cache length for n positions: the least of 256, 384, 512, 768, 1024, 1536, ... (powers of two
-    and 1.5 times them) that holds n. Each length is a graph to compile, and every decode step attends over all
-    of it: two lengths an octave waste at most a third of the cache, against half with powers of two alone (on
-    the 35M Llama, prompt 128 + 256 new, 384 slots decode 5-10% faster than 512)."""
-    size = 256
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
-    return size
-
-
-def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Next-token logits (B, V) after feeding tokens (B,), the ones just sampled, at the cache's position."""
-    return model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
-
-
-def compiled_decode_step():
-    """`decode_step` compiled by inductor with frozen weights and a C++ wrapper.
-
-    Freezing makes the weights (`PackedLinear`'s oneDNN layouts included) constants of the graph, and inductor
-    fuses the pointwise work between the matrix products; the C++ wrapper runs the graph without Python in
-    between. The engine's model is its own and never changes, which is what freezing requires. (Left to itself,
-    inductor packs fp32 weights for MKL, whose one-row products run ~1.5x slower than oneDNN's here.)
-
-    Once a (model, batch size, cache length) has been compiled, its later steps skip the guards that could not
-    tell that graph from the others compiled so far (`skip_guard_eval_unsafe`): checking every guard costs ~0.1 ms
-    a step, 5-10% of a small model's decode step. What varies between such steps (token ids, cache contents and
-    fill level) lives in contiguous tensors of fixed shape and dtype, which is all the graph assumes of them; an
-    input that would still need a new graph is compiled with every guard checked.
-    """
-    import torch._dynamo.config  # imported here: torch.compile's machinery takes a second to import
-    import torch._inductor.config
-
-    step = torch.compile(decode_step, dynamic=False, fullgraph=True)
-    compiled: set[tuple[int, int, int]] = set()
-    # Made once and entered at every step: making a stance costs ~50 us, entering a made one ~3 us. Making it also
-    # sets it at once, so its exit puts the stance in force back.
-    unguarded = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    unguarded.__exit__(None, None, None)
-
-    def frozen_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens = tokens.contiguous()
-        key = (id(model), tokens.shape[0], cache.max_len)
-        if key in compiled:
-            try:
-                with unguarded:
-                    return step(model, tokens, cache)
-            except RuntimeError as e:  # raised before the graph runs, so nothing has changed yet
-                if "skip_guard_eval_unsafe" not in str(e):
-                    raise
-        # read when a (re)compile happens; a long-lived engine meets more than dynamo's default of 8 graphs
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), torch._dynamo.config.patch(
-                recompile_limit=64):
-            logits = step(model, tokens, cache)
-        compiled.add(key)
-        return logits
-
-    return frozen_step
-
-
-def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True) -> nn.Module:
-    """The engine's copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, and with
-    `pack` on CPUs with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
-
-    `model` is left as it is; parameters already in `dtype` on `device` are shared with it, not copied. Buffers
-    keep their dtype (rotary frequencies stay fp32), and tied parameters stay tied.
-    """
-    memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype),
-                                requires_grad=False) for p in model.parameters()}
-    model = copy.deepcopy(model, memo).to(device).eval()
-    if pack and PackedLinear.supported(device, dtype):
-        for parent in list(model.modules()):
-            for name, child in parent.named_children():
-                if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
-                    setattr(parent, name, PackedLinear(child))
-    return model
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear whose weight is laid out once in oneDNN's blocked format instead of on every call.
-
-    On CPU this makes decode's small-batch matrix products up to 4x faster than F.linear (the output head gains
-    most) and prefill's 1.1-2.4x (torch 2.13, AVX-512). Results equal F.linear's up to summation order.
-    """
-
-    BATCH_HINT = 8
-    """Rows the layout is tuned for; any number of rows works (1 to 1024 are within 10% of their own best)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        bias = linear.bias.detach() if linear.bias is not None else None
-        extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
-        if extra:
-            weight = torch.cat([weight, weight.new_zeros(extra, self.in_features)])
-            bias = torch.cat([bias, bias.new_zeros(extra)]) if bias is not None else None
-        # opaque oneDNN tensor: a plain attribute, not a parameter, so that no state_dict or .to() sees it
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
-        self.bias = bias
-        self.padded = bool(extra)
-
-    @staticmethod
-    def supported(device: torch.device, dtype: torch.dtype) -> bool:
-        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return False
-        return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported(device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return y[..., :self.out_features] if self.padded else y
-
-
-__all__ = ["Engine", "SamplingParams", "Completion"]
+__all__ = ["Completion", "Engine", "SamplingParams"]

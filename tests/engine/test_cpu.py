@@ -1,4 +1,4 @@
-"""Twin tests of the engine's fast paths against the simple ones (static cache: tests/model/test_kv_cache.py).
+"""Twin tests of the engine's CPU fast path (engine/cpu.py) against the simple one (static cache: tests/model).
 
 oneDNN-packed linear == nn.Linear; compiled decode step == eager;
 bf16 decoding == fp32 decoding on a model that has learned something; and the engine's copy of the model leaves
@@ -7,18 +7,11 @@ the caller's alone.
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from yunque.config import preset
-from yunque.engine.engine import (
-    SMALL_MODEL,
-    Engine,
-    PackedLinear,
-    SamplingParams,
-    cache_bucket,
-    decode_model,
-    decode_step,
-)
+from yunque.engine.cpu import SMALL_MODEL, PackedLinear, cache_bucket, decode_model, decode_step
+from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.precision import bf16_supported
@@ -66,7 +59,7 @@ def test_packed_linear_equals_linear(dtype, bias, out_features):
         got = packed(x)
         assert got.shape == want.shape and got.dtype == dtype
         # same products, another summation order; bf16 results are rounded from fp32 sums either way
-        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
         torch.testing.assert_close(got, want, **tol)
 
 
