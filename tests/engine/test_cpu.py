@@ -1,9 +1,11 @@
-"""Twin tests of the engine's CPU fast path (engine/cpu.py) against the simple one (static cache: tests/model).
+"""Twin tests of the engine's CPU fast path (engine/cpu.py) against the simple one.
 
-oneDNN-packed linear == nn.Linear; compiled decode step == eager;
-bf16 decoding == fp32 decoding on a model that has learned something; and the engine's copy of the model leaves
-the caller's alone.
+oneDNN-packed linear == nn.Linear; compiled decode step == eager, also with rows joining and after new weights;
+bf16 decoding == fp32 decoding on a model that has learned something; the engine's copy of the model leaves the
+caller's alone and shares nothing with it. (The static-shape cache's twin tests are in tests/model/test_kv_cache.py.)
 """
+
+import copy
 
 import pytest
 import torch
@@ -72,7 +74,8 @@ def test_decode_model_leaves_the_callers_model_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert copy.tok_emb.weight.dtype == torch.bfloat16 and copy is not model
     same = decode_model(model, torch.float32, CPU, pack=False)
-    assert same.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # fp32 weights are shared, not copied
+    for (name, p), q in zip(model.named_parameters(), same.parameters()):  # equal values, none shared
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
     assert same.lm_head.weight is same.tok_emb.weight  # still tied
     rope = decode_model(tiny("tiny"), torch.bfloat16, CPU)
     assert rope.inv_freq.dtype == torch.float32  # rotary frequencies keep full precision
@@ -150,3 +153,44 @@ def test_cache_buckets_hold_the_request_and_waste_at_most_a_third():
     sizes = [cache_bucket(n) for n in range(1, 5000)]
     assert sorted(set(sizes))[:7] == [256, 384, 512, 768, 1024, 1536, 2048]
     assert all(s >= n and (n <= 256 or s < 1.5 * n) for n, s in zip(range(1, 5000), sizes))
+
+
+def run_out(engine: Engine, batch) -> None:
+    while batch.running:
+        engine.step(batch)
+        engine.remove(batch, *(r for r in batch.rows if r.done))
+
+
+@needs_onednn
+def test_compiled_engine_with_joining_rows_and_new_weights_equals_eager(learned):
+    # A row runs alone (a B=1 graph), a shorter prompt joins it (B=2, compiled again), the longer-lived row runs
+    # on alone (the B=1 graph, reused); then the model trains on and load_weights replaces the frozen graphs.
+    model = copy.deepcopy(learned)
+    eager, compiled = Engine(model, TOK, precision="fp32"), Engine(model, TOK, precision="fp32", compile=True)
+    eager.stop_ids = compiled.stop_ids = set()
+    first, second = TOK.encode(TEXT[:30]), TOK.encode(TEXT[40:50])
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (24, 8)]
+
+    def joined(engine: Engine) -> list[list[int]]:
+        batch = engine.new_batch()
+        a = engine.add(batch, first, params[0])
+        for _ in range(4):
+            engine.step(batch)
+        b = engine.add(batch, second, params[1])
+        run_out(engine, batch)
+        return [a.ids, b.ids]
+
+    got = joined(compiled)
+    assert [len(ids) for ids in got] == [24, 8] and got == joined(eager)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    ids = torch.tensor([TOK.encode(TEXT[::-1][:60])])
+    nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    opt.step()
+    model.eval()
+    prompt = [TOK.encode(TEXT[:24])]
+    old = compiled.generate(prompt, params[0])
+    compiled.load_weights(model)
+    new = compiled.generate(prompt, params[0])
+    assert new == Engine(model, TOK, precision="fp32").generate(prompt, params[0])
+    assert new != old  # the step moved the greedy output, and the compiled engine followed it

@@ -1,5 +1,5 @@
 """The engine: cached decode against full recompute, batching, stop logic and text, and the step API (rows that
-join and leave a running batch equal each generated alone), logprobs, finish reasons."""
+join and leave a running batch equal each generated alone), logprobs, finish reasons, load_weights."""
 
 import math
 from dataclasses import replace
@@ -387,3 +387,34 @@ def test_add_checks_before_touching_the_batch():
     with pytest.raises(ValueError, match="one each"):
         engine.add_many(batch, [[3], [4]], [GREEDY] * 3)
     assert len(batch) == 1 and batch.cache.batch_size == 1
+
+
+# -- load_weights --------------------------------------------------------------------------------------------------
+
+def train_a_little(model: GPT) -> None:
+    """A few optimizer steps on one text: enough to change the model's greedy output."""
+    ids = torch.tensor([TOK.encode("the cat sat on the mat. " * 4)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(5):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_load_weights_follows_the_training_model(precision):
+    model = tiny_gpt()
+    engine = Engine(model, TOK, precision=precision)
+    prompt = [TOK.encode("the cat")]
+    before = engine.generate(prompt, GREEDY)
+    train_a_little(model)
+    assert engine.generate(prompt, GREEDY) == before  # the engine decodes with its own copy
+    fresh = Engine(model, TOK, precision=precision).generate(prompt, GREEDY)
+    assert fresh != before
+    engine.load_weights(model)
+    assert engine.generate(prompt, GREEDY) == fresh
+    with pytest.raises(ValueError, match="config"):
+        engine.load_weights(tiny_gpt(n_layer=1))

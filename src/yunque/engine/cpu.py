@@ -8,6 +8,7 @@ simple path in tests/engine/test_cpu.py, and figures in benchmarks/decode.py.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable
 
 import torch
@@ -43,10 +44,11 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
     """The engine's own copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, and with
     `pack` on CPUs with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
 
-    `model` is left as it is; parameters already in `dtype` on `device` are shared with it, not copied. Buffers
-    keep their dtype (rotary frequencies stay fp32), and tied parameters stay tied.
+    `model` is left as it is, and no parameter is shared with it (even one already in `dtype` on `device`): the
+    engine keeps decoding with the weights it was given while `model` trains on (see `Engine.load_weights`).
+    Buffers keep their dtype (rotary frequencies stay fp32), and tied parameters stay tied.
     """
-    memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype),
+    memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype, copy=True),
                                 requires_grad=False) for p in model.parameters()}
     model = copy.deepcopy(model, memo).to(device).eval()
     if pack and PackedLinear.supported(device, dtype):
@@ -111,12 +113,17 @@ def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tenso
 
 
 def compiled_decode_step() -> DecodeStep:
-    """`decode_step` compiled by inductor with frozen weights and a C++ wrapper.
+    """`decode_step` compiled by inductor with frozen weights and a C++ wrapper, for one engine's model.
 
     Freezing makes the weights (`PackedLinear`'s oneDNN layouts included) constants of the graph, and inductor
     fuses the pointwise work between the matrix products; the C++ wrapper runs the graph without Python in
-    between. The engine's model is its own and never changes, which is what freezing requires. (Left to itself,
-    inductor packs fp32 weights for MKL, whose one-row products run ~1.5x slower than oneDNN's here.)
+    between. The engine's model is its own and changes only by being replaced (`Engine.load_weights`), which is
+    what freezing requires. (Left to itself, inductor packs fp32 weights for MKL, whose one-row products run ~1.5x
+    slower than oneDNN's here.)
+
+    Every call returns a step with graphs of its own: dynamo keeps compiled graphs on the code object of the
+    function it compiles, so each step compiles a fresh copy of `decode_step`'s code, and its graphs (and the old
+    weights frozen into them) are freed with it. A step is meant for one model at a time.
 
     Once a (model, batch size, cache length) has been compiled, its later steps skip the guards that could not
     tell that graph from the others compiled so far (`skip_guard_eval_unsafe`): checking every guard costs ~0.1 ms
@@ -127,7 +134,8 @@ def compiled_decode_step() -> DecodeStep:
     import torch._dynamo.config  # imported here: torch.compile's machinery takes a second to import
     import torch._inductor.config
 
-    step = torch.compile(decode_step, dynamic=False, fullgraph=True)
+    fresh = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
+    step = torch.compile(fresh, dynamic=False, fullgraph=True)
     compiled: set[tuple[int, int, int]] = set()
     # Made once and entered at every step: making a stance costs ~50 us, entering a made one ~3 us. Making it also
     # sets it at once, so its exit puts the stance in force back.

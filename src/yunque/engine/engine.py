@@ -203,8 +203,8 @@ class Engine:
         rows joining or leaving a batch change its size, and a size not seen before compiles a new graph.
         """
         self.device = torch.device(device)
-        self.dtype, pack = decode_precision(model, precision, self.device)
-        self.model = decode_model(model, self.dtype, self.device, pack=pack)
+        self.dtype, self._pack = decode_precision(model, precision, self.device)
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
         # On CPU, one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13), while
         # the cache is small next to the weights: keep it in fp32.
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -214,6 +214,21 @@ class Engine:
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
         self.compile = compile
         self._decode = compiled_decode_step() if compile else decode_step
+
+    def load_weights(self, model: GPT) -> None:
+        """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
+        graphs (which froze the old weights) are dropped. For RL rollouts after each policy update.
+
+        `model` must have the engine's architecture (config). Rows already in a batch keep the keys and values the
+        old weights cached; finish or remove them first for rollouts wholly under the new policy.
+        """
+        if model.cfg != self.model.cfg:
+            raise ValueError(f"the model's config differs from the engine's ({model.cfg} vs {self.model.cfg}); "
+                             f"load weights of the same architecture, or make a new Engine")
+        # the old copy and the graphs that froze it go before the new copy is made: one copy at a time
+        self.model = self._decode = None
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
+        self._decode = compiled_decode_step() if self.compile else decode_step
 
     def token_budget(self, prompt_len: int, max_new_tokens: int) -> int:
         """Tokens generated at most after a prompt of prompt_len tokens: max_new_tokens, or fewer if the prompt plus
