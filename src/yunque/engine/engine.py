@@ -19,6 +19,7 @@ import codecs
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -152,9 +153,9 @@ class Row:
         return self._seq.done
 
 
-@dataclass(frozen=True)
-class Sampled:
-    """The token one step (or a prefill) sampled for one row."""
+class Sampled(NamedTuple):
+    """The token one step (or a prefill) sampled for one row. (A NamedTuple: made for every row at every step,
+    it costs a third of a frozen dataclass.)"""
 
     row: Row
     id: int
@@ -304,12 +305,12 @@ class Engine:
         A row that a token finishes reports it (`Sampled.finish_reason`, `Row.finish_reason`) and is skipped from
         then on; `remove` frees its cache slots.
         """
-        running = [i for i, r in enumerate(batch.rows) if not r.done]
+        running = [i for i, r in enumerate(batch.rows) if r._seq.finish_reason is None]
         if not running:
             return []
         if batch.filled == batch.cache.max_len:
             self._make_room(batch)
-            running = [i for i, r in enumerate(batch.rows) if not r.done]
+            running = list(range(len(batch.rows)))
         logits = self._decode(self.model, batch.tokens, batch.cache)  # (B, V)
         batch.filled += 1
         if len(running) == len(batch.rows):
@@ -364,29 +365,34 @@ class Engine:
         batch = self.new_batch()
         row = self.add(batch, prompt, params)
         sent = 0
-        while True:
+        for _ in self._drain(batch):
             if len(row.text) > sent:
                 yield row.text[sent:]
                 sent = len(row.text)
-            if row.done:
-                return
-            self._advance(batch)
 
     def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Row]:
         """Run prompts to the end as one batch; prompt i draws with seed + i."""
         each = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(prompts))]
         batch = self.new_batch()
         rows = self.add_many(batch, prompts, each)
-        while batch.running:
-            self._advance(batch)
+        for _ in self._drain(batch):
+            pass
         return rows
 
-    def _advance(self, batch: Batch) -> None:
-        """The loop's step: finished rows leave, then one step for the others. Compiled, finished rows ride along
-        instead until the cache is full (`step` removes them then), as a new batch size means compiling again."""
-        if not self.compile and (done := [r for r in batch.rows if r.done]):
-            self.remove(batch, *done)
-        self.step(batch)
+    def _drain(self, batch: Batch) -> Iterator[None]:
+        """The decode loop of whole generations: yields once after the prefill, then after each step, until no row
+        runs. Finished rows leave at once; compiled, they ride along instead until the cache is full (`step` removes
+        them then), as a new batch size means compiling again."""
+        done = [r for r in batch.rows if r.done]  # finished by their first token
+        yield
+        while True:
+            if done and not self.compile:
+                self.remove(batch, *done)
+            sampled = self.step(batch)
+            if not sampled:
+                return
+            done = [s.row for s in sampled if s.finish_reason is not None]
+            yield
 
     # -- internals -------------------------------------------------------------------------------------------------
 
@@ -434,29 +440,33 @@ class Engine:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[Sampled]]:
         """Sample a token for each of `rows` (running) from its logits (N, V), with the row's own settings and
         generator, and push it into the row; returns the tokens (N,) and what each row got."""
-        settings = [r._sampling for r in rows]
-        generators = [r.generator for r in rows]
-        if all(g is None for g in generators):
-            generators = None
-        if settings.count(settings[0]) == len(settings):  # one setting for all rows: one call
-            temperature, top_k, top_p = settings[0]
-            tokens = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
+        first = rows[0]._sampling
+        if all(r._sampling == first for r in rows):  # one setting for all rows: one call
+            tokens = _draw(rows, logits, first)
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-            for key in dict.fromkeys(settings):
-                group = [i for i, s in enumerate(settings) if s == key]
+            for key in dict.fromkeys(r._sampling for r in rows):
+                group = [i for i, r in enumerate(rows) if r._sampling == key]
                 index = torch.tensor(group, device=logits.device)
-                tokens[index] = sample(logits[index], temperature=key[0], top_k=key[1], top_p=key[2],
-                                       generators=None if generators is None else [generators[i] for i in group])
+                tokens[index] = _draw([rows[i] for i in group], logits[index], key)
         logprobs = [None] * len(rows)
         if any(r.params.logprobs for r in rows):  # 3-5% of a decode step (mini, gpt2-30M; batch 1, 8): if asked
-            values = token_logprobs(logits, tokens).tolist()
-            logprobs = [lp if r.params.logprobs else None for r, lp in zip(rows, values)]
+            logprobs = token_logprobs(logits, tokens).tolist()
         sampled = []
         for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
-            row._seq.push(token, logprob)
-            sampled.append(Sampled(row, token, logprob, row.finish_reason))
+            seq = row._seq
+            seq.push(token, logprob)
+            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason))
         return tokens, sampled
+
+
+def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple) -> torch.Tensor:
+    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p), each with its own generator."""
+    temperature, top_k, top_p = settings
+    generators = None
+    if temperature > 0 and any(r.generator is not None for r in rows):
+        generators = [r.generator for r in rows]
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
 
 
 __all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams"]
