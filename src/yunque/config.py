@@ -492,6 +492,9 @@ class SamplingParams:
     gives the same tokens as prompt i generated alone with seed + i. None uses torch's global generator."""
     stop: tuple[str, ...] = ()
     """Stop strings: a sequence ends just before the first occurrence of any of them, which is not returned."""
+    logprobs: bool = False
+    """Also report each generated token's log-probability under the model (before temperature, top-k and top-p),
+    as a server's `logprobs` or an RL rollout needs; off, no step spends time on them."""
 
     def __post_init__(self) -> None:
         check(self, self._problems())

@@ -1,15 +1,23 @@
+"""The engine: cached decode against full recompute, batching, stop logic and text, and the step API (rows that
+join and leave a running batch equal each generated alone), logprobs, finish reasons, load_weights."""
+
+import math
+from dataclasses import replace
+
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from yunque.config import preset
 from yunque.engine import Engine, SamplingParams
 from yunque.model import GPT
+from yunque.precision import bf16_supported
 from yunque.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer()  # ids 0..255 are bytes; EOS = 257, <|end|> = 262
 GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
+needs_bf16 = pytest.mark.skipif(not bf16_supported("cpu"), reason="this CPU has no native bf16 matrix products")
 
 
 def tiny_gpt(name: str = "tiny", seed: int = 0, **overrides) -> GPT:
@@ -103,6 +111,9 @@ def test_cached_decode_equals_full_recompute(name):
     assert len(rec.logits) == len(want_logits)
     for a, b in zip(rec.logits, want_logits):
         torch.testing.assert_close(a[0], b, atol=1e-5, rtol=0)
+    [c] = engine.generate_text(["The quick brown fox"], replace(GREEDY, logprobs=True))  # the prompt, with BOS
+    want_logprobs = [float(lg.log_softmax(-1)[t]) for lg, t in zip(want_logits, want)]
+    assert c.token_ids == want and c.logprobs == pytest.approx(want_logprobs, abs=1e-5)
 
 
 PROMPTS = [TOK.encode("hi"), TOK.encode("a longer one"), TOK.encode("and the longest prompt")]
@@ -233,13 +244,177 @@ def test_empty_prompt_needs_bos():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-1), "temperature"),
-    (dict(top_p=2), "top_p"),
-    (dict(top_k=0), "top_k"),
-    (dict(stop="STOP"), "stop"),
-    (dict(stop=("",)), "stop"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 2}, "top_p"),
+    ({"top_k": 0}, "top_k"),
+    ({"stop": "STOP"}, "stop"),
+    ({"stop": ("",)}, "stop"),
 ])
 def test_invalid_params_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+# -- the step API ------------------------------------------------------------------------------------------------
+
+A, B, C = TOK.encode("a prompt of middling length"), TOK.encode("hi"), TOK.encode("x" * 20 + " and a longer prompt")
+MODES = {
+    "greedy": [SamplingParams(max_new_tokens=n, temperature=0, logprobs=True) for n in (30, 40, 20)],
+    "seeded": [SamplingParams(max_new_tokens=n, temperature=t, top_k=k, top_p=p, seed=s, logprobs=True)
+               for n, t, k, p, s in ((30, 0.9, None, None, 1), (40, 0.8, 50, None, 2), (20, 1.0, None, 0.9, 3))],
+    "mixed": [SamplingParams(max_new_tokens=30, temperature=0, logprobs=True),
+              SamplingParams(max_new_tokens=40, seed=2),  # without logprobs
+              SamplingParams(max_new_tokens=20, temperature=0.7, top_k=20, seed=3, logprobs=True)],
+}
+
+
+def run_out(engine: Engine, batch) -> None:
+    """Step the batch until no row runs, removing finished rows as they finish."""
+    while batch.running:
+        engine.step(batch)
+        engine.remove(batch, *(r for r in batch.rows if r.done))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_joining_midway_and_leaving_early_equal_each_alone(mode):
+    # A runs alone for 5 steps (fill level 33); B joins with a shorter prompt (padded), C three steps later with
+    # a longer one (A and B get more padding); B leaves early, unfinished; each row's tokens and logprobs are
+    # those it gets in a batch of its own.
+    engine = Engine(tiny_gpt(), TOK)
+    engine.stop_ids = set()  # every row runs to its budget
+    pa, pb, pc = MODES[mode]
+    batch = engine.new_batch()
+    a = engine.add(batch, A, pa)
+    for _ in range(5):
+        engine.step(batch)
+    b = engine.add(batch, B, pb)
+    assert batch.filled == len(A) + 5 > len(B)
+    for _ in range(3):
+        engine.step(batch)
+    c = engine.add(batch, C, pc)
+    assert len(C) > len(A) + 8 and batch.filled == len(C)
+    for _ in range(6):
+        sampled = engine.step(batch)
+        assert [s.row for s in sampled] == [a, b, c]
+    engine.remove(batch, b)
+    assert batch.rows == [a, c] and batch.cache.batch_size == 2
+    run_out(engine, batch)
+    assert len(batch) == 0 and batch.cache is None
+    for row, prompt, params in ((a, A, pa), (b, B, pb), (c, C, pc)):
+        solo = engine.new_batch()
+        want = engine.add(solo, prompt, params)
+        run_out(engine, solo)
+        assert want.ids == engine.generate([prompt], params)[0]
+        n = len(row.ids)
+        assert row.ids == want.ids[:n]
+        if params.logprobs:
+            assert row.logprobs == pytest.approx(want.logprobs[:n], abs=1e-4)
+        else:
+            assert row.logprobs is want.logprobs is None
+        assert n == (len(want.ids) if row is not b else 1 + 3 + 6)
+    assert (a.finish_reason, b.finish_reason, c.finish_reason) == ("length", None, "length")
+
+
+def test_removing_a_row_leaves_the_others_unchanged():
+    engine = Engine(tiny_gpt(), TOK)
+    params = SamplingParams(max_new_tokens=25, temperature=0.8, seed=4, logprobs=True)
+    full = engine.new_batch()
+    rows = engine.add_many(full, PROMPTS, [replace(params, seed=4 + i) for i in range(3)])
+    run_out(engine, full)
+    cut = engine.new_batch()
+    kept = engine.add_many(cut, PROMPTS, [replace(params, seed=4 + i) for i in range(3)])
+    for _ in range(3):
+        engine.step(cut)
+    engine.remove(cut, kept[1])
+    run_out(engine, cut)
+    for i in (0, 2):
+        assert kept[i].ids == rows[i].ids and kept[i].finish_reason == rows[i].finish_reason
+        assert kept[i].logprobs == pytest.approx(rows[i].logprobs, abs=1e-5)
+    assert kept[1].ids == rows[1].ids[:4]
+
+
+def test_step_reports_tokens_logprobs_and_finish_reasons():
+    engine = Engine(Scripted(list(b"abc")), TOK)
+    batch = engine.new_batch()
+    params = replace(GREEDY, logprobs=True)
+    long, short = engine.add_many(batch, [[TOK.bos_id]] * 2, [params, replace(params, max_new_tokens=2)])
+    assert long.ids == short.ids == list(b"a") and long.finish_reason is None
+    lp = 10 - math.log(math.exp(10) + 262)  # the Scripted model's logits: 10 for its token, 0 for 262 others
+    assert long.logprobs == pytest.approx([lp], abs=1e-6)
+    first = engine.step(batch)
+    assert [(s.row, s.id, s.finish_reason) for s in first] == [(long, ord("b"), None), (short, ord("b"), "length")]
+    assert first[0].logprob == pytest.approx(lp, abs=1e-6)
+    assert [(s.row, s.id) for s in engine.step(batch)] == [(long, ord("c"))]  # a finished row is skipped
+    assert len(batch) == 2  # ... until it is removed
+    [end] = engine.step(batch)
+    assert (end.id, end.finish_reason, long.finish_reason) == (TOK.eos_id, "stop", "stop")
+    assert long.ids == list(b"abc") and len(long.logprobs) == 3  # the stop token is reported, not kept
+    assert engine.step(batch) == []
+    engine.remove(batch, long, short)
+    engine.remove(batch, long)  # rows no longer in the batch are ignored
+    assert len(batch) == 0 and batch.cache is None
+    [again] = engine.add_many(batch, [[TOK.bos_id]], GREEDY)  # an emptied batch takes new rows
+    assert [s.logprob for s in engine.step(batch)] == [None]  # logprobs only when asked for
+    run_out(engine, batch)
+    assert (again.ids, again.logprobs) == (list(b"abc"), None)
+    assert engine.generate_text([""], GREEDY)[0].logprobs is None
+
+
+def test_a_row_finished_by_its_first_token_rides_along_until_removed():
+    engine = Engine(Scripted([TOK.eos_id]), TOK)
+    batch = engine.new_batch()
+    row = engine.add(batch, [TOK.bos_id], GREEDY)
+    assert (row.ids, row.finish_reason, batch.running) == ([], "stop", [])
+    assert engine.step(batch) == []
+
+
+def test_token_budget_is_capped_by_the_context():
+    engine = Engine(tiny_gpt(max_seq_len=16), TOK)
+    assert engine.token_budget(10, 50) == 6 and engine.token_budget(3, 5) == 5
+    with pytest.raises(ValueError, match="context is 16"):
+        engine.token_budget(16, 1)
+    row = engine.add(engine.new_batch(), list(range(10)), SamplingParams(max_new_tokens=50))
+    assert row.budget == 6
+
+
+def test_add_checks_before_touching_the_batch():
+    engine = Engine(tiny_gpt(max_seq_len=16), TOK)
+    batch = engine.new_batch()
+    engine.add(batch, [1, 2], GREEDY)
+    with pytest.raises(ValueError, match="context is 16"):
+        engine.add_many(batch, [[3], list(range(16))], GREEDY)
+    with pytest.raises(ValueError, match="one each"):
+        engine.add_many(batch, [[3], [4]], [GREEDY] * 3)
+    assert len(batch) == 1 and batch.cache.batch_size == 1
+
+
+# -- load_weights --------------------------------------------------------------------------------------------------
+
+def train_a_little(model: GPT) -> None:
+    """A few optimizer steps on one text: enough to change the model's greedy output."""
+    ids = torch.tensor([TOK.encode("the cat sat on the mat. " * 4)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(5):
+        loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16)])
+def test_load_weights_follows_the_training_model(precision):
+    model = tiny_gpt()
+    engine = Engine(model, TOK, precision=precision)
+    prompt = [TOK.encode("the cat")]
+    before = engine.generate(prompt, GREEDY)
+    train_a_little(model)
+    assert engine.generate(prompt, GREEDY) == before  # the engine decodes with its own copy
+    fresh = Engine(model, TOK, precision=precision).generate(prompt, GREEDY)
+    assert fresh != before
+    engine.load_weights(model)
+    assert engine.generate(prompt, GREEDY) == fresh
+    with pytest.raises(ValueError, match="config"):
+        engine.load_weights(tiny_gpt(n_layer=1))

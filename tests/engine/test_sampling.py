@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from yunque.engine.sampling import filter_top_k, filter_top_p, sample
+from yunque.engine.sampling import filter_top_k, filter_top_p, sample, token_logprobs
 
 
 def generators(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -22,6 +22,35 @@ def test_greedy_is_argmax():
     ids = sample(logits, temperature=0)
     assert ids.dtype == torch.int64 and ids.shape == (4,)
     assert torch.equal(ids, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 1e-8])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3)) * 20
+    logits[0, :2] = 1000.0  # a tie for the best: a tiny temperature draws between the two
+    ids = sample(logits, temperature=temperature, generators=generators(8))
+    assert torch.equal(ids[1:], logits[1:].argmax(-1))
+    assert ids[0].item() in (0, 1)
+    half = logits.bfloat16()
+    ids = sample(half, temperature=temperature, top_k=5, top_p=0.5, generators=generators(8))
+    assert torch.equal(ids[1:], half[1:].float().argmax(-1))
+
+
+def test_per_row_generators_may_be_none():
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(4))
+    gens = generators(3, seed=9)
+    gens[1] = None  # this row draws from torch's global generator
+    ids = sample(logits, temperature=0.9, generators=gens)
+    again = sample(logits, temperature=0.9, generators=[gens[0].manual_seed(9), None, gens[2].manual_seed(11)])
+    assert ids[0] == again[0] and ids[2] == again[2]
+
+
+def test_token_logprobs_by_hand():
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
+    got = token_logprobs(logits, torch.tensor([1, 0]))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([math.log(0.75), math.log(0.5)]))
+    assert torch.equal(token_logprobs(logits.bfloat16(), torch.tensor([1, 0])).isfinite(), torch.tensor([True, True]))
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
@@ -73,7 +102,7 @@ def test_filter_top_k_by_hand():
 
 def test_filter_top_p_by_hand():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
-    kept = lambda p: torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()  # noqa: E731
+    kept = lambda p: torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()
     assert kept(0.1) == [1]  # the top token alone reaches 0.1
     assert kept(0.7) == [1, 3]  # 0.5 < 0.7 <= 0.8
     assert kept(0.85) == [1, 2, 3]
@@ -81,11 +110,11 @@ def test_filter_top_p_by_hand():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    (dict(temperature=-0.1), "temperature"),
-    (dict(temperature=float("nan")), "temperature"),
-    (dict(top_k=0), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
 ])
 def test_invalid_values_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -1,6 +1,7 @@
-"""Inference: sampling functions and the generation engine."""
+"""Inference: sampling functions, the generation engine and its step API."""
 
-from yunque.engine.engine import Completion, Engine, SamplingParams
-from yunque.engine.sampling import check_sampling, filter_top_k, filter_top_p, sample
+from yunque.engine.engine import Batch, Completion, Engine, Row, Sampled, SamplingParams
+from yunque.engine.sampling import check_sampling, filter_top_k, filter_top_p, sample, token_logprobs
 
-__all__ = ["Engine", "SamplingParams", "Completion", "sample", "filter_top_k", "filter_top_p", "check_sampling"]
+__all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams", "check_sampling", "filter_top_k",
+           "filter_top_p", "sample", "token_logprobs"]

@@ -1,31 +1,33 @@
 """Generation: prefill + decode with the KV cache, batching, stop conditions. Token ids in, token ids (or text) out.
 
-One decode loop (`Engine._steps`) serves every entry point: `generate` and `generate_text` run it to the end,
-`stream` yields the text it releases step by step, so streamed and non-streamed output are the same by
-construction. Per-sequence stop logic and text lives in `_Sequence`; the loop only runs the model and samples.
+The step API is the engine's core, after gpt-fast's prefill / decode-one-token: a `Batch` holds the rows decoding
+together over one KV cache; `Engine.add` prefills a new row (or several) and samples its first token, `Engine.step`
+decodes one token for every row still running, `Engine.remove` takes rows out. Rows join and leave between steps,
+each with its own SamplingParams, random generator and stop conditions (`_Sequence`). A continuous-batching
+scheduler and RL rollouts drive it directly; `generate`, `generate_text` and `stream` are loops over it
+(`Engine._drain`), so streamed and non-streamed output are the same by construction.
 
-Fast paths, each with a twin test in tests/engine/test_fast_decode.py and figures in benchmarks/decode.py: the
-engine decodes with its own copy of the model (`decode_model`), in bf16 where the CPU multiplies it natively, with
-weights packed once for oneDNN (`PackedLinear`) and the KV cache in fp32 on CPU; optionally (`compile=True`) one
-compiled graph per batch size runs each decode step over a static-shape cache.
+The CPU fast path (engine/cpu.py) sits behind it: the engine decodes with its own copy of the model
+(`decode_model`), in bf16 where the CPU multiplies it natively, with weights packed once for oneDNN
+(`PackedLinear`) and the KV cache in fp32 on CPU; optionally (`compile=True`) one compiled graph per batch size and
+cache length runs each decode step over a static-shape cache.
 """
 
 from __future__ import annotations
 
 import codecs
-import copy
 from bisect import bisect_right
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
 from yunque.config import SamplingParams
-from yunque.engine.sampling import sample
+from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
+from yunque.engine.sampling import sample, token_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
-from yunque.precision import DTYPES, bf16_supported, resolve_precision
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
 
 
@@ -41,6 +43,9 @@ class Completion:
     """"stop" (a stop token or stop string) or "length" (max_new_tokens or the model's context ran out)."""
     prompt_tokens: int
     """Number of prompt tokens the model saw."""
+    logprobs: list[float] | None = None
+    """With SamplingParams.logprobs: the log-probability of each of token_ids under the model (before temperature,
+    top-k and top-p); None otherwise."""
 
 
 class _Sequence:
@@ -51,9 +56,12 @@ class _Sequence:
     not to be one; `text` therefore never contains any part of a stop string.
     """
 
-    def __init__(self, tokenizer: Tokenizer, *, budget: int, stop_ids: set[int], stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, budget: int, stop_ids: set[int], stop: tuple[str, ...],
+                 logprobs: bool = False) -> None:
         self.tokenizer, self.budget, self.stop_ids, self.stop = tokenizer, budget, stop_ids, stop
         self.ids: list[int] = []
+        self.logprobs: list[float] | None = [] if logprobs else None
+        """Log-probability of each of ids, cut with them; None when not asked for."""
         self.text = ""
         """Text released so far: final, safe to show."""
         self.finish_reason: str | None = None
@@ -65,11 +73,14 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token: int) -> None:
-        """Append one sampled token: extend the text and decide whether the sequence is finished."""
+    def push(self, token: int, logprob: float | None = None) -> None:
+        """Append one sampled token (and its logprob, if kept): extend the text and decide whether the sequence is
+        finished."""
         if token in self.stop_ids:
             return self._finish("stop")
         self.ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         self._held += self._decoder.decode(self.tokenizer.token_bytes(token))
         mid_char = bool(self._decoder.getstate()[0])
         self._ends.append(len(self.text) + len(self._held) + mid_char)
@@ -77,7 +88,10 @@ class _Sequence:
         cut = min((i for s in self.stop if (i := self._held.find(s)) >= 0), default=-1)
         if cut >= 0:
             self._held = self._held[:cut]
-            del self.ids[bisect_right(self._ends, len(self.text) + cut):]  # keep tokens wholly before the cut
+            keep = bisect_right(self._ends, len(self.text) + cut)  # the tokens wholly before the cut
+            del self.ids[keep:]
+            if self.logprobs is not None:
+                del self.logprobs[keep:]
             return self._finish("stop", flush=False)
         if len(self.ids) >= self.budget:
             return self._finish("length")
@@ -94,31 +108,105 @@ class _Sequence:
         self.finish_reason = reason
 
 
-SMALL_MODEL = 4_000_000
-"""Parameters below which the fp32 weights (16 MB) stay in a CPU's caches, and a decode step is bound by the cost
-of each op rather than by memory: there the engine's "auto" precision is fp32 (bf16 would only add casts) with
-plain F.linear (a packed oneDNN product costs ~10 us a call more than MKL's on a small matrix already in cache).
-On the 1.4M `mini` preset this decodes one prompt ~1.25x faster than bf16 + packed, within ~6% of the
-plain reference loop; a batch of 8 runs ~15% slower than in bf16 (benchmarks/decode.py). One prompt is the common
-case: a chat, `yunque generate`."""
+class Row:
+    """One sequence of a running batch: its prompt length, sampling settings, random generator, and what it has
+    generated so far. Made by `Engine.add`; read it freely, change it only through the engine."""
+
+    def __init__(self, prompt_tokens: int, params: SamplingParams, seq: _Sequence,
+                 generator: torch.Generator | None) -> None:
+        self.prompt_tokens = prompt_tokens
+        """Number of prompt tokens the model saw."""
+        self.params = params
+        self.generator = generator
+        """Seeded with params.seed when sampling is random and seeded; None draws from torch's global generator."""
+        self._seq = seq
+        self._sampling = (params.temperature, params.top_k, params.top_p)
+
+    @property
+    def budget(self) -> int:
+        """Most tokens this row generates: max_new_tokens, capped by the model's context (`Engine.token_budget`)."""
+        return self._seq.budget
+
+    @property
+    def ids(self) -> list[int]:
+        """Generated ids without the stop token; with a stop string, only the tokens wholly before it."""
+        return self._seq.ids
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        """With params.logprobs: the log-probability of each of ids under the model (before temperature, top-k and
+        top-p); None otherwise."""
+        return self._seq.logprobs
+
+    @property
+    def text(self) -> str:
+        """Text released so far: final (it only grows), and never any part of a stop string."""
+        return self._seq.text
+
+    @property
+    def finish_reason(self) -> str | None:
+        """None while running; "stop" (a stop token or stop string) or "length" (the budget ran out)."""
+        return self._seq.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return self._seq.done
+
+
+class Sampled(NamedTuple):
+    """The token one step (or a prefill) sampled for one row. (A NamedTuple: made for every row at every step,
+    it costs a third of a frozen dataclass.)"""
+
+    row: Row
+    id: int
+    """The token id; a stop token too, which then ends the row and is not added to row.ids."""
+    logprob: float | None
+    """With the row's params.logprobs: its log-probability under the model (before temperature, top-k and top-p)."""
+    finish_reason: str | None
+    """Set when this token finished the row ("stop" or "length"); None while it runs on."""
+
+
+class Batch:
+    """The rows decoding together and their KV cache. Made by `Engine.new_batch`, changed only by the engine.
+
+    Rows are in cache order. A finished row stays (skipped by `Engine.step`) until `Engine.remove` takes it out, or
+    until the cache is full, when a step removes finished rows to make room.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.cache: KVCache | None = None
+        self.tokens: torch.Tensor | None = None
+        """(B,) the last token sampled for each row: the input of the next step."""
+        self.filled = 0
+        """cache.pos, counted here so that a step reads nothing back from a static cache."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def running(self) -> list[Row]:
+        """The rows not finished yet, in batch order."""
+        return [r for r in self.rows if not r.done]
 
 
 class Engine:
-    """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming."""
+    """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming; and the
+    step API under them (`new_batch`, `add`, `step`, `remove`) for schedulers and rollouts."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, device: str | torch.device = "cpu",
                  precision: str = "auto", compile: bool = False) -> None:
         """Decode with a copy of `model` on `device` (see `decode_model`); `model` itself is left as it is.
 
         precision: "bf16", "fp32", or "auto": bf16 where the device multiplies it natively, fp32 elsewhere and
-        for models under SMALL_MODEL parameters on CPU.
+        for models under SMALL_MODEL parameters on CPU (see `decode_precision`).
         compile: torch.compile the one-token decode step over a static-shape KV cache. It takes seconds per batch
-        size and cache length (see `cache_bucket`), so it pays off only for long outputs or a long-lived engine.
+        size and cache length (see `cache_bucket`), so it pays off only for long outputs or a long-lived engine;
+        rows joining or leaving a batch change its size, and a size not seen before compiles a new graph.
         """
         self.device = torch.device(device)
-        small = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-        self.dtype = DTYPES["fp32" if precision == "auto" and small else resolve_precision(precision, self.device)]
-        self.model = decode_model(model, self.dtype, self.device, pack=not (small and self.dtype == torch.float32))
+        self.dtype, self._pack = decode_precision(model, precision, self.device)
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
         # On CPU, one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13), while
         # the cache is small next to the weights: keep it in fp32.
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -129,20 +217,140 @@ class Engine:
         self.compile = compile
         self._decode = compiled_decode_step() if compile else decode_step
 
+    def load_weights(self, model: GPT) -> None:
+        """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
+        graphs (which froze the old weights) are dropped. For RL rollouts after each policy update.
+
+        `model` must have the engine's architecture (config). Rows already in a batch keep the keys and values the
+        old weights cached; finish or remove them first for rollouts wholly under the new policy.
+        """
+        if model.cfg != self.model.cfg:
+            raise ValueError(f"the model's config differs from the engine's ({model.cfg} vs {self.model.cfg}); "
+                             f"load weights of the same architecture, or make a new Engine")
+        # the old copy and the graphs that froze it go before the new copy is made: one copy at a time
+        self.model = self._decode = None
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
+        self._decode = compiled_decode_step() if self.compile else decode_step
+
+    def token_budget(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Tokens generated at most after a prompt of prompt_len tokens: max_new_tokens, or fewer if the prompt plus
+        them would not fit in the model's context (the caller may tell the user it was capped)."""
+        m = self.model.cfg.max_seq_len
+        if prompt_len >= m:
+            raise ValueError(f"prompt has {prompt_len} tokens but the model's context is {m}; "
+                             f"shorten the prompt or load a longer-context model")
+        return min(max_new_tokens, m - prompt_len)
+
+    # -- the step API ----------------------------------------------------------------------------------------------
+
+    def new_batch(self) -> Batch:
+        """An empty batch; rows join it with `add`."""
+        return Batch()
+
+    def add(self, batch: Batch, prompt: list[int], params: SamplingParams) -> Row:
+        """Prefill one prompt into `batch` and sample its first token (`Row.ids`, or a finish if it ends there).
+
+        Checked as in `generate` (an empty prompt becomes [bos_id]; too long or unknown ids raise, leaving the batch
+        as it was). The prompt may be shorter or longer than the rows already running: see `KVCache.join`.
+        """
+        return self.add_many(batch, [prompt], params)[0]
+
+    @torch.inference_mode()
+    def add_many(self, batch: Batch, prompts: list[list[int]],
+                 params: SamplingParams | Sequence[SamplingParams]) -> list[Row]:
+        """Prefill several prompts into `batch` with one forward (left-padded), one Row each; as `add`.
+
+        params: one SamplingParams for all, or one per prompt. Each row's generator is seeded with its params.seed.
+        Into an empty batch, the prompts are prefilled in place, in a cache sized for their whole generation;
+        otherwise in a cache of their own, which then joins the batch's.
+        """
+        prompts = self._prepare(prompts)
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one each")
+        if not prompts:
+            return []
+        rows = [self._row(p, q) for p, q in zip(prompts, params)]
+        cfg, P = self.model.cfg, max(len(p) for p in prompts)
+        pad = [P - len(p) for p in prompts]
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids = torch.tensor([[pad_id] * n + p for n, p in zip(pad, prompts)], device=self.device)  # (N, P)
+        pad = torch.tensor(pad) if any(pad) else None
+        if batch.cache is None:
+            size = self._cache_len(P + max(r.budget for r in rows) - 1)
+            cache = KVCache(cfg, len(prompts), size, device=self.device, dtype=self.cache_dtype, pad=pad,
+                            static=self.compile)
+        else:
+            cache = KVCache(cfg, len(prompts), P, device=self.device, dtype=self.cache_dtype, pad=pad)
+        logits = self.model(ids, kv_cache=cache)[:, -1]  # (N, V); prefill runs eagerly: its length varies
+        if batch.cache is None:
+            batch.cache = cache
+        else:
+            pos = max(batch.filled, P)
+            steps = max((r.budget - len(r.ids) for r in batch.running), default=0)  # each step fills one slot
+            need = pos + max(steps, max(r.budget for r in rows) - 1)  # a new row's first token needs no step
+            size = batch.cache.max_len if need <= batch.cache.max_len else self._cache_len(need)
+            batch.cache.join(cache, max_len=max(size, pos))
+        batch.filled = max(batch.filled, P)
+        tokens, _ = self._sample(rows, logits)
+        batch.rows += rows
+        batch.tokens = tokens if batch.tokens is None else torch.cat([batch.tokens, tokens])
+        return rows
+
+    @torch.inference_mode()
+    def step(self, batch: Batch) -> list[Sampled]:
+        """Decode one token for every running row of `batch`; returns them in batch order (empty when none runs).
+
+        A row that a token finishes reports it (`Sampled.finish_reason`, `Row.finish_reason`) and is skipped from
+        then on; `remove` frees its cache slots.
+        """
+        running = [i for i, r in enumerate(batch.rows) if r._seq.finish_reason is None]
+        if not running:
+            return []
+        if batch.filled == batch.cache.max_len:
+            self._make_room(batch)
+            running = list(range(len(batch.rows)))
+        logits = self._decode(self.model, batch.tokens, batch.cache)  # (B, V)
+        batch.filled += 1
+        if len(running) == len(batch.rows):
+            batch.tokens, sampled = self._sample(batch.rows, logits)
+            return sampled
+        index = torch.tensor(running, device=self.device)
+        tokens, sampled = self._sample([batch.rows[i] for i in running], logits[index])
+        batch.tokens = batch.tokens.index_put((index,), tokens)  # finished rows keep feeding their last token
+        return sampled
+
+    def remove(self, batch: Batch, *rows: Row) -> None:
+        """Take rows out of `batch` (finished or not), freeing their cache slots now. Rows not in it are ignored."""
+        gone = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(batch.rows) if id(r) not in gone]
+        if len(keep) == len(batch.rows):
+            return
+        if not keep:
+            batch.rows, batch.cache, batch.tokens, batch.filled = [], None, None, 0
+            return
+        index = torch.tensor(keep, device=self.device)
+        batch.cache.select(index)
+        batch.tokens = batch.tokens[index]
+        batch.rows = [batch.rows[i] for i in keep]
+
+    # -- whole generations, over the step API ----------------------------------------------------------------------
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Generated token ids for each prompt (without prompt or stop token), generated as one batch.
 
         An empty prompt is replaced by [bos_id]. If a prompt plus max_new_tokens exceeds the model's context
-        (max_seq_len), only as many tokens as fit are generated.
+        (max_seq_len), only as many tokens as fit are generated (`token_budget`). With a seed, prompt i samples
+        with seed + i, as it would alone with that seed.
         """
-        return [seq.ids for seq in self._run(self._prepare(prompts), params)]
+        return [row.ids for row in self._run(prompts, params)]
 
     def generate_text(self, texts: list[str], params: SamplingParams) -> list[Completion]:
         """Complete each text (encoded with BOS if the tokenizer has one), as one batch."""
         bos = self.tokenizer.bos_id is not None
-        prompts = self._prepare([self.tokenizer.encode(t, bos=bos) for t in texts])
-        return [Completion(seq.text, seq.ids, seq.finish_reason, len(p))
-                for p, seq in zip(prompts, self._run(prompts, params))]
+        return [Completion(r.text, r.ids, r.finish_reason, r.prompt_tokens, r.logprobs)
+                for r in self._run([self.tokenizer.encode(t, bos=bos) for t in texts], params)]
 
     def complete(self, text: str, params: SamplingParams) -> str:
         """The generated continuation of `text`, cut before any stop string."""
@@ -154,24 +362,43 @@ class Engine:
         A character split across tokens is never split across pieces, and text that may begin a stop string is
         held back until it is known not to; `"".join(stream(...))` equals the text of `generate_text`.
         """
-        [prompt] = self._prepare([prompt])
-        [seq] = seqs = self._sequences([prompt], params)
+        batch = self.new_batch()
+        row = self.add(batch, prompt, params)
         sent = 0
-        for _ in self._steps([prompt], params, seqs):
-            if len(seq.text) > sent:
-                yield seq.text[sent:]
-                sent = len(seq.text)
+        for _ in self._drain(batch):
+            if len(row.text) > sent:
+                yield row.text[sent:]
+                sent = len(row.text)
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[_Sequence]:
-        """Run prepared prompts to the end as one batch."""
-        seqs = self._sequences(prompts, params)
-        for _ in self._steps(prompts, params, seqs):
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Row]:
+        """Run prompts to the end as one batch; prompt i draws with seed + i."""
+        each = [params if params.seed is None else replace(params, seed=params.seed + i) for i in range(len(prompts))]
+        batch = self.new_batch()
+        rows = self.add_many(batch, prompts, each)
+        for _ in self._drain(batch):
             pass
-        return seqs
+        return rows
+
+    def _drain(self, batch: Batch) -> Iterator[None]:
+        """The decode loop of whole generations: yields once after the prefill, then after each step, until no row
+        runs. Finished rows leave at once; compiled, they ride along instead until the cache is full (`step` removes
+        them then), as a new batch size means compiling again."""
+        done = [r for r in batch.rows if r.done]  # finished by their first token
+        yield
+        while True:
+            if done and not self.compile:
+                self.remove(batch, *done)
+            sampled = self.step(batch)
+            if not sampled:
+                return
+            done = [s.row for s in sampled if s.finish_reason is not None]
+            yield
+
+    # -- internals -------------------------------------------------------------------------------------------------
 
     def _prepare(self, prompts: list[list[int]]) -> list[list[int]]:
         """Prompts checked against the model: empty ones become [bos_id]; too long or unknown ids raise."""
-        bos, m, V = self.tokenizer.bos_id, self.model.cfg.max_seq_len, self.model.cfg.vocab_size
+        bos, V = self.tokenizer.bos_id, self.model.cfg.vocab_size
         out = []
         for p in prompts:
             if not p:
@@ -179,182 +406,67 @@ class Engine:
                     raise ValueError("prompt is empty and the tokenizer has no BOS token to start from; "
                                      "pass at least one token")
                 p = [bos]
-            if len(p) >= m:
-                raise ValueError(f"prompt has {len(p)} tokens but the model's context is {m}; "
-                                 f"shorten the prompt or load a longer-context model")
+            self.token_budget(len(p), 1)  # raises if the prompt leaves no room
             if min(p) < 0 or max(p) >= V:
                 raise ValueError(f"prompt holds token id {min(p) if min(p) < 0 else max(p)} outside the model's "
                                  f"vocabulary [0, {V}); encode with the tokenizer that belongs to this model")
             out.append(list(p))
         return out
 
-    def _sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[_Sequence]:
-        m = self.model.cfg.max_seq_len
-        return [_Sequence(self.tokenizer, budget=min(params.max_new_tokens, m - len(p)), stop_ids=self.stop_ids,
-                          stop=params.stop) for p in prompts]
-
-    @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], params: SamplingParams, seqs: list[_Sequence]) -> Iterator[None]:
-        """The decode loop: one prefill forward for the left-padded batch, then one token per step.
-
-        Each sampled token is pushed into its row's sequence, then the loop yields. Rows whose sequence is done
-        are dropped from the batch and the cache; compiled, they ride along until the cache is full instead, as a
-        new batch size would mean compiling again.
-        """
-        if not prompts:
-            return
-        cfg = self.model.cfg
-        P = max(len(p) for p in prompts)
-        pads = [P - len(p) for p in prompts]
-        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        ids = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)], device=self.device)  # (B, P)
-        size = P + max(s.budget for s in seqs) - 1
-        if self.compile:  # one compiled graph per cache length bucket
-            size = cache_bucket(size)
-        cache = KVCache(cfg, len(prompts), min(cfg.max_seq_len, size), device=self.device, dtype=self.cache_dtype,
-                        pad=torch.tensor(pads) if any(pads) else None, static=self.compile)
-        generators = None
+    def _row(self, prompt: list[int], params: SamplingParams) -> Row:
+        seq = _Sequence(self.tokenizer, budget=self.token_budget(len(prompt), params.max_new_tokens),
+                        stop_ids=self.stop_ids, stop=params.stop, logprobs=params.logprobs)
+        generator = None
         if params.seed is not None and params.temperature > 0:
-            generators = [torch.Generator(self.device).manual_seed(params.seed + i) for i in range(len(prompts))]
-        rows = list(range(len(prompts)))
-        logits = self.model(ids, kv_cache=cache)[:, -1]  # (B, V); prefill runs eagerly: its length varies
-        filled = P  # cache.pos, counted here so that a step reads nothing back from the cache
-        while True:
-            tokens = sample(logits, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-                            generators=generators)  # (A,)
-            for row, token in zip(rows, tokens.tolist()):
-                if not seqs[row].done:
-                    seqs[row].push(token)
-            yield
-            keep = [i for i, row in enumerate(rows) if not seqs[row].done]
-            if not keep:
-                return
-            if len(keep) < len(rows) and (not self.compile or filled == cache.max_len):
-                index = torch.tensor(keep, device=self.device)
-                cache.select(index)
-                tokens = tokens[index]
-                rows = [rows[i] for i in keep]
-                if generators is not None:
-                    generators = [generators[i] for i in keep]
-            if filled == cache.max_len:
-                cache.drop_common_padding()
-                filled = cache.pos
-            logits = self._decode(self.model, tokens, cache)
-            filled += 1
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        return Row(len(prompt), params, seq, generator)
+
+    def _cache_len(self, n: int) -> int:
+        """Slots of a cache for n positions: a `cache_bucket`, at most the model's context."""
+        return min(self.model.cfg.max_seq_len, cache_bucket(n))
+
+    def _make_room(self, batch: Batch) -> None:
+        """Free a slot at the end of a full cache: finished rows leave, then the padding common to every row goes;
+        failing both, the cache grows. The longest running row is shorter than the context, so one of them works."""
+        self.remove(batch, *(r for r in batch.rows if r.done))
+        cache = batch.cache
+        if cache.pad is not None and int(cache.pad.min()) > 0:
+            cache.drop_common_padding()
+            batch.filled = cache.pos
+        if batch.filled == cache.max_len:
+            cache.resize(self._cache_len(batch.filled + max(r.budget - len(r.ids) for r in batch.rows)))
+        assert batch.filled < cache.max_len, "a running row has outgrown the model's context"
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[Sampled]]:
+        """Sample a token for each of `rows` (running) from its logits (N, V), with the row's own settings and
+        generator, and push it into the row; returns the tokens (N,) and what each row got."""
+        first = rows[0]._sampling
+        if all(r._sampling == first for r in rows):  # one setting for all rows: one call
+            tokens = _draw(rows, logits, first)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            for key in dict.fromkeys(r._sampling for r in rows):
+                group = [i for i, r in enumerate(rows) if r._sampling == key]
+                index = torch.tensor(group, device=logits.device)
+                tokens[index] = _draw([rows[i] for i in group], logits[index], key)
+        logprobs = [None] * len(rows)
+        if any(r.params.logprobs for r in rows):  # 3-5% of a decode step (mini, gpt2-30M; batch 1, 8): if asked
+            logprobs = token_logprobs(logits, tokens).tolist()
+        sampled = []
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
+            seq = row._seq
+            seq.push(token, logprob)
+            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason))
+        return tokens, sampled
 
 
-def cache_bucket(n: int) -> int:
-    """The static cache length for n positions: the least of 256, 384, 512, 768, 1024, 1536, ... (powers of two
-    and 1.5 times them) that holds n. Each length is a graph to compile, and every decode step attends over all
-    of it: two lengths an octave waste at most a third of the cache, against half with powers of two alone (on
-    the 35M Llama, prompt 128 + 256 new, 384 slots decode 5-10% faster than 512)."""
-    size = 256
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size // 3 * 4
-    return size
+def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple) -> torch.Tensor:
+    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p), each with its own generator."""
+    temperature, top_k, top_p = settings
+    generators = None
+    if temperature > 0 and any(r.generator is not None for r in rows):
+        generators = [r.generator for r in rows]
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
 
 
-def decode_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Next-token logits (B, V) after feeding tokens (B,), the ones just sampled, at the cache's position."""
-    return model(tokens.unsqueeze(1), kv_cache=cache)[:, -1]
-
-
-def compiled_decode_step():
-    """`decode_step` compiled by inductor with frozen weights and a C++ wrapper.
-
-    Freezing makes the weights (`PackedLinear`'s oneDNN layouts included) constants of the graph, and inductor
-    fuses the pointwise work between the matrix products; the C++ wrapper runs the graph without Python in
-    between. The engine's model is its own and never changes, which is what freezing requires. (Left to itself,
-    inductor packs fp32 weights for MKL, whose one-row products run ~1.5x slower than oneDNN's here.)
-
-    Once a (model, batch size, cache length) has been compiled, its later steps skip the guards that could not
-    tell that graph from the others compiled so far (`skip_guard_eval_unsafe`): checking every guard costs ~0.1 ms
-    a step, 5-10% of a small model's decode step. What varies between such steps (token ids, cache contents and
-    fill level) lives in contiguous tensors of fixed shape and dtype, which is all the graph assumes of them; an
-    input that would still need a new graph is compiled with every guard checked.
-    """
-    import torch._dynamo.config  # imported here: torch.compile's machinery takes a second to import
-    import torch._inductor.config
-
-    step = torch.compile(decode_step, dynamic=False, fullgraph=True)
-    compiled: set[tuple[int, int, int]] = set()
-    # Made once and entered at every step: making a stance costs ~50 us, entering a made one ~3 us. Making it also
-    # sets it at once, so its exit puts the stance in force back.
-    unguarded = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-    unguarded.__exit__(None, None, None)
-
-    def frozen_step(model: GPT, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        tokens = tokens.contiguous()
-        key = (id(model), tokens.shape[0], cache.max_len)
-        if key in compiled:
-            try:
-                with unguarded:
-                    return step(model, tokens, cache)
-            except RuntimeError as e:  # raised before the graph runs, so nothing has changed yet
-                if "skip_guard_eval_unsafe" not in str(e):
-                    raise
-        # read when a (re)compile happens; a long-lived engine meets more than dynamo's default of 8 graphs
-        with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), torch._dynamo.config.patch(
-                recompile_limit=64):
-            logits = step(model, tokens, cache)
-        compiled.add(key)
-        return logits
-
-    return frozen_step
-
-
-def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True) -> nn.Module:
-    """The engine's copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, and with
-    `pack` on CPUs with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
-
-    `model` is left as it is; parameters already in `dtype` on `device` are shared with it, not copied. Buffers
-    keep their dtype (rotary frequencies stay fp32), and tied parameters stay tied.
-    """
-    memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype),
-                                requires_grad=False) for p in model.parameters()}
-    model = copy.deepcopy(model, memo).to(device).eval()
-    if pack and PackedLinear.supported(device, dtype):
-        for parent in list(model.modules()):
-            for name, child in parent.named_children():
-                if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
-                    setattr(parent, name, PackedLinear(child))
-    return model
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear whose weight is laid out once in oneDNN's blocked format instead of on every call.
-
-    On CPU this makes decode's small-batch matrix products up to 4x faster than F.linear (the output head gains
-    most) and prefill's 1.1-2.4x (torch 2.13, AVX-512). Results equal F.linear's up to summation order.
-    """
-
-    BATCH_HINT = 8
-    """Rows the layout is tuned for; any number of rows works (1 to 1024 are within 10% of their own best)."""
-
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        bias = linear.bias.detach() if linear.bias is not None else None
-        extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
-        if extra:
-            weight = torch.cat([weight, weight.new_zeros(extra, self.in_features)])
-            bias = torch.cat([bias, bias.new_zeros(extra)]) if bias is not None else None
-        # opaque oneDNN tensor: a plain attribute, not a parameter, so that no state_dict or .to() sees it
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
-        self.bias = bias
-        self.padded = bool(extra)
-
-    @staticmethod
-    def supported(device: torch.device, dtype: torch.dtype) -> bool:
-        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-            return False
-        return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_supported(device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return y[..., :self.out_features] if self.padded else y
-
-
-__all__ = ["Engine", "SamplingParams", "Completion"]
+__all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams"]

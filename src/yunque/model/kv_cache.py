@@ -4,6 +4,10 @@ The model writes each new step's keys and values at positions [pos, pos + T) and
 positions of its tokens and the attention mask. Batches of prompts of different lengths are left-padded; `pad[b]`
 is the number of padding slots in row b, which the mask hides and which are subtracted from positions.
 
+Rows come and go while the others decode: `select` keeps some rows, `join` appends another cache's rows (those of
+a prompt prefilled on its own), left-padding whichever side has fewer positions filled so that all rows end at
+the same fill level; `drop_common_padding` and `resize` make room. None of these changes any row's outputs.
+
 Two layouts give the same outputs:
 - dynamic (default): attention reads keys [0, pos + T), so shapes grow by one every step; least work in eager mode.
 - static: attention reads all `max_len` slots and the mask hides the unfilled ones. The fill level is a tensor,
@@ -118,8 +122,55 @@ class KVCache:
         m, end = int(self.pad.min()), self.pos
         for t in self.k + self.v:
             t[:, :, :end - m] = t[:, :, m:end].clone()
-        if self.static:
-            self._filled -= m
-        else:
-            self._pos -= m
+        self._set_pos(end - m)
         self.pad = self.pad - m
+
+    def join(self, other: KVCache, max_len: int | None = None) -> None:
+        """Append the rows of `other` (of the same model) after this cache's rows, in this cache's layout.
+
+        The side with fewer positions filled is left-padded by the difference, so that every row ends at the same
+        fill level, max(pos, other.pos): a shorter newcomer is padded, a longer one pads the rows already here.
+        Each row keeps its keys, values and positions, so its outputs are those of a cache of its own.
+        max_len: the slots of the result (at least the new fill level); None keeps this cache's max_len, grown
+        to the new fill level if needed.
+        """
+        pos, joined = max(self.pos, other.pos), self.batch_size + other.batch_size
+        max_len = max_len or max(self.max_len, pos)
+        if pos > max_len or max_len > self.max_seq_len:
+            raise ValueError(f"a cache of {max_len} slots cannot hold {pos} positions within max_seq_len="
+                             f"{self.max_seq_len}; pass a max_len between them")
+        # each cache with its first row in the result and its shift to the right
+        parts = [(self, 0, pos - self.pos), (other, self.batch_size, pos - other.pos)]
+        device = self.k[0].device
+        pad = torch.cat([(c.pad if c.pad is not None else torch.zeros(c.batch_size, dtype=torch.long)).to(device)
+                         + shift for c, _, shift in parts])
+        for name in ("k", "v"):
+            layers = []
+            for i, t in enumerate(getattr(self, name)):
+                out = t.new_zeros(joined, t.shape[1], max_len, t.shape[3])  # (B + B', K, S, D)
+                for cache, row, shift in parts:
+                    src = getattr(cache, name)[i][:, :, :cache.pos]
+                    out[row:row + len(src), :, shift:shift + src.shape[2]] = src
+                layers.append(out)
+            setattr(self, name, layers)
+        self.max_len = max_len
+        self.pad = pad if self.static or bool(pad.any()) else None
+        self._set_pos(pos)
+
+    def resize(self, max_len: int) -> None:
+        """Give every row max_len slots (at least pos), keeping what is filled: room to grow, or memory back."""
+        if not self.pos <= max_len <= self.max_seq_len:
+            raise ValueError(f"max_len={max_len} must lie between the filled positions ({self.pos}) and "
+                             f"max_seq_len={self.max_seq_len}")
+        end = self.pos
+        for ts in (self.k, self.v):
+            for i, t in enumerate(ts):
+                ts[i] = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
+                ts[i][:, :, :end] = t[:, :, :end]
+        self.max_len = max_len
+
+    def _set_pos(self, n: int) -> None:
+        if self.static:
+            self._filled.fill_(n)
+        else:
+            self._pos = n

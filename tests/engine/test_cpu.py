@@ -1,24 +1,19 @@
-"""Twin tests of the engine's fast paths against the simple ones.
+"""Twin tests of the engine's CPU fast path (engine/cpu.py) against the simple one.
 
-static-shape KV cache == growing cache; oneDNN-packed linear == nn.Linear; compiled decode step == eager;
-bf16 decoding == fp32 decoding on a model that has learned something; and the engine's copy of the model leaves
-the caller's alone.
+oneDNN-packed linear == nn.Linear; compiled decode step == eager, also with rows joining and after new weights;
+bf16 decoding == fp32 decoding on a model that has learned something; the engine's copy of the model leaves the
+caller's alone and shares nothing with it. (The static-shape cache's twin tests are in tests/model/test_kv_cache.py.)
 """
+
+import copy
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from yunque.config import preset
-from yunque.engine.engine import (
-    SMALL_MODEL,
-    Engine,
-    PackedLinear,
-    SamplingParams,
-    cache_bucket,
-    decode_model,
-    decode_step,
-)
+from yunque.engine.cpu import SMALL_MODEL, PackedLinear, cache_bucket, decode_model, decode_step
+from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.precision import bf16_supported
@@ -53,47 +48,6 @@ def learned() -> GPT:
     return model.eval()
 
 
-def greedy_steps(model: GPT, cache: KVCache, ids: torch.Tensor, n: int) -> tuple[list[torch.Tensor], list]:
-    """Prefill ids (B, P), then n greedy steps; returns the last-position logits of each forward and the tokens."""
-    logits, tokens = [model(ids, kv_cache=cache)[:, -1]], []
-    for _ in range(n):
-        tokens.append(logits[-1].argmax(-1))
-        logits.append(decode_step(model, tokens[-1], cache))
-    return logits, [t.tolist() for t in tokens]
-
-
-@pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
-def test_static_cache_equals_growing_cache(name):
-    model = tiny(name)
-    pad = torch.tensor([0, 3, 5])
-    ids = torch.randint(0, 256, (3, 9))
-    with torch.inference_mode():
-        runs = [greedy_steps(model, KVCache(model.cfg, 3, 40, pad=pad, static=static), ids, 12)
-                for static in (False, True)]
-    (dyn_logits, dyn_tokens), (sta_logits, sta_tokens) = runs
-    assert sta_tokens == dyn_tokens
-    for a, b in zip(sta_logits, dyn_logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
-def test_static_cache_select_and_drop_padding_equal_growing_cache():
-    model = tiny("gpt2-tiny")
-    pad = torch.tensor([0, 3, 5])
-    ids = torch.randint(0, 256, (3, 9))
-    out = []
-    with torch.inference_mode():
-        for static in (False, True):
-            cache = KVCache(model.cfg, 3, 12, pad=pad, static=static)
-            logits, _ = greedy_steps(model, cache, ids, 3)  # 9 + 3 = 12: the cache is full
-            cache.select(torch.tensor([1, 2]))
-            cache.drop_common_padding()  # frees 3 positions
-            assert cache.pos == 9
-            token = logits[-1][1:].argmax(-1)
-            out.append([decode_step(model, token, cache) for _ in range(3)])
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-
-
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
 @pytest.mark.parametrize("bias, out_features", [(True, 96), (False, 263)])  # 263: padded to 320 rows inside
@@ -107,7 +61,7 @@ def test_packed_linear_equals_linear(dtype, bias, out_features):
         got = packed(x)
         assert got.shape == want.shape and got.dtype == dtype
         # same products, another summation order; bf16 results are rounded from fp32 sums either way
-        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
         torch.testing.assert_close(got, want, **tol)
 
 
@@ -120,7 +74,8 @@ def test_decode_model_leaves_the_callers_model_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert copy.tok_emb.weight.dtype == torch.bfloat16 and copy is not model
     same = decode_model(model, torch.float32, CPU, pack=False)
-    assert same.tok_emb.weight.data_ptr() == model.tok_emb.weight.data_ptr()  # fp32 weights are shared, not copied
+    for (name, p), q in zip(model.named_parameters(), same.parameters()):  # equal values, none shared
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
     assert same.lm_head.weight is same.tok_emb.weight  # still tied
     rope = decode_model(tiny("tiny"), torch.bfloat16, CPU)
     assert rope.inv_freq.dtype == torch.float32  # rotary frequencies keep full precision
@@ -198,3 +153,44 @@ def test_cache_buckets_hold_the_request_and_waste_at_most_a_third():
     sizes = [cache_bucket(n) for n in range(1, 5000)]
     assert sorted(set(sizes))[:7] == [256, 384, 512, 768, 1024, 1536, 2048]
     assert all(s >= n and (n <= 256 or s < 1.5 * n) for n, s in zip(range(1, 5000), sizes))
+
+
+def run_out(engine: Engine, batch) -> None:
+    while batch.running:
+        engine.step(batch)
+        engine.remove(batch, *(r for r in batch.rows if r.done))
+
+
+@needs_onednn
+def test_compiled_engine_with_joining_rows_and_new_weights_equals_eager(learned):
+    # A row runs alone (a B=1 graph), a shorter prompt joins it (B=2, compiled again), the longer-lived row runs
+    # on alone (the B=1 graph, reused); then the model trains on and load_weights replaces the frozen graphs.
+    model = copy.deepcopy(learned)
+    eager, compiled = Engine(model, TOK, precision="fp32"), Engine(model, TOK, precision="fp32", compile=True)
+    eager.stop_ids = compiled.stop_ids = set()
+    first, second = TOK.encode(TEXT[:30]), TOK.encode(TEXT[40:50])
+    params = [SamplingParams(max_new_tokens=n, temperature=0) for n in (24, 8)]
+
+    def joined(engine: Engine) -> list[list[int]]:
+        batch = engine.new_batch()
+        a = engine.add(batch, first, params[0])
+        for _ in range(4):
+            engine.step(batch)
+        b = engine.add(batch, second, params[1])
+        run_out(engine, batch)
+        return [a.ids, b.ids]
+
+    got = joined(compiled)
+    assert [len(ids) for ids in got] == [24, 8] and got == joined(eager)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    ids = torch.tensor([TOK.encode(TEXT[::-1][:60])])
+    nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    opt.step()
+    model.eval()
+    prompt = [TOK.encode(TEXT[:24])]
+    old = compiled.generate(prompt, params[0])
+    compiled.load_weights(model)
+    new = compiled.generate(prompt, params[0])
+    assert new == Engine(model, TOK, precision="fp32").generate(prompt, params[0])
+    assert new != old  # the step moved the greedy output, and the compiled engine followed it
