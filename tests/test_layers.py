@@ -8,8 +8,8 @@ import yunque
 
 SRC = Path(yunque.__file__).parent
 LAYERS = [
-    {"config", "atomic", "formats", "losses", "outputs"},  # leaves: nothing of yunque, or configs only
-    {"precision", "model", "tokenizer"},
+    {"config", "atomic", "formats", "losses"},  # leaves: nothing of yunque, or configs only
+    {"precision", "model", "tokenizer", "outputs"},
     {"data", "modeldir"},
     {"interop", "engine"},
     {"eval", "train"},

@@ -102,7 +102,10 @@ def test_filter_top_k_by_hand():
 
 def test_filter_top_p_by_hand():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log()
-    kept = lambda p: torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()
+
+    def kept(p):
+        return torch.isfinite(filter_top_p(logits, p)).nonzero().flatten().tolist()
+
     assert kept(0.1) == [1]  # the top token alone reaches 0.1
     assert kept(0.7) == [1, 3]  # 0.5 < 0.7 <= 0.8
     assert kept(0.85) == [1, 2, 3]

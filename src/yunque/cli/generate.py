@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
         shown = ""
     else:
         prompt = tok.encode(args.prompt, bos=tok.bos_id is not None)
-    budget = min(params.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    budget = engine.token_budget(len(prompt), params.max_new_tokens)
     if 0 < budget < params.max_new_tokens:
         print(f"note: --max-new-tokens {params.max_new_tokens} capped to {budget}: the prompt's {len(prompt)} "
               f"tokens leave that much of the model's {model.cfg.max_seq_len}-token context", file=sys.stderr)
