@@ -6,6 +6,8 @@ caller's alone and shares nothing with it. (The static-shape cache's twin tests 
 """
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -164,7 +166,8 @@ def run_out(engine: Engine, batch) -> None:
 @needs_onednn
 def test_compiled_engine_with_joining_rows_and_new_weights_equals_eager(learned):
     # A row runs alone (a B=1 graph), a shorter prompt joins it (B=2, compiled again), the longer-lived row runs
-    # on alone (the B=1 graph, reused); then the model trains on and load_weights replaces the frozen graphs.
+    # on alone (the B=1 graph, reused); then the model trains on and load_weights replaces the frozen graphs,
+    # which let go of the old weights.
     model = copy.deepcopy(learned)
     eager, compiled = Engine(model, TOK, precision="fp32"), Engine(model, TOK, precision="fp32", compile=True)
     eager.stop_ids = compiled.stop_ids = set()
@@ -190,7 +193,10 @@ def test_compiled_engine_with_joining_rows_and_new_weights_equals_eager(learned)
     model.eval()
     prompt = [TOK.encode(TEXT[:24])]
     old = compiled.generate(prompt, params[0])
+    frozen = weakref.ref(compiled.model.tok_emb.weight)  # a constant of the compiled graphs
     compiled.load_weights(model)
+    gc.collect()
+    assert frozen() is None  # the graphs that froze the old weights are gone, and the weights with them
     new = compiled.generate(prompt, params[0])
     assert new == Engine(model, TOK, precision="fp32").generate(prompt, params[0])
     assert new != old  # the step moved the greedy output, and the compiled engine followed it

@@ -8,7 +8,9 @@ simple path in tests/engine/test_cpu.py, and figures in benchmarks/decode.py.
 from __future__ import annotations
 
 import copy
+import sys
 import types
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -122,8 +124,9 @@ def compiled_decode_step() -> DecodeStep:
     slower than oneDNN's here.)
 
     Every call returns a step with graphs of its own: dynamo keeps compiled graphs on the code object of the
-    function it compiles, so each step compiles a fresh copy of `decode_step`'s code, and its graphs (and the old
-    weights frozen into them) are freed with it. A step is meant for one model at a time.
+    function it compiles and puts compiled functions in its globals, so each step compiles a fresh copy of
+    `decode_step` with code and globals of its own, and its graphs (and the weights frozen into them) are freed
+    with it (see `_forget_graphs`). A step is meant for one model at a time.
 
     Once a (model, batch size, cache length) has been compiled, its later steps skip the guards that could not
     tell that graph from the others compiled so far (`skip_guard_eval_unsafe`): checking every guard costs ~0.1 ms
@@ -133,10 +136,13 @@ def compiled_decode_step() -> DecodeStep:
     """
     import torch._dynamo.config  # imported here: torch.compile's machinery takes a second to import
     import torch._inductor.config
+    from torch._inductor.codecache import PyCodeCache
 
-    fresh = types.FunctionType(decode_step.__code__.replace(), decode_step.__globals__, decode_step.__name__)
+    # its own code object and globals: dynamo keeps graphs on the one and installs compiled functions in the other
+    fresh = types.FunctionType(decode_step.__code__.replace(), dict(decode_step.__globals__), decode_step.__name__)
     step = torch.compile(fresh, dynamic=False, fullgraph=True)
     compiled: set[tuple[int, int, int]] = set()
+    modules: list[types.ModuleType] = []  # inductor's generated modules for this step's graphs
     # Made once and entered at every step: making a stance costs ~50 us, entering a made one ~3 us. Making it also
     # sets it at once, so its exit puts the stance in force back.
     unguarded = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
@@ -153,13 +159,40 @@ def compiled_decode_step() -> DecodeStep:
                 if "skip_guard_eval_unsafe" not in str(e):
                     raise
         # read when a (re)compile happens; a long-lived engine meets more than dynamo's default of 8 graphs
+        before = len(PyCodeCache.modules)
         with torch._inductor.config.patch(freezing=True, cpp_wrapper=True), torch._dynamo.config.patch(
                 recompile_limit=64):
             logits = step(model, tokens, cache)
+        modules.extend(PyCodeCache.modules[before:])
         compiled.add(key)
         return logits
 
+    weakref.finalize(frozen_step, _forget_graphs, fresh.__code__, modules)
     return frozen_step
+
+
+def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> None:
+    """Let go of a dropped step's graphs, and with them the weights frozen into them: without this, each
+    `Engine.load_weights` of a compiled engine would keep another copy of the weights for the life of the process.
+
+    Two holders outlive the step: dynamo's cache entries on the code object it compiled (reached from C++, so
+    Python's garbage collector never frees them), and inductor's generated modules, which keep the weights they do
+    not pack (embeddings, norms) as module globals in PyCodeCache.modules and sys.modules.
+    """
+    from torch._dynamo.eval_frame import remove_from_cache
+    from torch._inductor.codecache import PyCodeCache
+
+    remove_from_cache(code)
+
+    gone = {id(m) for m in modules}
+    PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in gone]
+    for path, m in list(PyCodeCache.modules_no_attr.items()):
+        if id(m) in gone:
+            del PyCodeCache.modules_no_attr[path]
+    for m in modules:
+        if sys.modules.get(m.__name__) is m:
+            del sys.modules[m.__name__]
+    modules.clear()
 
 
 __all__ = ["SMALL_MODEL", "PackedLinear", "cache_bucket", "compiled_decode_step", "decode_model", "decode_precision",
