@@ -12,15 +12,16 @@ def test_a_step_count_is_fixed():
     assert b.seconds_left(30, 3.0) == pytest.approx(70 * 0.3)  # steps left at the measured speed
 
 
-def test_a_time_budget_is_measured_then_fixed_at_half_time():
-    b = StepBudget(total=None, seconds=100.0, start_time=0.0)
+def test_a_time_budget_follows_the_speed_to_the_end():
+    b = StepBudget(total=None, seconds=300.0, start_time=0.0)
     assert not b.done(10**6)  # unknown until measured
-    assert b.observe(10, 2.0) and b.total == 10 + 490  # 5 steps/s, 98 s left
+    assert b.observe(10, 2.0) and b.total == 10 + 1490  # 5 steps/s, 298 s left
     assert not b.observe(15, 2.5)  # re-estimated every 10 steps only
-    b.observe(20, 60.0)  # slowed down: past half the budget, fixed now
-    fixed = b.total
-    assert fixed == 20 + int(40 * 20 / 60)
-    assert not b.observe(30, 61.0) and b.total == fixed and b.done(fixed)
+    for step in range(20, 140, 10):  # the machine slows down to 1 step/s (another job started)
+        b.observe(step, 2.0 + (step - 10))
+    # at step 130, 122 s in, the speed over the last re-estimates is 1 step/s: 178 steps are left, and the run
+    # ends on time (step 308, at 300 s) instead of at the first estimate's step 1500, 1300 s in
+    assert b.total == 130 + 178
 
 
 def test_the_clock_restarts_after_a_slow_compiled_step():

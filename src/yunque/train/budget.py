@@ -12,7 +12,10 @@ WARMUP_SHARE = 0.2
 """Warmup takes at most this share of a run's steps: a run that the budget cuts short still leaves warmup and
 reaches its peak learning rate and decay (a 100-step warmup in a 95-step run would end still warming up)."""
 CALIBRATE_EVERY = 10
-"""Steps between re-estimates of what a time budget affords (until half of it is spent; then fixed)."""
+"""Steps between re-estimates of what a time budget affords."""
+RATE_WINDOW = 10
+"""Re-estimates over which the speed is measured (~100 steps): recent enough to follow a machine that slows down
+(another job starts), long enough not to chase the noise of single steps."""
 COMPILE_SECONDS = 30.0
 """What compiling the training step costs on two CPU cores (10-45 s measured at 1M-50M parameters; less with a
 warm inductor cache)."""
@@ -25,8 +28,9 @@ benchmarks/train.py). Compiling pays when the time left times this exceeds COMPI
 class StepBudget:
     """How many steps a run takes: a fixed count, or as many as a time budget affords, measured as it goes.
 
-    With a time budget the count is estimated from the steps' measured speed every CALIBRATE_EVERY steps until
-    half the budget is spent, then fixed (and saved with checkpoints, so a resumed run keeps its schedule).
+    With a time budget the count is estimated from the recent speed every CALIBRATE_EVERY steps, to the end: a
+    machine that slows down halfway (another job starts) shortens the run and its schedule instead of running
+    past the budget. The current count is saved with checkpoints, so a resumed run keeps its schedule.
     `restart_clock` restarts the speed measurement, e.g. after the step that compiled.
     """
 
@@ -38,17 +42,18 @@ class StepBudget:
     start_time: float = 0.0
 
     def __post_init__(self) -> None:
-        self._rate_step, self._rate_time = self.start_step, self.start_time
+        self._samples = [(self.start_step, self.start_time)]  # (step, time) at the start and each re-estimate
         self._next = self.start_step + CALIBRATE_EVERY if self.seconds is not None else None
 
     def restart_clock(self, step: int, now: float) -> None:
         """Measure speed from here on (the steps before were not representative: a compile, a warm-up)."""
-        self._rate_step, self._rate_time = step, now
+        self._samples = [(step, now)]
         if self._next is not None:
             self._next = step + CALIBRATE_EVERY
 
     def seconds_per_step(self, step: int, now: float) -> float | None:
-        return (now - self._rate_time) / (step - self._rate_step) if step > self._rate_step else None
+        first_step, first_time = self._samples[0]
+        return (now - first_time) / (step - first_step) if step > first_step else None
 
     def seconds_left(self, step: int, now: float) -> float | None:
         """Time the run has left: what the time budget leaves, or the steps left at the measured speed."""
@@ -61,10 +66,11 @@ class StepBudget:
         """After `step` steps at time `now`: re-estimate a time budget's step count when due; True if it changed."""
         if self._next is None or step < self._next:
             return False
-        elapsed = now - self.start_time
-        rate = (step - self._rate_step) / max(now - self._rate_time, 1e-9)
+        self._samples = [*self._samples[-RATE_WINDOW:], (step, now)]
+        (first_step, first_time), elapsed = self._samples[0], now - self.start_time
+        rate = (step - first_step) / max(now - first_time, 1e-9)
         total = max(step + 1, step + int((self.seconds - elapsed) * rate))
-        self._next = step + CALIBRATE_EVERY if elapsed < self.seconds / 2 else None
+        self._next = step + CALIBRATE_EVERY
         changed, self.total = total != self.total, total
         return changed
 
