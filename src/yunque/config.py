@@ -269,8 +269,8 @@ class LoopConfig:
     """Optimizer steps to take. None: as many as fit in --minutes if given, the run's own count on --resume, else
     1000. Given on --resume, it is the run's new total (its schedule stretches or shrinks to it)."""
     minutes: float | None = None
-    """Wall-clock budget instead of a step count: the steps it affords are measured from the first ones, and warmup
-    and schedule fit them. On --resume: this many more minutes."""
+    """Wall-clock budget instead of a step count: the steps it affords are measured as the run goes (a slower
+    machine shortens it), and warmup and schedule fit them. On --resume: this many more minutes."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
