@@ -278,7 +278,10 @@ class Engine:
         ids = torch.tensor([[pad_id] * n + p for n, p in zip(pad, prompts)], device=self.device)  # (N, P)
         pad = torch.tensor(pad) if any(pad) else None
         if batch.cache is None:
-            size = self._cache_len(P + max(r.budget for r in rows) - 1)
+            size = min(cfg.max_seq_len, P + max(r.budget for r in rows) - 1)
+            # eager, exactly that: with 256 slots for a 12-token prompt and 1 new token, the first token of
+            # `yunque generate` came ~0.1 s later (benchmarks/startup.py, a fresh process); later growth is bucketed
+            size = self._cache_len(size) if self.compile else size
             cache = KVCache(cfg, len(prompts), size, device=self.device, dtype=self.cache_dtype, pad=pad,
                             static=self.compile)
         else:
