@@ -8,8 +8,8 @@ import yunque
 
 SRC = Path(yunque.__file__).parent
 LAYERS = [
-    {"config", "atomic", "formats", "losses"},  # leaves: nothing of yunque, or configs only
-    {"precision", "model", "tokenizer", "outputs"},
+    {"config", "atomic", "formats", "losses", "paths"},  # leaves: nothing of yunque, or configs only
+    {"precision", "model", "tokenizer", "outputs", "feedback"},
     {"data", "modeldir"},
     {"interop", "engine"},
     {"eval", "train"},

@@ -23,6 +23,7 @@ from typing import Any
 from yunque.interop.hf import INDEX, is_hf_dir, weight_files
 from yunque.interop.hf_config import config_from_hf, model_type_of
 from yunque.modeldir import CONFIG, TOKENIZER, WEIGHTS, load_config, read_safetensors_header
+from yunque.paths import yunque_home
 
 ALLOW_PATTERNS = (
     CONFIG, "generation_config.json",
@@ -35,17 +36,8 @@ _REPO_ID = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?")
 
 
 def catalogue_dir(override: str | None = None) -> Path:
-    """Where catalogue models live: `override` (the --catalogue flag), else $YUNQUE_HOME/models, else the user's
-    cache ($XDG_CACHE_HOME/yunque/models or ~/.cache/yunque/models). The only place yunque reads these variables;
-    everything else takes the directory as an argument."""
-    if override:
-        return Path(override).expanduser()
-    home = os.environ.get("YUNQUE_HOME")
-    if home:
-        return Path(home).expanduser() / "models"
-    cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"  # XDG: relative paths are ignored
-    return base / "yunque" / "models"
+    """Where catalogue models live: `override` (the --catalogue flag), else `yunque_home()/models`."""
+    return Path(override).expanduser() if override else yunque_home() / "models"
 
 
 # ---- pull ----
