@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tokenizers
 import torch
 
 gguf = pytest.importorskip("gguf")
@@ -66,9 +67,9 @@ def random_k_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def write_gguf(path, model: GPT, tok: Tokenizer, arch: str, qtype, *, pre: str = "gpt-2") -> None:
+def write_gguf(path, model: GPT, tok: Tokenizer, arch: str, qtype, *, pre: str = "gpt-2", vocab=None) -> None:
     """`model` as llama.cpp lays it out (names and q/k order restated by hand in test_gguf.expected_tensors),
-    matrices stored as `qtype`, with a byte-level BPE vocabulary."""
+    matrices stored as `qtype`, with `tok` as a byte-level BPE vocabulary (or what `vocab(writer)` writes)."""
     cfg, rng = model.cfg, np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg.max_seq_len)
@@ -84,14 +85,17 @@ def write_gguf(path, model: GPT, tok: Tokenizer, arch: str, qtype, *, pre: str =
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_rope_dimension_count(cfg.dim_head)
         w.add_key_length(cfg.dim_head)
-    vocab = tok.inner.get_vocab(with_added_tokens=True)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(sorted(vocab, key=vocab.get))
-    w.add_token_types([3 if i in tok.special_ids.values() else 1 for i in range(len(vocab))])
-    w.add_token_merges([" ".join(m) for m in json.loads(tok.inner.to_str())["model"]["merges"]])
-    w.add_eos_token_id(tok.eos_id)
-    w.add_add_bos_token(False)
+    if vocab is not None:
+        vocab(w)
+    else:
+        ids = tok.inner.get_vocab(with_added_tokens=True)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(sorted(ids, key=ids.get))
+        w.add_token_types([3 if i in tok.special_ids.values() else 1 for i in range(len(ids))])
+        w.add_token_merges([" ".join(m) for m in json.loads(tok.inner.to_str())["model"]["merges"]])
+        w.add_eos_token_id(tok.eos_id)
+        w.add_add_bos_token(False)
     for name, t in expected_tensors(model, arch).items():
         a = t.detach().float().numpy()
         if a.ndim == 1 or qtype == Q.F32:
@@ -201,6 +205,52 @@ def test_import_writes_a_model_dir_with_chat_template_and_stop_ids(tmp_path, tok
     assert main(["info", str(tmp_path / "m.gguf")]) == 0
     info = capsys.readouterr().out
     assert "GGUF (llama)" in info and "F16 x" in info
+    # exported onwards, the GGUF's chat template and stop ids go with it
+    assert main(["export", str(tmp_path / "m.gguf"), "--format", "hf", str(tmp_path / "hf")]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert hf_config["chat_template"] == config["chat_template"] and hf_config["eos_token"] == "<|end|>"
+    hf_gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text(encoding="utf-8"))
+    assert tok.special_ids["<|end|>"] in hf_gen["eos_token_id"]
+
+
+def sentencepiece_vocab(text: str):
+    """A llama-1/2 style vocabulary as llama.cpp writes it (tokenizer.ggml.model "llama"): <unk>, <s>, </s>, the
+    256 byte tokens, then pieces ranked by score, and no merges. The pieces come from a sentencepiece-style BPE
+    trained here."""
+    sp = tokenizers.SentencePieceBPETokenizer()
+    sp.train_from_iterator([text], vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    learned = sorted((i, t) for t, i in sp.get_vocab().items() if t not in ("<unk>", "<s>", "</s>"))
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *(t for _, t in learned)]
+    types = [2, 3, 3, *[6] * 256, *[1] * len(learned)]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(learned))]
+
+    def write(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    return tokens, write
+
+
+def test_sentencepiece_vocabulary_gives_transformers_token_ids(tmp_path, tok, transformers, shared_data):
+    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    tokens, vocab = sentencepiece_vocab(text[:30_000])
+    torch.manual_seed(0)
+    name, overrides = SYNTHETIC["llama"]
+    model = GPT(preset(name, vocab_size=len(tokens), **overrides))
+    write_gguf(tmp_path / "sp.gguf", model, tok, "llama", Q.Q8_0, vocab=vocab)
+    _, ours = load_model(tmp_path / "sp.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    assert ours.bos_id == 1  # llama.cpp starts sentencepiece text with <s> unless the file says otherwise
+    for sample in (text[40_000:42_000], *SPANISH, " two  spaces and\nnew lines\n"):
+        ids = ours.encode(sample, bos=True)
+        assert ids == theirs(sample)["input_ids"], sample[:60]
+        assert ours.decode(ids[1:]) == theirs.decode(ids[1:])
+        # ñ, ¿ and emoji come back through the byte tokens; a leading space is the one sentencepiece drops
+        assert ours.decode(ids[1:]) == sample.removeprefix(" ")
 
 
 # ---- bad input: one line each ----

@@ -413,11 +413,9 @@ def _same_bytes(a: Any, b: Any) -> bool:
     return a.tensor_type == b.tensor_type and a.data.shape == b.data.shape and np.array_equal(a.data, b.data)
 
 
-def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
-              dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
-    """(model in eval mode, tokenizer) from a GGUF file: every tensor dequantized to fp32 (or `dtype`) one at a
-    time into a model built on the meta device, after every shape has been checked against the config."""
-    path = Path(path)
+def _read_model(path: Path) -> tuple[str, dict[str, Any], ModelConfig, Tokenizer]:
+    """(architecture, {name: tensor} of the weights, config, tokenizer) of a GGUF file, all checked against each
+    other; nothing is dequantized but rope_freqs.weight."""
     reader, meta = read_gguf(path)
     tensors = {t.name: t for t in reader.tensors}
     if "output.weight" in tensors and "token_embd.weight" in tensors \
@@ -433,15 +431,23 @@ def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{path}: the vocabulary has {tokenizer.vocab_size} tokens but token_embd.weight only "
                          f"{cfg.vocab_size} rows; the file is inconsistent")
-    arch = meta["general.architecture"]
+    return meta["general.architecture"], tensors, cfg, tokenizer
+
+
+def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
+    """(model in eval mode, tokenizer) from a GGUF file: every tensor dequantized to fp32 (or `dtype`) one at a
+    time into a model built on the meta device, after every shape has been checked against the config."""
+    path = Path(path)
+    arch, tensors, cfg, tokenizer = _read_model(path)
     model = meta_model(cfg)
-    plan = {name: gguf_names(name, arch) for name in weights_of(model)}
+    shapes = weights_of(model)
+    plan = {name: gguf_names(name, arch) for name in shapes}
     wanted = {g for names in plan.values() for g in names}
     missing, unexpected = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the {arch} metadata (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); yunque reads {SUPPORTED} models without extra tensors")
-    shapes = weights_of(model)
     q, kv = cfg.n_head * cfg.dim_head, cfg.kv_heads * cfg.dim_head
     for name, names in plan.items():  # every shape before anything is allocated
         shape = tuple(shapes[name].shape)
@@ -469,22 +475,14 @@ def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
 
 
 def describe_gguf(path: Path) -> dict[str, Any]:
-    """`describe` for a GGUF file: config, tokenizer and tensor types, from the metadata alone."""
-    reader, meta = read_gguf(path)
-    shapes = {t.name: _shape(t) for t in reader.tensors if t.name != "rope_freqs.weight"}
-    if "output.weight" in shapes and _same_bytes(*(next(t for t in reader.tensors if t.name == n)
-                                                    for n in ("output.weight", "token_embd.weight"))):
-        del shapes["output.weight"]
-    try:
-        freqs = next((_dequantize(t, path) for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-        cfg, tokenizer = config_from_gguf(meta, shapes, freqs), tokenizer_from_gguf(meta)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    d = model_summary(path, cfg, tokenizer, f"GGUF ({meta['general.architecture']})", path.stat().st_size)
+    """`describe` for a GGUF file: config, tokenizer and tensor types, from the metadata and headers alone."""
+    arch, tensors, cfg, tokenizer = _read_model(path)
+    d = model_summary(path, cfg, tokenizer, f"GGUF ({arch})", path.stat().st_size)
+    types = Counter(t.tensor_type.name for t in tensors.values())
     d["tensor_types"] = ", ".join(f"{name} x{n}" for name, n in types.most_common())
-    if isinstance(meta.get("general.name"), str):
-        d["name"] = meta["general.name"]
+    name = metadata(path).get("general.name")
+    if isinstance(name, str):
+        d["name"] = name
     return d
 
 
