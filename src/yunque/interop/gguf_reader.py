@@ -45,7 +45,7 @@ from yunque.interop.hf_tokenizer import GENERATION_CONFIG, TOKENIZER_CONFIG
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.modeldir import model_summary, save_model, weights_of
 from yunque.outputs import check_output, staged_dir
-from yunque.tokenizer.bpe import Tokenizer
+from yunque.tokenizer.bpe import Tokenizer, bytes_to_unicode
 
 MAGIC = b"GGUF"
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -59,12 +59,17 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
-          "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-"""tokenizer.ggml.pre -> the regex that splits text before BPE. "smollm" splits digits one by one and then as
-GPT-2 does; every other name (gpt-2, default, ...) splits as GPT-2, which is transformers' choice too."""
-LLAMA3_PRE = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"}
-"""Pre-tokenizers whose vocabulary takes a whole word that is a token before merging (llama.cpp: ignore_merges)."""
+          "falcon3": _LLAMA3_SPLIT, "tekken": _TEKKEN_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
+"""tokenizer.ggml.pre -> the regex that splits text before BPE (Llama 3, Mistral's Tekken, Qwen). "smollm" splits
+digits one by one and then as GPT-2 does; every other name (gpt-2, default, ...) splits as GPT-2, which is
+transformers' choice too."""
+WHOLE_WORDS = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "tekken"}
+"""Pre-tokenizers whose vocabulary takes a whole word that is a token before merging (llama.cpp: ignore_merges),
+and that start text with BOS when the file does not say (llama.cpp's default add_bos)."""
 
 CONTROL, USER_DEFINED = 3, 4
 """tokenizer.ggml.token_type values (llama.cpp's llama_token_type): special tokens, and added plain ones."""
@@ -105,10 +110,9 @@ def open_gguf(path: str | Path) -> Any:
         return gguf.GGUFReader(path)
     except ValueError as e:
         if "GGMLQuantizationType" in str(e):  # a tensor type id that this gguf library does not know
-            known = ", ".join(t.name for t in gguf.GGMLQuantizationType)
-            raise ValueError(f"{path}: a tensor has an unknown quantization type ({e}); this gguf "
-                             f"{_version(gguf)} knows {known}: re-quantize the model to one of those "
-                             f"(llama-quantize), or upgrade gguf") from None
+            raise ValueError(f"{path}: a tensor has an unknown quantization type ({e}) for gguf {_version()}; "
+                             f"re-quantize the model to a common type (F16, Q8_0, Q4_K, ...) with llama-quantize, "
+                             f"or upgrade gguf") from None
         raise _damaged(path, e) from None
     except (IndexError, KeyError, OverflowError, UnicodeDecodeError, MemoryError) as e:
         raise _damaged(path, e) from None
@@ -119,13 +123,13 @@ def _damaged(path: Path, e: Exception) -> ValueError:
                       f"truncated or corrupt, download or convert it again")
 
 
-def _version(gguf: Any) -> str:
+def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("gguf")
     except PackageNotFoundError:
-        return "package"
+        return "(version unknown)"
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
@@ -248,15 +252,6 @@ def _with_llama3_scaling(cfg: ModelConfig, factors: np.ndarray, original: int) -
 
 # ---- tokenizer ----
 
-def _byte_alphabet() -> dict[int, str]:
-    # GPT-2's map from bytes to printable characters (Radford et al. 2019), as byte-level vocabularies spell tokens
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in chars):
-        chars[b] = chr(256 + n)
-    return chars
-
-
 def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
     """The tokenizer a GGUF's tokenizer.ggml.* metadata describes, as a `tokenizers` tokenizer; ValueError naming
     what is missing or not supported."""
@@ -276,31 +271,34 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
         raise ValueError(f"metadata tokenizer.ggml.model is {kind!r}; yunque reads 'gpt2' (byte-level BPE) and "
                          f"'llama' (sentencepiece BPE) vocabularies")
     inner.add_tokens([AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False) for i in sorted(added)])
-    template = []
-    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama"):  # llama.cpp starts sentencepiece text with BOS
-        template.append(_special(meta, tokens, "bos"))
-    template.append("$A")
-    if meta.get("tokenizer.ggml.add_eos_token", False):
-        template.append(_special(meta, tokens, "eos"))
-    if len(template) > 1:
-        specials = [(t, tokens.index(t)) for t in template if t != "$A"]
-        inner.post_processor = processors.TemplateProcessing(single=" ".join(template), special_tokens=specials)
+    bos = [_special(meta, tokens, "bos")] if adds_bos(meta) else []
+    eos = [_special(meta, tokens, "eos")] if meta.get("tokenizer.ggml.add_eos_token", False) else []
+    if bos or eos:  # the start (and end) token, added as transformers 5 and yunque's Tokenizer read it
+        single = " ".join([*(t for t, _ in bos), "$A", *(t for t, _ in eos)])
+        inner.post_processor = processors.TemplateProcessing(single=single, special_tokens=bos + eos)
     return Tokenizer(inner)
 
 
-def _special(meta: dict[str, Any], tokens: list[str], kind: str) -> str:
+def adds_bos(meta: dict[str, Any]) -> bool:
+    """Whether text starts with the BOS token: tokenizer.ggml.add_bos_token, else llama.cpp's default (yes for
+    sentencepiece and for Llama 3's and Tekken's byte-level vocabularies)."""
+    default = meta.get("tokenizer.ggml.model") == "llama" or meta.get("tokenizer.ggml.pre") in WHOLE_WORDS
+    return bool(meta.get("tokenizer.ggml.add_bos_token", default))
+
+
+def _special(meta: dict[str, Any], tokens: list[str], kind: str) -> tuple[str, int]:
     i = meta.get(f"tokenizer.ggml.{kind}_token_id")
     if not isinstance(i, int) or not 0 <= i < len(tokens):
         raise ValueError(f"metadata tokenizer.ggml.add_{kind}_token is true but tokenizer.ggml.{kind}_token_id is "
                          f"{i!r}, not a token id")
-    return tokens[i]
+    return tokens[i], i
 
 
 def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], added: set[int]) -> tokenizers.Tokenizer:
     merges = meta.get("tokenizer.ggml.merges")
     if not isinstance(merges, list):
         raise ValueError("metadata tokenizer.ggml.merges is missing; a 'gpt2' (byte-level BPE) vocabulary needs it")
-    alphabet = _byte_alphabet()
+    alphabet = bytes_to_unicode()
     spelled = set(alphabet.values())
     vocab = {}
     for i, token in enumerate(tokens):
@@ -308,7 +306,7 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], added: set[int]) ->
             token = "".join(alphabet[b] for b in token.encode("utf-8"))
         vocab.setdefault(token, i)
     pre = meta.get("tokenizer.ggml.pre", "default")
-    model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in LLAMA3_PRE)
+    model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in WHOLE_WORDS)
     inner = tokenizers.Tokenizer(model)
     if pre in SPLITS:
         inner.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
@@ -374,8 +372,7 @@ def side_configs(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, kind in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
         if (i := token_id(kind)) is not None:
             tok_config[name] = tokens[i]
-    tok_config["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token",
-                                                meta.get("tokenizer.ggml.model") == "llama"))
+    tok_config["add_bos_token"] = adds_bos(meta)
     template = meta.get("tokenizer.chat_template")
     if isinstance(template, str) and template:
         tok_config["chat_template"] = template
@@ -512,5 +509,5 @@ def _json_writer(obj: dict[str, Any]):
     return lambda p: Path(p).write_text(text, encoding="utf-8")
 
 
-__all__ = ["ARCHITECTURES", "GGUF", "config_from_gguf", "describe_gguf", "import_gguf", "is_gguf", "load_gguf",
-           "metadata", "open_gguf", "read_gguf", "read_metadata", "side_configs", "tokenizer_from_gguf"]
+__all__ = ["ARCHITECTURES", "GGUF", "adds_bos", "config_from_gguf", "describe_gguf", "import_gguf", "is_gguf",
+           "load_gguf", "metadata", "open_gguf", "read_gguf", "read_metadata", "side_configs", "tokenizer_from_gguf"]
