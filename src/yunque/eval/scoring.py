@@ -63,7 +63,7 @@ def score_one(model: GPT, request: Request) -> tuple[float, bool]:
     if not cont:
         return 0.0, True
     ids = (ctx + cont)[-(model.cfg.max_seq_len + 1):][:-1]
-    logits = model(torch.tensor([ids], device=_device(model)))[0, -len(cont):]  # (C, V)
+    logits = model(torch.tensor([ids], device=_device(model)), logits_to_keep=len(cont))[0]  # (C, V)
     return _tail_logprobs(logits, cont)
 
 
@@ -118,7 +118,7 @@ def _score_groups(model: GPT, requests: Sequence[Request], contexts: list[tuple[
     ids = torch.tensor([[0] * n + list(c) for n, c in zip(pad, contexts)], device=device)  # (G, P)
     cache = KVCache(model.cfg, len(contexts), P + C - 1, device=device, dtype=_dtype(model),
                     pad=torch.tensor(pad) if any(pad) else None)
-    first = model(ids, kv_cache=cache)[:, -1]  # (G, V): predicts each continuation's first token
+    first = model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (G, V): each continuation's first token
     rows = [g for g, cs in enumerate(conts) for _ in cs]
     flat = [c for cs in conts for c in cs]
     tail = None
