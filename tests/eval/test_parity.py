@@ -3,11 +3,10 @@
 A tiny random yunque model with a BPE tokenizer is exported to a Hugging Face dir; lm-eval's HF backend scores it
 on HellaSwag and ARC-Easy from ../shared/data through local task YAMLs (datasets' json builder, data_files), and
 `yunque eval`'s built-in tasks score the yunque dir. Zero-shot and 5-shot: the same prompts (few-shot examples drawn
-by lm-eval's seeded sampler), per-item log-likelihoods within 1e-4, identical acc and acc_norm.
+by lm-eval's seeded sampler), per-item log-likelihoods within 1e-4, identical acc and acc_norm. Rolling perplexity
+(lm-eval's wikitext scoring) on Tiny Shakespeare's speeches: the same per-document log-likelihoods and metrics.
 """
 
-import gzip
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set before datasets/transformers are imported: nothing downloads
@@ -19,6 +18,7 @@ import torch
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.tasks import TaskManager
 
+from tests.eval.lm_eval_tasks import write_lm_eval_tasks
 from yunque.config import preset
 from yunque.eval.harness import evaluate
 from yunque.eval.lm import LocalLM
@@ -41,47 +41,7 @@ def dirs(tmp_path_factory, shared_data):
     model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512))
     save_model(root / "yunque", model, tok)
     export_hf(root / "yunque", root / "hf")
-    tasks = root / "tasks"
-    tasks.mkdir()
-    # HellaSwag in Rowan/hellaswag's fields, split from the shared text form as yunque splits it, so that lm-eval
-    # runs its own process_docs (tasks/hellaswag/utils.py) on it
-    lines = gzip.decompress((shared_data / "hellaswag/hellaswag_val_full.txt.gz").read_bytes()).decode().splitlines()
-    with open(tasks / "hellaswag.jsonl", "w") as f:
-        for i in range(0, 6 * 200, 6):
-            label, _, ctx = lines[i].partition(": ")
-            head, sep, tail = ctx.rpartition(". ")
-            a, b = (head + sep.rstrip(), tail) if sep and tail[:1].islower() and not any(
-                e in tail for e in (". ", "? ", "! ")) else (ctx, "")
-            f.write(json.dumps({"activity_label": label, "ctx_a": a, "ctx_b": b, "label": lines[i + 1],
-                                "endings": lines[i + 2:i + 6]}) + "\n")
-    (tasks / "hs_utils.py").write_text("from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n")
-    cache = root / "hf-datasets"
-    (tasks / "parity_hellaswag.yaml").write_text(f"""
-task: parity_hellaswag
-dataset_path: json
-dataset_kwargs: {{data_files: {{validation: {tasks / 'hellaswag.jsonl'}}}, cache_dir: {cache}}}
-output_type: multiple_choice
-validation_split: validation
-test_split: validation
-fewshot_split: validation
-process_docs: !function hs_utils.process_docs
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{label}}}}"
-doc_to_choice: choices
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-""")
-    (tasks / "parity_arc_easy.yaml").write_text(f"""
-task: parity_arc_easy
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {shared_data / 'arc/arc_easy.jsonl'}}}, cache_dir: {cache}}}
-output_type: multiple_choice
-test_split: test
-fewshot_split: test
-doc_to_text: "{{{{query}}}}\\nAnswer:"
-doc_to_target: "{{{{gold}}}}"
-doc_to_choice: choices
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-""")
+    tasks = write_lm_eval_tasks(shared_data, root)
     return root / "yunque", root / "hf", tasks
 
 
@@ -109,3 +69,20 @@ def test_same_prompts_loglikelihoods_and_accuracy_as_lm_eval(dirs, shared_data, 
             assert float(s["acc_norm"]) == float(item["pred_norm"] == item["gold"]), f"{name} item {i}: acc_norm"
         for metric in ("acc", "acc_norm"):
             assert ours["metrics"][metric] == pytest.approx(out["results"][f"parity_{name}"][f"{metric},none"])
+
+
+def test_same_rolling_perplexity_as_lm_eval(dirs, shared_data):
+    yunque_dir, hf_dir, tasks = dirs
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu", "max_length": 64},
+        tasks=["parity_shakespeare_ppl"], limit=12, batch_size=16,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True,
+        bootstrap_iters=0)
+    model, tok = load_model(yunque_dir)
+    ours = evaluate(load_task("shakespeare_ppl", shared_data), LocalLM(model, tok, max_length=64), limit=12)
+    theirs = sorted(out["samples"]["parity_shakespeare_ppl"], key=lambda s: s["doc_id"])
+    assert [i["loglikelihood"] for i in ours["items"]] == pytest.approx(
+        [float(s["filtered_resps"][0]) for s in theirs], abs=1e-3)
+    for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert ours["metrics"][metric] == pytest.approx(out["results"]["parity_shakespeare_ppl"][f"{metric},none"],
+                                                        rel=1e-5)

@@ -42,11 +42,14 @@ class LocalLM:
     weights) and generating greedily through the engine."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, name: str = "model", fmt: ChatFormat | None = None,
-                 batch_size: int = 16, fingerprint: str | None = None) -> None:
+                 batch_size: int = 16, fingerprint: str | None = None, max_length: int | None = None) -> None:
+        """max_length: the window of rolling perplexity (lm-eval's max_length), at most the model's context."""
         self.model = model.float().eval()
+        self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.tokenizer, self.name, self.batch_size = tokenizer, name, batch_size
         self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
-        self.fingerprint = fingerprint or weights_fingerprint(model, tokenizer)
+        # the rolling window changes rolling scores: it is part of what the cache keys on
+        self.fingerprint = (fingerprint or weights_fingerprint(model, tokenizer)) + f"-w{self.max_length}"
         self._engine: Engine | None = None
 
     def requests(self, pairs: Sequence[tuple[Context, str]]) -> list[Request]:
@@ -75,7 +78,7 @@ class LocalLM:
         for i, text in enumerate(texts):
             # transformers adds the start token where the tokenizer's post-processor does; lm-eval keeps it
             ids = tok.encode(text, bos=tok.bos_id is not None)
-            for w in rolling_requests(ids, prefix, self.model.cfg.max_seq_len):
+            for w in rolling_requests(ids, prefix, self.max_length):
                 windows.append(w)
                 owner.append(i)
         totals = [0.0] * len(texts)

@@ -1,0 +1,71 @@
+"""lm-evaluation-harness task YAMLs over ../shared/data, for the parity test and benchmarks/eval.py: offline
+(datasets' json builder with local data_files), the same data yunque's built-in tasks read."""
+
+import gzip
+import json
+from pathlib import Path
+
+
+def write_lm_eval_tasks(shared_data: Path, root: Path, hellaswag_items: int = 200) -> Path:
+    """Write parity_hellaswag, parity_arc_easy and parity_shakespeare_ppl into root/tasks; returns that dir (pass it
+    to lm-eval's TaskManager(include_path=...))."""
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    cache = root / "hf-datasets"
+    # HellaSwag in Rowan/hellaswag's fields, split from the shared text form as yunque splits it (ctx_b: the
+    # lower-case phrase after the last sentence end), so that lm-eval runs its own process_docs on it
+    lines = gzip.decompress((shared_data / "hellaswag/hellaswag_val_full.txt.gz").read_bytes()).decode().splitlines()
+    with open(tasks / "hellaswag.jsonl", "w") as f:
+        for i in range(0, 6 * hellaswag_items, 6):
+            label, _, ctx = lines[i].partition(": ")
+            head, sep, tail = ctx.rpartition(". ")
+            split = sep and tail[:1].islower() and not any(e in tail for e in (". ", "? ", "! "))
+            a, b = (head + ".", tail) if split else (ctx, "")
+            f.write(json.dumps({"activity_label": label, "ctx_a": a, "ctx_b": b, "label": lines[i + 1],
+                                "endings": lines[i + 2:i + 6]}) + "\n")
+    speeches = (shared_data / "tinyshakespeare.txt").read_text().split("\n\n")
+    with open(tasks / "shakespeare.jsonl", "w") as f:
+        for s in speeches:
+            if s.strip():
+                f.write(json.dumps({"page": s}) + "\n")
+    (tasks / "parity_utils.py").write_text(
+        "from lm_eval.tasks.hellaswag.utils import process_docs  # noqa: F401\n"
+        "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results  # noqa: F401\n")
+    (tasks / "parity_hellaswag.yaml").write_text(f"""
+task: parity_hellaswag
+dataset_path: json
+dataset_kwargs: {{data_files: {{validation: {tasks / 'hellaswag.jsonl'}}}, cache_dir: {cache}}}
+output_type: multiple_choice
+validation_split: validation
+test_split: validation
+fewshot_split: validation
+process_docs: !function parity_utils.process_docs
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: choices
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+""")
+    (tasks / "parity_arc_easy.yaml").write_text(f"""
+task: parity_arc_easy
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {shared_data / 'arc/arc_easy.jsonl'}}}, cache_dir: {cache}}}
+output_type: multiple_choice
+test_split: test
+fewshot_split: test
+doc_to_text: "{{{{query}}}}\\nAnswer:"
+doc_to_target: "{{{{gold}}}}"
+doc_to_choice: choices
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+""")
+    (tasks / "parity_shakespeare_ppl.yaml").write_text(f"""
+task: parity_shakespeare_ppl
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {tasks / 'shakespeare.jsonl'}}}, cache_dir: {cache}}}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: "{{{{page}}}}"
+process_results: !function parity_utils.process_results
+metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric: bits_per_byte}}]
+""")
+    return tasks
