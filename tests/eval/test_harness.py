@@ -182,3 +182,17 @@ def test_chat_prompts_go_through_the_chat_format(chatml, shared_data):
     assert r["items"][0]["loglikelihoods"] == pytest.approx(want)
     with pytest.raises(ValueError, match="--chat does not apply"):
         evaluate(load_task("shakespeare_ppl", shared_data), chat_lm, limit=1, chat=True)
+
+
+def test_benchmark_section_for_the_speedrun(shared_data):
+    from yunque.eval.harness import benchmark_section
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256)).train()
+    section = benchmark_section(model, tok, tasks=("arc_easy",), limit=5, data_dir=shared_data)
+    assert model.training  # left as it was
+    (r,) = section["results"]
+    assert r["n"] == 5 and set(r["metrics"]) == {"acc", "acc_norm"} and r["seconds"] > 0
+    assert section["markdown"].startswith("## Benchmarks") and "## arc_easy (5 items, 0-shot)" in section["markdown"]
+    assert r["metrics"] == evaluate(load_task("arc_easy", shared_data), LocalLM(model, tok), limit=5)["metrics"]

@@ -239,4 +239,30 @@ def _means(per: dict[str, list[float]]) -> tuple[dict, dict]:
     return metrics, stderr
 
 
-__all__ = ["evaluate", "ResultCache", "apply_filters", "exact_match"]
+def benchmark_section(model, tokenizer, *, tasks: tuple[str, ...] = ("hellaswag", "arc_easy"), limit: int = 200,
+                      data_dir: str | Path | None = None, batch_size: int = 16) -> dict[str, Any]:
+    """Zero-shot scores of a model in memory on a few hundred items of each task, for a run's report (the speedrun's
+    benchmark section): {"results": [evaluate(...) without items, with "seconds"], "markdown": a table}. The
+    model's train/eval mode is restored afterwards; nothing is cached (the weights are about to change)."""
+    import time
+
+    from yunque.eval.lm import LocalLM
+    from yunque.eval.report import markdown
+    from yunque.eval.task import load_task
+
+    training = model.training
+    try:
+        lm = LocalLM(model, tokenizer, name="model", batch_size=batch_size, fingerprint="in-memory")
+        results = []
+        for name in tasks:
+            start = time.perf_counter()
+            r = evaluate(load_task(name, data_dir), lm, num_fewshot=0, limit=limit)
+            r["seconds"] = time.perf_counter() - start
+            results.append(r)
+    finally:
+        model.train(training)
+    return {"results": [{k: v for k, v in r.items() if k != "items"} for r in results],
+            "markdown": markdown(results).replace("# Evaluation report", "## Benchmarks", 1)}
+
+
+__all__ = ["evaluate", "ResultCache", "apply_filters", "exact_match", "benchmark_section"]

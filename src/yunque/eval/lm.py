@@ -43,8 +43,13 @@ class LocalLM:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, *, name: str = "model", fmt: ChatFormat | None = None,
                  batch_size: int = 16, fingerprint: str | None = None, max_length: int | None = None) -> None:
-        """max_length: the window of rolling perplexity (lm-eval's max_length), at most the model's context."""
-        self.model = model.float().eval()
+        """`model` is put in eval mode; a model not in fp32 is scored through an fp32 copy (it is left as it is).
+        max_length: the window of rolling perplexity (lm-eval's max_length), at most the model's context."""
+        if next(model.parameters()).dtype != torch.float32:
+            import copy
+
+            model = copy.deepcopy(model).float()
+        self.model = model.eval()
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.tokenizer, self.name, self.batch_size = tokenizer, name, batch_size
         self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
