@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 
-def write_lm_eval_tasks(shared_data: Path, root: Path, hellaswag_items: int = 200) -> Path:
-    """Write parity_hellaswag, parity_arc_easy and parity_shakespeare_ppl into root/tasks; returns that dir (pass it
-    to lm-eval's TaskManager(include_path=...))."""
+def write_lm_eval_tasks(shared_data: Path, root: Path, hellaswag_items: int = 200,
+                        gsm8k_tokens: int = 24) -> Path:
+    """Write parity_hellaswag, parity_arc_easy, parity_shakespeare_ppl and parity_gsm8k (lm-eval's gsm8k, with
+    `gsm8k_tokens` new tokens at most) into root/tasks; returns that dir (for lm-eval's TaskManager(include_path=))."""
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     cache = root / "hf-datasets"
@@ -67,5 +68,28 @@ doc_to_text: ""
 doc_to_target: "{{{{page}}}}"
 process_results: !function parity_utils.process_results
 metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric: bits_per_byte}}]
+""")
+    (tasks / "parity_gsm8k.yaml").write_text(f"""
+task: parity_gsm8k
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {shared_data / 'gsm8k/test.jsonl'}, train: {shared_data / 'gsm8k/train.jsonl.gz'}}}
+  cache_dir: {cache}
+output_type: generate_until
+test_split: test
+fewshot_split: train
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true, ignore_punctuation: false,
+     regexes_to_ignore: [",", "\\\\$", "(?s).*#### ", "\\\\.$"]}}
+generation_kwargs: {{until: ["Question:", "</s>", "<|im_end|>"], do_sample: false, temperature: 0.0,
+                    max_gen_toks: {gsm8k_tokens}}}
+filter_list:
+  - name: strict-match
+    filter: [{{function: regex, regex_pattern: "#### (\\\\-?[0-9\\\\.\\\\,]+)"}}, {{function: take_first}}]
+  - name: flexible-extract
+    filter: [{{function: regex, group_select: -1, regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"}},
+             {{function: take_first}}]
 """)
     return tasks

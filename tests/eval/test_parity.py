@@ -86,3 +86,30 @@ def test_same_rolling_perplexity_as_lm_eval(dirs, shared_data):
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert ours["metrics"][metric] == pytest.approx(out["results"]["parity_shakespeare_ppl"][f"{metric},none"],
                                                         rel=1e-5)
+
+
+def test_same_gsm8k_generations_and_exact_match_as_lm_eval(dirs, shared_data):
+    """Greedy generation through the engine against transformers' generate under lm-eval: 2-shot prompts from the
+    train split, the same text until "Question:" (24 new tokens at most here), the same extracted answers."""
+    import dataclasses
+
+    yunque_dir, hf_dir, tasks = dirs
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(hf_dir), "dtype": "float32", "device": "cpu"},
+        tasks=["parity_gsm8k"], num_fewshot=2, limit=4, batch_size=4,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True,
+        bootstrap_iters=0)
+    model, tok = load_model(yunque_dir)
+    task = load_task("gsm8k", shared_data)
+    task = dataclasses.replace(task, spec={**task.spec, "generation_kwargs": {
+        **task.spec["generation_kwargs"], "max_gen_toks": 24}})
+    ours = evaluate(task, LocalLM(model, tok, batch_size=4), num_fewshot=2, limit=4)
+    theirs = sorted((s for s in out["samples"]["parity_gsm8k"] if s["filter"] == "strict-match"),
+                    key=lambda s: s["doc_id"])
+    assert len(theirs) == 4
+    prompts = [context(task, doc, shots) for _, doc, shots in iter_items(task, 2, 4, 1234)]
+    for i, (item, s) in enumerate(zip(ours["items"], theirs)):
+        assert s["arguments"][0][0] == prompts[i]
+        assert item["response"] == s["resps"][0][0], f"item {i}"
+    for name in ("strict-match", "flexible-extract"):
+        assert ours["metrics"][f"exact_match,{name}"] == out["results"]["parity_gsm8k"][f"exact_match,{name}"]
