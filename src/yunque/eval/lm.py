@@ -53,8 +53,10 @@ class LocalLM:
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.tokenizer, self.name, self.batch_size = tokenizer, name, batch_size
         self.fmt = fmt or ChatFormat.for_tokenizer(tokenizer)
-        # the rolling window changes rolling scores: it is part of what the cache keys on
-        self.fingerprint = (fingerprint or weights_fingerprint(model, tokenizer)) + f"-w{self.max_length}"
+        # the chat format (its template can change with the tokenizer unchanged) and the rolling window change
+        # scores: they are part of what the cache keys on
+        fmt_key = hashlib.sha256(f"{self.fmt.kind} {self.fmt.template}".encode()).hexdigest()[:8]
+        self.fingerprint = f"{fingerprint or weights_fingerprint(model, tokenizer)}-{fmt_key}-w{self.max_length}"
         self._engine: Engine | None = None
 
     def requests(self, pairs: Sequence[tuple[Context, str]]) -> list[Request]:
