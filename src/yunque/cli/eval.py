@@ -51,8 +51,9 @@ def cmd_eval(args) -> int:
         lm = _load(spec, cfg, args)
         for task in loaded:
             start = time.perf_counter()
-            r = evaluate(task, lm, num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed, chat=cfg.chat,
-                         cache=cache)
+            with _Progress(f"{lm.name} {task.name}") as bar:
+                r = evaluate(task, lm, num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed, chat=cfg.chat,
+                             cache=cache, progress=bar.update)
             r["seconds"] = time.perf_counter() - start
             results.append(r)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
@@ -71,6 +72,29 @@ def cmd_eval(args) -> int:
 
         print(markdown(results), end="")
     return 0
+
+
+class _Progress:
+    """A progress bar on stderr (when it is a terminal) over the requests a task sends the model."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def update(self, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="req", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _load(spec: str, cfg: EvalConfig, args):

@@ -70,12 +70,13 @@ def _key(*parts: Any) -> str:
 
 def evaluate(task: Task, lm: LM, *, num_fewshot: int | None = None, limit: int | None = None, seed: int = 1234,
              chat: bool = False, cache: ResultCache | None = None,
-             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Scores of `lm` on `task`: {"task", "model", "num_fewshot", "n", "metrics": {name: value},
     "stderr": {name: value or None}, "items": per-item details, "cached": items read from the cache}.
 
     num_fewshot None takes the task's own default (lm-eval's num_fewshot); examples are drawn with `seed` as lm-eval
-    draws them (its default seed is 1234). limit: the first `limit` items.
+    draws them (its default seed is 1234). limit: the first `limit` items. progress(done, total) is told of the
+    model's requests as they finish (log-likelihood requests, or texts).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1 item, got {limit}; leave it out to evaluate every item")
@@ -118,27 +119,40 @@ def _requests(task: Task, doc: dict, ctx: Any) -> Any:
     return {"context": ctx, "until": list(gen.get("until", [])), "max_gen_toks": int(gen.get("max_gen_toks", 256))}
 
 
-def _run(kind: str, lm: LM, requests: list[Any], progress: Callable[[int], None] | None) -> list[Any]:
+def _run(kind: str, lm: LM, requests: list[Any], progress: Callable[[int, int], None] | None) -> list[Any]:
     """Results of the uncached items, each JSON-able: [[ll, greedy], ...] per item, a float, or generated text."""
     if not requests:
         return []
     if kind in ("multiple_choice", "loglikelihood"):
         flat = [(ctx, cont) for r in requests for ctx, cont in r]
-        scores = lm.loglikelihood(flat, progress=progress)
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, len(flat))
+
+        scores = lm.loglikelihood(flat, progress=tick)
         out, i = [], 0
         for r in requests:
             out.append([[float(ll), bool(g)] for ll, g in scores[i:i + len(r)]])
             i += len(r)
         return out
     if kind == "loglikelihood_rolling":
-        return [float(x) for x in lm.loglikelihood_rolling(requests)]
-    out = [""] * len(requests)
+        out = [float(x) for x in lm.loglikelihood_rolling(requests)]
+        if progress:
+            progress(len(out), len(out))
+        return out
+    out: list[Any] = [None] * len(requests)
     by_kwargs: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         by_kwargs.setdefault((tuple(r["until"]), r["max_gen_toks"]), []).append(i)
     for (until, max_gen), index in by_kwargs.items():
         for i, text in zip(index, lm.generate([requests[i]["context"] for i in index], until, max_gen)):
             out[i] = text
+        if progress:
+            progress(sum(1 for t in out if t is not None), len(out))
     return out
 
 
