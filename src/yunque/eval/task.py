@@ -105,7 +105,8 @@ class Task:
         return self._docs[split]
 
     def fewshot_docs(self) -> list[dict]:
-        """The few-shot pool: fewshot_split, else the test split (each item then never drawn for itself)."""
+        """The few-shot pool: fewshot_split, else the test split (lm-eval's last fallback, where an item may then be
+        drawn as its own example, as in lm-eval: name fewshot_split to exclude it)."""
         return self.docs(self.spec.get("fewshot_split") or self.spec["test_split"])
 
     @property
