@@ -86,7 +86,7 @@ def main() -> None:
             ydir = root / "yunque"
             save_model(ydir, GPT(MODEL), tok)
         export_hf(ydir, root / "hf")
-        tasks = write_lm_eval_tasks(SHARED, root, hellaswag_items=args.items)
+        tasks = write_lm_eval_tasks(SHARED, root)
         model, tok = load_model(ydir)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: {ydir if args.model else 'random Llama-style'} ({n_params / 1e6:.1f}M parameters, fp32); "

@@ -6,18 +6,18 @@ import json
 from pathlib import Path
 
 
-def write_lm_eval_tasks(shared_data: Path, root: Path, hellaswag_items: int = 200,
-                        gsm8k_tokens: int = 24) -> Path:
+def write_lm_eval_tasks(shared_data: Path, root: Path, gsm8k_tokens: int = 24) -> Path:
     """Write parity_hellaswag, parity_arc_easy, parity_shakespeare_ppl and parity_gsm8k (lm-eval's gsm8k, with
     `gsm8k_tokens` new tokens at most) into root/tasks; returns that dir (for lm-eval's TaskManager(include_path=))."""
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)
     cache = root / "hf-datasets"
     # HellaSwag in Rowan/hellaswag's fields, split from the shared text form as yunque splits it (ctx_b: the
-    # lower-case phrase after the last sentence end), so that lm-eval runs its own process_docs on it
+    # lower-case phrase after the last sentence end), so that lm-eval runs its own process_docs on it; all of it, as
+    # it is also the few-shot pool
     lines = gzip.decompress((shared_data / "hellaswag/hellaswag_val_full.txt.gz").read_bytes()).decode().splitlines()
     with open(tasks / "hellaswag.jsonl", "w") as f:
-        for i in range(0, 6 * hellaswag_items, 6):
+        for i in range(0, len(lines), 6):
             label, _, ctx = lines[i].partition(": ")
             head, sep, tail = ctx.rpartition(". ")
             split = sep and tail[:1].islower() and not any(e in tail for e in (". ", "? ", "! "))
