@@ -305,6 +305,18 @@ def test_an_unknown_quantization_type_is_named(tmp_path, tok, capsys):
     fails(capsys, ["generate", str(tmp_path / "q99.gguf"), "hi"], "unknown quantization type", "99")
 
 
+def test_an_unknown_vocabulary_kind_is_one_line(tmp_path, tok, capsys):
+    def rwkv(w):
+        w.add_tokenizer_model("rwkv")
+        w.add_token_list([f"t{i}" for i in range(tok.vocab_size)])
+
+    torch.manual_seed(0)
+    name, overrides = SYNTHETIC["llama"]
+    write_gguf(tmp_path / "rwkv.gguf", GPT(preset(name, vocab_size=tok.vocab_size, **overrides)), tok, "llama",
+               Q.Q8_0, vocab=rwkv)
+    fails(capsys, ["chat", str(tmp_path / "rwkv.gguf")], "tokenizer.ggml.model is 'rwkv'", "'gpt2'", "'llama'")
+
+
 def test_not_a_gguf_file_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.gguf").write_text("these are my notes\n", encoding="utf-8")
     fails(capsys, ["generate", str(tmp_path / "notes.gguf"), "hi"], "notes.gguf: not a GGUF file")
