@@ -44,7 +44,7 @@ from yunque.interop.gguf import gguf_names, unpermute_rope
 from yunque.interop.hf_config import config_from_hf
 from yunque.interop.hf_tokenizer import GENERATION_CONFIG, TOKENIZER_CONFIG
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
-from yunque.modeldir import model_summary, save_model, weights_of
+from yunque.modeldir import load_state, model_summary, save_model, weights_of
 from yunque.outputs import check_output, staged_dir
 from yunque.tokenizer.bpe import Tokenizer, bytes_to_unicode
 
@@ -455,7 +455,8 @@ def _read_model(path: Path) -> tuple[str, dict[str, Any], ModelConfig, Tokenizer
 def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> tuple[GPT, Tokenizer]:
     """(model in eval mode, tokenizer) from a GGUF file: every tensor dequantized to fp32 (or `dtype`) one at a
-    time into a model built on the meta device, after every shape has been checked against the config."""
+    time and taken as a parameter of a model built on the meta device, after every shape has been checked against
+    the config."""
     path = Path(path)
     arch, tensors, cfg, tokenizer = _read_model(path)
     model = meta_model(cfg)
@@ -474,19 +475,17 @@ def load_gguf(path: str | Path, *, device: str | torch.device = "cpu",
             if _shape(tensors[g]) != (n, *shape[1:]):
                 raise ValueError(f"{path}: tensor {g} has shape {_shape(tensors[g])} but the metadata implies "
                                  f"{(n, *shape[1:])}")
-    model = model.to(dtype or torch.float32).to_empty(device=device)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, names in plan.items():
-            offset = 0
-            for g in names:
-                x = torch.from_numpy(_dequantize(tensors[g], path))
-                if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's rope layout
-                    x = unpermute_rope(x, cfg.n_head if ".attn_q." in g else cfg.kv_heads)
-                state[name].narrow(0, offset, x.shape[0]).copy_(x)
-                offset += x.shape[0]
+    state = {}
+    for name, names in plan.items():
+        pieces = []
+        for g in names:
+            x = torch.from_numpy(_dequantize(tensors[g], path))
+            if arch == "llama" and g.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's rope layout
+                x = unpermute_rope(x, cfg.n_head if ".attn_q." in g else cfg.kv_heads)
+            pieces.append(x)
+        # a tensor stored whole is taken as the parameter as dequantized: no second copy
+        state[name] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(device, dtype or torch.float32)
+    load_state(model, state, path, assign=True)
     if cfg.pos == "rope":
         model.inv_freq = rope_frequencies(cfg).to(device)
     return model.eval(), tokenizer
