@@ -25,7 +25,7 @@ import torch
 
 from yunque.config import SamplingParams
 from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
-from yunque.engine.sampling import sample, token_logprobs
+from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
@@ -112,15 +112,16 @@ class Row:
     """One sequence of a running batch: its prompt length, sampling settings, random generator, and what it has
     generated so far. Made by `Engine.add`; read it freely, change it only through the engine."""
 
-    def __init__(self, prompt_tokens: int, params: SamplingParams, seq: _Sequence,
+    def __init__(self, prompt: list[int], params: SamplingParams, seq: _Sequence,
                  generator: torch.Generator | None) -> None:
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt)
         """Number of prompt tokens the model saw."""
         self.params = params
         self.generator = generator
         """Seeded with params.seed when sampling is random and seeded; None draws from torch's global generator."""
         self._seq = seq
-        self._sampling = (params.temperature, params.top_k, params.top_p)
+        self._sampling = (params.temperature, params.top_k, params.top_p, params.min_p)
+        self._prompt = prompt if params.repetition_penalty != 1 else None  # what the repetition penalty also sees
 
     @property
     def budget(self) -> int:
@@ -144,6 +145,13 @@ class Row:
         return self._seq.text
 
     @property
+    def released(self) -> int:
+        """How many of ids lie wholly within `text` (all of them once the row is finished): the tokens a stream may
+        report along with the text."""
+        seq = self._seq
+        return len(seq.ids) if seq.done else bisect_right(seq._ends, len(seq.text))
+
+    @property
     def finish_reason(self) -> str | None:
         """None while running; "stop" (a stop token or stop string) or "length" (the budget ran out)."""
         return self._seq.finish_reason
@@ -164,6 +172,8 @@ class Sampled(NamedTuple):
     """With the row's params.logprobs: its log-probability under the model (before temperature, top-k and top-p)."""
     finish_reason: str | None
     """Set when this token finished the row ("stop" or "length"); None while it runs on."""
+    top: tuple[tuple[int, float], ...] | None = None
+    """With the row's params.top_logprobs: the most likely (id, logprob) pairs at this step, most likely first."""
 
 
 class Batch:
@@ -422,7 +432,7 @@ class Engine:
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self.device).manual_seed(params.seed)
-        return Row(len(prompt), params, seq, generator)
+        return Row(prompt, params, seq, generator)
 
     def _cache_len(self, n: int) -> int:
         """Slots of a cache for n positions: a `cache_bucket`, at most the model's context."""
@@ -443,33 +453,58 @@ class Engine:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[Sampled]]:
         """Sample a token for each of `rows` (running) from its logits (N, V), with the row's own settings and
         generator, and push it into the row; returns the tokens (N,) and what each row got."""
+        drawn = _penalized(rows, logits) if any(r.params.penalised for r in rows) else logits
         first = rows[0]._sampling
         if all(r._sampling == first for r in rows):  # one setting for all rows: one call
-            tokens = _draw(rows, logits, first)
+            tokens = _draw(rows, drawn, first)
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             for key in dict.fromkeys(r._sampling for r in rows):
                 group = [i for i, r in enumerate(rows) if r._sampling == key]
                 index = torch.tensor(group, device=logits.device)
-                tokens[index] = _draw([rows[i] for i in group], logits[index], key)
+                tokens[index] = _draw([rows[i] for i in group], drawn[index], key)
         logprobs = [None] * len(rows)
         if any(r.params.logprobs for r in rows):  # 3-5% of a decode step (mini, gpt2-30M; batch 1, 8): if asked
             logprobs = token_logprobs(logits, tokens).tolist()
+        tops = [None] * len(rows)
+        if k := max(r.params.top_logprobs for r in rows):
+            top_ids, top_values = top_logprobs(logits, k)
+            tops = [tuple(zip(i[:r.params.top_logprobs], v[:r.params.top_logprobs])) if r.params.top_logprobs else None
+                    for r, i, v in zip(rows, top_ids.tolist(), top_values.tolist())]
         sampled = []
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
+        for row, token, logprob, top in zip(rows, tokens.tolist(), logprobs, tops):
             seq = row._seq
             seq.push(token, logprob)
-            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason))
+            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason, top))
         return tokens, sampled
 
 
 def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple) -> torch.Tensor:
-    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p), each with its own generator."""
-    temperature, top_k, top_p = settings
+    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p, min_p), each with its own
+    generator."""
+    temperature, top_k, top_p, min_p = settings
     generators = None
     if temperature > 0 and any(r.generator is not None for r in rows):
         generators = [r.generator for r in rows]
-    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generators=generators)
+
+
+def _penalized(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) with each penalised row's frequency, presence and repetition penalties applied (fp32)."""
+    out = logits.float().clone()
+    V = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.penalised:
+            continue
+        counts = torch.bincount(torch.tensor(row.ids, dtype=torch.long), minlength=V).to(logits.device)[None]
+        seen = None
+        if row._prompt is not None:
+            seen = counts > 0
+            seen[0, torch.tensor(row._prompt, device=logits.device)] = True
+        out[i:i + 1] = penalize(out[i:i + 1], counts, frequency=p.frequency_penalty, presence=p.presence_penalty,
+                                repetition=p.repetition_penalty, seen=seen)
+    return out
 
 
 __all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams"]
