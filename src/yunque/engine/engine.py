@@ -57,11 +57,13 @@ class _Sequence:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, budget: int, stop_ids: set[int], stop: tuple[str, ...],
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, top_logprobs: bool = False) -> None:
         self.tokenizer, self.budget, self.stop_ids, self.stop = tokenizer, budget, stop_ids, stop
         self.ids: list[int] = []
         self.logprobs: list[float] | None = [] if logprobs else None
         """Log-probability of each of ids, cut with them; None when not asked for."""
+        self.tops: list[tuple[tuple[int, float], ...]] | None = [] if top_logprobs else None
+        """The most likely (id, logprob) pairs at each of ids' steps, cut with them; None when not asked for."""
         self.text = ""
         """Text released so far: final, safe to show."""
         self.finish_reason: str | None = None
@@ -73,14 +75,16 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token: int, logprob: float | None = None) -> None:
-        """Append one sampled token (and its logprob, if kept): extend the text and decide whether the sequence is
-        finished."""
+    def push(self, token: int, logprob: float | None = None, top: tuple | None = None) -> None:
+        """Append one sampled token (and its logprob and top logprobs, if kept): extend the text and decide whether
+        the sequence is finished."""
         if token in self.stop_ids:
             return self._finish("stop")
         self.ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
+        if self.tops is not None:
+            self.tops.append(top)
         self._held += self._decoder.decode(self.tokenizer.token_bytes(token))
         mid_char = bool(self._decoder.getstate()[0])
         self._ends.append(len(self.text) + len(self._held) + mid_char)
@@ -92,6 +96,8 @@ class _Sequence:
             del self.ids[keep:]
             if self.logprobs is not None:
                 del self.logprobs[keep:]
+            if self.tops is not None:
+                del self.tops[keep:]
             return self._finish("stop", flush=False)
         if len(self.ids) >= self.budget:
             return self._finish("length")
@@ -138,6 +144,12 @@ class Row:
         """With params.logprobs: the log-probability of each of ids under the model (before temperature, top-k and
         top-p); None otherwise."""
         return self._seq.logprobs
+
+    @property
+    def top_logprobs(self) -> list[tuple[tuple[int, float], ...]] | None:
+        """With params.top_logprobs: for each of ids, the most likely (id, logprob) pairs at its step, most likely
+        first; None otherwise."""
+        return self._seq.tops
 
     @property
     def text(self) -> str:
@@ -428,7 +440,8 @@ class Engine:
 
     def _row(self, prompt: list[int], params: SamplingParams) -> Row:
         seq = _Sequence(self.tokenizer, budget=self.token_budget(len(prompt), params.max_new_tokens),
-                        stop_ids=self.stop_ids, stop=params.stop, logprobs=params.logprobs)
+                        stop_ids=self.stop_ids, stop=params.stop, logprobs=params.logprobs,
+                        top_logprobs=params.top_logprobs > 0)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self.device).manual_seed(params.seed)
@@ -474,7 +487,7 @@ class Engine:
         sampled = []
         for row, token, logprob, top in zip(rows, tokens.tolist(), logprobs, tops):
             seq = row._seq
-            seq.push(token, logprob)
+            seq.push(token, logprob, top)
             sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason, top))
         return tokens, sampled
 

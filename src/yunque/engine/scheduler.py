@@ -80,7 +80,6 @@ class Sequence:
         self.finished = False
         self._sent_text = 0
         self._sent_tokens = 0
-        self._tops: list[tuple[tuple[int, float], ...] | None] = []  # parallel to row.ids
 
 
 @dataclass
@@ -310,7 +309,7 @@ class Scheduler:
             self._running[id(row)] = seq
             self.stats.prompt_tokens += row.prompt_tokens
             self.stats.ttft.append(now - seq.submitted)
-            self._report(seq, None)
+            self._report(seq)
         del self.stats.ttft[:-1024]
         self._remove_finished(batch)
 
@@ -319,7 +318,7 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.step_rows += len(sampled)
         for s in sampled:
-            self._report(self._running[id(s.row)], s.top)
+            self._report(self._running[id(s.row)])
         self._remove_finished(batch)
 
     def _remove_finished(self, batch) -> None:
@@ -329,15 +328,13 @@ class Scheduler:
             for row in done:
                 self._running.pop(id(row), None)
 
-    def _report(self, seq: Sequence, top) -> None:
+    def _report(self, seq: Sequence) -> None:
         """Tell the caller what its row released since the last event."""
         row = seq.row
-        if len(seq._tops) < len(row.ids):  # this step's token joined ids (not a stop token)
-            seq._tops.append(top)
-        del seq._tops[len(row.ids):]  # a stop string cut tokens off the end
         text = row.text[seq._sent_text:]
         n = row.released
-        tokens = tuple(Token(row.ids[i], row.logprobs[i] if row.logprobs is not None else None, seq._tops[i])
+        lp, tops = row.logprobs, row.top_logprobs
+        tokens = tuple(Token(row.ids[i], lp[i] if lp is not None else None, tops[i] if tops is not None else None)
                        for i in range(seq._sent_tokens, n))
         if not (text or tokens or row.done):
             return
