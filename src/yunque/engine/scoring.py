@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from yunque.engine.engine import Engine
 
@@ -33,27 +34,42 @@ def prompt_logprobs(engine: Engine, ids: list[int], top: int = 0) -> list[tuple[
     return [(None, ())] + list(zip(chosen, tops))
 
 
+EMBED_TOKENS = 16384
+"""Tokens (padding included) embedded in one forward at most: bounds the memory of a large request."""
+
+
 @torch.inference_mode()
 def embed(engine: Engine, prompts: list[list[int]], pooling: Literal["mean", "last"] = "mean") -> torch.Tensor:
     """L2-normalised embeddings (N, C) fp32 of token-id prompts: the model's final hidden states (after its last
     norm, before the output head), averaged over each prompt's tokens ("mean") or taken at its last token ("last").
 
-    The prompts run as one right-padded batch: attention is causal, so a real token never sees the padding after
-    it, and each embedding equals that of the prompt alone.
+    Prompts run in right-padded batches of at most EMBED_TOKENS tokens: attention is causal, so a real token never
+    sees the padding after it, and each embedding equals that of the prompt alone.
     """
     if pooling not in POOLING:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLING)}")
     prompts = engine._prepare(prompts)
+    out, start = [], 0
+    while start < len(prompts):
+        end, T = start + 1, len(prompts[start])
+        while end < len(prompts) and max(T, len(prompts[end])) * (end + 1 - start) <= EMBED_TOKENS:
+            T = max(T, len(prompts[end]))
+            end += 1
+        out.append(_embed_batch(engine, prompts[start:end], pooling))
+        start = end
+    return torch.cat(out)
+
+
+def _embed_batch(engine: Engine, prompts: list[list[int]], pooling: str) -> torch.Tensor:
     T = max(len(p) for p in prompts)
     ids = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=engine.device)  # (N, T)
     lengths = torch.tensor([len(p) for p in prompts], device=engine.device)
-    hidden: list[torch.Tensor] = []
-    hook = engine.model.norm_f.register_forward_hook(lambda module, args, out: hidden.append(out))
+    model = engine.model
+    head, model.lm_head = model.lm_head, nn.Identity()  # the hidden states, without computing logits
     try:
-        engine.model(ids)
+        h = model(ids).float()  # (N, T, C)
     finally:
-        hook.remove()
-    h = hidden[0].float()  # (N, T, C)
+        model.lm_head = head
     if pooling == "last":
         pooled = h[torch.arange(len(prompts)), lengths - 1]
     else:
@@ -62,4 +78,4 @@ def embed(engine: Engine, prompts: list[list[int]], pooling: Literal["mean", "la
     return F.normalize(pooled, dim=-1)
 
 
-__all__ = ["POOLING", "embed", "prompt_logprobs"]
+__all__ = ["EMBED_TOKENS", "POOLING", "embed", "prompt_logprobs"]
