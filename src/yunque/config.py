@@ -551,8 +551,8 @@ def penalty_problems(min_p: float | None = None, frequency_penalty: float = 0.0,
     for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if not -2 <= value <= 2:
             yield f"{name} must be in [-2, 2], got {value}"
-    if not 0 < repetition_penalty <= 10:
-        yield f"repetition_penalty must be in (0, 10] (1 for none), got {repetition_penalty}"
+    if not 0.01 <= repetition_penalty <= 10:  # below 0.01, dividing a logit by it can overflow to inf
+        yield f"repetition_penalty must be in [0.01, 10] (1 for none), got {repetition_penalty}"
 
 
 @dataclass(frozen=True)

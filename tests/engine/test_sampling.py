@@ -160,7 +160,8 @@ def test_penalize_by_hand():
     assert torch.equal(penalize(logits, counts), logits)
 
 
-@pytest.mark.parametrize("kwargs", [dict(frequency=2.5), dict(presence=-3.0), dict(repetition=0.0)])
+@pytest.mark.parametrize("kwargs", [dict(frequency=2.5), dict(presence=-3.0), dict(repetition=0.0),
+                                    dict(repetition=5e-324)])
 def test_penalize_refuses_out_of_range(kwargs):
     with pytest.raises(ValueError, match="must be in"):
         penalize(torch.zeros(1, 4), torch.zeros(1, 4), **kwargs)

@@ -191,3 +191,24 @@ def test_embeddings_batched_equal_alone_and_are_unit_length(engine, pooling):
     for i, p in enumerate(PROMPTS):
         assert torch.allclose(batched[i], embed(engine, [p], pooling)[0], atol=1e-5)
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["add_many", "step"])
+def test_an_engine_fault_fails_the_sequences_and_the_worker_goes_on(engine, monkeypatch, where):
+    s = Scheduler(engine)
+    real = getattr(engine, where)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("probability tensor contains inf")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, where, broken)
+    try:
+        events = s.generate(PROMPTS[0], SamplingParams(max_new_tokens=5, temperature=0))
+        assert events[-1].finish_reason == "error" and "probability tensor" in events[-1].error
+        assert s.generate(PROMPTS[0], SamplingParams(max_new_tokens=5, temperature=0))[-1].finish_reason == "length"
+    finally:
+        s.close()

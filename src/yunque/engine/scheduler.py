@@ -248,7 +248,7 @@ class Scheduler:
                 if batch.running:
                     self._step(batch)
             except Exception as e:  # a fault in the engine: fail what runs, start again with an empty batch
-                for seq in list(self._running.values()):
+                for seq in [*self._running.values(), *admitted]:
                     self._end(seq, "error", error=f"{type(e).__name__}: {e}")
                 self._running.clear()
                 batch = self.engine.new_batch()

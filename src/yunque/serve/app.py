@@ -97,6 +97,11 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
         return JSONResponse(APIError(e.status_code, str(e.detail), code=kinds.get(e.status_code)).body(),
                             status_code=e.status_code)
 
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):  # a 500 is the server's fault: say so in the same shape
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body(),
+                            status_code=500)
+
     async def model(name: str) -> Loaded:
         try:
             return await registry.get(name)

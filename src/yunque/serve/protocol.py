@@ -66,7 +66,7 @@ class Sampling(Request):
     """yunque/vLLM extra: sample among the k most likely tokens (-1 or 0: no limit)."""
     min_p: float | None = Field(None, ge=0, le=1)
     """yunque/vLLM extra: min-p sampling."""
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
     """yunque/vLLM extra: Hugging Face's repetition penalty (1 for none)."""
 
     def stop_strings(self) -> tuple[str, ...]:
