@@ -4,11 +4,14 @@ scheduler, and the least recently used are unloaded when loading one more would 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from yunque.config import SchedulerConfig, ServeConfig
 from yunque.engine.engine import Engine
@@ -29,13 +32,25 @@ class Loaded:
 
     def __init__(self, spec: ModelSpec, engine: Engine, fmt: ChatFormat, scheduler: Scheduler) -> None:
         self.spec, self.engine, self.format, self.scheduler = spec, engine, fmt, scheduler
-        self.bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        self.bytes = engine_bytes(engine)
         self.last_used = time.monotonic()
         self.created = int(time.time())
 
     @property
     def max_seq_len(self) -> int:
         return self.engine.model.cfg.max_seq_len
+
+
+def engine_bytes(engine: Engine) -> int:
+    """Memory the engine's copy of a model holds: its parameters and buffers, and the oneDNN-packed weights that
+    `PackedLinear` keeps outside both."""
+    model = engine.model
+    total = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    itemsize = torch.empty((), dtype=engine.dtype).element_size()
+    for m in model.modules():
+        if getattr(m, "packed", None) is not None:
+            total += m.in_features * m.out_features * itemsize
+    return total
 
 
 class ModelNotFound(LookupError):
