@@ -86,3 +86,4 @@ def test_64_clients_disconnecting_at_random_leave_nothing_behind(server):
     assert server.metric("finished_total", model=MODEL, reason="cancelled") > cancelled + 64  # cut, not run out
     after = server.rss()
     assert abs(after - before) / before < 0.10, f"RSS {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB"
+

@@ -144,3 +144,40 @@ def test_cli_model_specs(base, tmp_path):
     assert [s.name for s in specs] == ["chat", base.name] and specs[0].path == base
     with pytest.raises(ValueError, match="no model dir or catalogue model named nowhere"):
         model_specs(["nowhere"], str(tmp_path))
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_sequences(base, tmp_path):
+    registry = Registry([ModelSpec("a", base)])
+    app = create_app(registry, feedback_dir=tmp_path)
+    gate = threading.Event()
+    body = b'{"model": "a", "prompt": "hi", "max_tokens": 20, "n": 3}'
+
+    async def main():
+        m = await registry.get("a")
+        m.scheduler.call(lambda: gate.wait(30))  # the sequences wait in the queue while the client hangs up
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():  # the body, then the client is gone
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                              (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        gate.set()
+        await asyncio.wrap_future(m.scheduler.call(lambda: None))
+        return m, sent
+
+    try:
+        m, sent = asyncio.run(main())
+        assert sent[0]["status"] == 499
+        assert m.scheduler.stats.finished == {"cancelled": 3} and m.scheduler.running == 0
+    finally:
+        gate.set()
+        registry.close()

@@ -123,7 +123,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
             for name, spec in registry.specs.items()]}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=[Depends(check_key)])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         m = await model(req.model)
         if not m.format.is_chat:
             raise APIError(400, f"the model {req.model!r} has no chat format (no chat tokens, no chat template); "
@@ -145,10 +145,10 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
         chunks = chat_chunks(run, req, _id("chatcmpl"))
         if req.stream:
             return _sse(chunks, bool(req.stream_options and req.stream_options.include_usage))
-        return await fold_chat(chunks)
+        return await _unless_disconnected(request, fold_chat(chunks))
 
     @app.post("/v1/completions", response_model=Completion, dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         m = await model(req.model)
         if req.suffix:
             raise APIError(400, "suffix (fill in the middle) is not supported by yunque's models; put all the text "
@@ -170,7 +170,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
         chunks = completion_chunks(run, req, _id("cmpl"), prompts)
         if req.stream:
             return _sse(chunks, bool(req.stream_options and req.stream_options.include_usage))
-        return await fold_completion(chunks)
+        return await _unless_disconnected(request, fold_completion(chunks))
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, dependencies=[Depends(check_key)])
     async def embeddings(req: EmbeddingRequest):
@@ -477,6 +477,19 @@ async def fold_completion(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, An
             got["finish_reason"] = ch["finish_reason"] or got["finish_reason"]
     return {"id": head["id"], "object": "text_completion", "created": head["created"], "model": head["model"],
             "system_fingerprint": None, "choices": [choices[i] for i in sorted(choices)], "usage": head["usage"]}
+
+
+async def _unless_disconnected(request: Request, fold) -> dict[str, Any]:
+    """Await a non-streaming reply, but stop generating it (its sequences cancelled) if the client goes away."""
+    task = asyncio.ensure_future(fold)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "the client closed the connection", code="client_closed")
 
 
 def _finish(e: Event) -> str | None:
