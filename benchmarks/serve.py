@@ -116,8 +116,11 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
                         gaps.append(now - last)
                     last = now
 
+    # a new connection per request: a kept-alive one that the server closes after 5 s idle could be picked from the
+    # pool at that moment and fail the request (a client-side race, not the server's doing)
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
-                                  http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=100))) as c:
+                                  http_client=httpx.AsyncClient(limits=limits)) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client(c, i) for i in range(clients)))
         wall = time.perf_counter() - t0

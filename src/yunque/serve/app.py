@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -58,6 +59,14 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
     timeout = timeout or registry.cfg.timeout
     feedback_dir = feedback_dir or feedback.feedback_dir()
     http_counts: dict[tuple[str, int], int] = {}
+    boxes: list[_Mailbox] = []
+
+    def mailbox() -> _Mailbox:
+        """The app's one mailbox, on the loop serving it (a new one if a test runs the app on another loop)."""
+        loop = asyncio.get_running_loop()
+        if not boxes or boxes[0].loop is not loop:
+            boxes[:] = [_Mailbox(loop)]
+        return boxes[0]
 
     async def lifespan(app: FastAPI):
         if registry.cfg.preload:
@@ -141,7 +150,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_new = req.max_completion_tokens or req.max_tokens or registry.sched.max_tokens
         params = m.format.reply_params(_params(req, max_new, bool(req.logprobs), top))
-        run = _Run(m, [prompt], params, req.n, timeout)
+        run = _Run(m, [prompt], params, req.n, timeout, mailbox())
         chunks = chat_chunks(run, req, _id("chatcmpl"))
         if req.stream:
             return _sse(chunks, bool(req.stream_options and req.stream_options.include_usage))
@@ -166,7 +175,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
         params = None
         if req.max_tokens:
             params = _params(req, req.max_tokens, req.logprobs is not None, top)
-        run = _Run(m, prompts, params, req.n, timeout)
+        run = _Run(m, prompts, params, req.n, timeout, mailbox())
         chunks = completion_chunks(run, req, _id("cmpl"), prompts)
         if req.stream:
             return _sse(chunks, bool(req.stream_options and req.stream_options.include_usage))
@@ -249,6 +258,7 @@ class _Run:
     params: SamplingParams | None  # None: nothing to generate (max_tokens 0)
     n: int
     timeout: float | None
+    mailbox: _Mailbox
 
     def __post_init__(self) -> None:
         """Submit every sequence now, so that a full queue or a bad value is an HTTP error, not a broken stream."""
@@ -256,15 +266,10 @@ class _Run:
         self.seqs: list[Sequence] = []
         if self.params is None:
             return
-        loop = asyncio.get_running_loop()
+        mailbox = self.mailbox
 
         def sink(i: int):
-            def on_event(e: Event) -> None:
-                try:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (i, e))
-                except RuntimeError:  # the loop is closed: nobody listens
-                    pass
-            return on_event
+            return lambda e: mailbox.put(self.queue, (i, e))
 
         scheduler = self.model.scheduler
         try:
@@ -301,6 +306,33 @@ class _Run:
         for s in self.seqs:
             if not s.finished:
                 self.model.scheduler.cancel(s)
+
+
+class _Mailbox:
+    """Hands events from the scheduler's thread to the event loop's queues with one wake-up of the loop per batch
+    of events, not one per event: a decode step of 64 rows makes 64 events, and each call_soon_threadsafe writes to
+    the loop's wake-up pipe."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        """(Any thread.) Put item into queue on the loop's thread, soon."""
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody listens
+            pass
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _params(req, max_new: int, logprobs: bool, top: int) -> SamplingParams:
