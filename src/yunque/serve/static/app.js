@@ -180,8 +180,8 @@ function render() {
       const actions = document.createElement("div");
       actions.className = "actions";
       actions.append(
-        button("thumb-up" + (m.rating === 1 ? " chosen" : ""), "👍", "A good reply", () => rate(c, i, 1)),
-        button("thumb-down" + (m.rating === -1 ? " chosen" : ""), "👎", "A bad reply", () => rate(c, i, -1)));
+        button("thumb-up" + (m.rating === 1 ? " chosen" : ""), "▲ Good", "A good reply", () => rate(c, i, 1)),
+        button("thumb-down" + (m.rating === -1 ? " chosen" : ""), "▼ Bad", "A bad reply", () => rate(c, i, -1)));
       if (i === last) actions.append(button("regenerate", "↻ Regenerate", "Another reply, and say which is better",
         () => regenerate(c, i)));
       div.appendChild(actions);
