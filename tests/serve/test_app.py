@@ -223,3 +223,17 @@ def test_binds_loopback_by_default():
     from yunque.config import ServeConfig
 
     assert ServeConfig().host == "127.0.0.1"
+
+
+def test_text_offsets_index_the_echoed_text(client):
+    # the eval client finds a continuation by text_offset: offsets are characters of the choice's text, and the
+    # BOS the server puts before a text prompt takes none
+    text = "naïve café: 2 + 2"
+    r = client.completions.create(model=MODEL, prompt=text, max_tokens=4, echo=True, logprobs=1, temperature=0)
+    c = r.choices[0]
+    assert c.text.startswith(text)
+    offsets = c.logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0 and len(offsets) == r.usage.total_tokens
+    assert c.text[offsets[-4]:] == c.text[len(text):]  # the generated tokens start where the prompt ends
+    colon = text.index(":")
+    assert colon in offsets  # a token starts at every ASCII character of a byte-level prompt

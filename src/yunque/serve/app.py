@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import hmac
 import json
 import threading
@@ -448,21 +449,28 @@ async def completion_chunks(run: _Run, req: CompletionRequest, cid: str,
     """The text_completion chunks of a request: the echoed prompt (scored when logprobs are asked for) first, then
     the generated text; the usage chunk last."""
     created, m, k = int(time.time()), run.model, req.logprobs
+    # text_offset: characters of the choice's text before each token, decoded as the text is (a character split
+    # across tokens counts at its end); a BOS the server put before a text prompt is not in the text: width 0
     offsets = [0] * (len(prompts) * run.n)
+    decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in offsets]
+    from_text = isinstance(req.prompt, str) or isinstance(req.prompt[0], str)
+    bos = m.engine.tokenizer.bos_id
 
     def chunk(choices: list[dict], usage: dict | None = None) -> dict[str, Any]:
         return {"id": cid, "object": "text_completion", "created": created, "model": req.model,
                 "system_fingerprint": None, "choices": choices, "usage": usage}
 
-    def logprob_block(i: int, entries: list[tuple[int, float | None, tuple | None]]) -> dict[str, Any]:
+    def logprob_block(i: int, entries: list[tuple[int, float | None, tuple | None]],
+                      echo: bool = False) -> dict[str, Any]:
         block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token, lp, top in entries:
-            text, _ = _token_text(m, token)
+        for j, (token, lp, top) in enumerate(entries):
+            text, raw = _token_text(m, token)
             block["tokens"].append(text)
             block["token_logprobs"].append(lp)
             block["top_logprobs"].append(None if lp is None else {_token_text(m, t)[0]: v for t, v in top or ()})
             block["text_offset"].append(offsets[i])
-            offsets[i] += len(text)
+            if not (echo and j == 0 and from_text and token == bos):
+                offsets[i] += len(decoders[i].decode(bytes(raw)))
         return block
 
     if req.echo:
@@ -476,7 +484,7 @@ async def completion_chunks(run: _Run, req: CompletionRequest, cid: str,
                 req.prompt[i // run.n] if isinstance(req.prompt[0], str) else m.engine.tokenizer.decode(p))
             block = None
             if scored is not None:
-                block = logprob_block(i, [(t, lp, top) for t, (lp, top) in zip(p, scored[i // run.n])])
+                block = logprob_block(i, [(t, lp, top) for t, (lp, top) in zip(p, scored[i // run.n])], echo=True)
             done = "length" if run.params is None else None
             yield chunk([{"index": i, "text": text, "finish_reason": done, "logprobs": block}])
     completion = 0
