@@ -7,8 +7,9 @@ weights with GPT-2's tokenizer (untrained: speed does not depend on what the wei
 sends --requests completions one after another, each a --prompt-token prompt (different per client) and
 --new tokens streamed back. Per level: aggregate generated tokens / wall time (tokens counted by the server's
 usage), time to first token and inter-token latency (gaps between streamed chunks) p50 and p99, and the ratio of
-aggregate tokens/s to one client's. The CPU, its flags and the load average at the start are printed first: on a
-shared machine, say so beside the figures.
+aggregate tokens/s to one client's. Beside it, the scheduler alone (engine/scheduler.py in this process, the same
+prompts and lengths, no HTTP): what continuous batching gives before the server's own costs. The CPU, its flags
+and the load average at the start are printed first: on a shared machine, say so beside the figures.
 
 The issue's comparison with llama.cpp's server (llama-cpp-python[server]) is not run here: building it from source
 takes ~10 minutes of both cores, and no wheel installs on this machine.
@@ -132,6 +133,40 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
             "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99)}
 
 
+def scheduler_alone(model_dir: Path, clients: int, args) -> float:
+    """Aggregate generated tokens/s of `clients` threads each running --requests generations through a Scheduler
+    in this process (no HTTP, no SSE): the batching's own figure."""
+    import threading
+
+    from yunque.config import SamplingParams, SchedulerConfig
+    from yunque.engine.engine import Engine
+    from yunque.engine.scheduler import Scheduler
+    from yunque.modeldir import load_model
+
+    model, tok = load_model(model_dir)
+    engine = Engine(model, tok)
+    engine.stop_ids = set()
+    scheduler = Scheduler(engine, SchedulerConfig(max_running=64))
+    tokens = []
+
+    def client(i: int) -> None:
+        for r in range(args.requests):
+            events = scheduler.generate(prompt_ids(1000 * i + r, args.prompt, GPT2_30M.vocab_size),
+                                        SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=i))
+            tokens.append(events[-1].completion_tokens)
+
+    try:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(tokens) / (time.perf_counter() - t0)
+    finally:
+        scheduler.close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -157,10 +192,14 @@ def main() -> None:
                 rows.append(asyncio.run(level(url, n, args, vocab)))
                 r = rows[-1]
                 r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+                alone = scheduler_alone(Path(tmp) / "model", n, args)
+                r["scheduler_tokens_per_s"] = alone
+                r["scheduler_ratio"] = alone / rows[0]["scheduler_tokens_per_s"]
                 print(f"{n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one client), "
                       f"TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
                       f"inter-token p50 {r['itl_p50'] * 1000:5.1f} ms p99 {r['itl_p99'] * 1000:6.1f} ms "
-                      f"({r['tokens']} tokens in {r['seconds']:.1f} s)", flush=True)
+                      f"({r['tokens']} tokens in {r['seconds']:.1f} s); scheduler alone {alone:6.1f} tok/s "
+                      f"({r['scheduler_ratio']:.2f}x)", flush=True)
         finally:
             server.terminate()
             server.wait(30)
