@@ -495,6 +495,20 @@ class SamplingParams:
     logprobs: bool = False
     """Also report each generated token's log-probability under the model (before temperature, top-k and top-p),
     as a server's `logprobs` or an RL rollout needs; off, no step spends time on them."""
+    top_logprobs: int = 0
+    """Also report the this many most likely tokens at each step and their log-probabilities (0 to 20, as the
+    OpenAI API allows); needs logprobs."""
+    min_p: float | None = None
+    """Min-p sampling (Nguyen et al. 2024): drop tokens whose probability is below min_p times the most likely
+    one's, after the temperature; None for no limit."""
+    frequency_penalty: float = 0.0
+    """Subtract this times the number of times a token was generated so far from its logit (OpenAI's definition;
+    -2 to 2)."""
+    presence_penalty: float = 0.0
+    """Subtract this from the logit of every token generated at least once so far (OpenAI's definition; -2 to 2)."""
+    repetition_penalty: float = 1.0
+    """Divide the positive logits (multiply the negative ones) of tokens in the prompt or generated so far by this
+    (Keskar et al. 2019, as Hugging Face applies it); 1 for none."""
 
     def __post_init__(self) -> None:
         check(self, self._problems())
@@ -505,6 +519,17 @@ class SamplingParams:
         yield from sampling_problems(self.temperature, self.top_k, self.top_p)
         if not all(self.stop):
             yield f"stop strings must not be empty, e.g. stop=('\\n\\n',); got {self.stop!r}"
+        if not 0 <= self.top_logprobs <= 20:
+            yield f"top_logprobs must be in [0, 20], got {self.top_logprobs}"
+        if self.top_logprobs and not self.logprobs:
+            yield f"top_logprobs={self.top_logprobs} needs logprobs=True"
+        yield from penalty_problems(self.min_p, self.frequency_penalty, self.presence_penalty,
+                                    self.repetition_penalty)
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any frequency, presence or repetition penalty changes the logits."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1)
 
 
 def sampling_problems(temperature: float = 1.0, top_k: int | None = None,
@@ -516,6 +541,18 @@ def sampling_problems(temperature: float = 1.0, top_k: int | None = None,
         yield f"top_k must be an integer >= 1, or None for no limit; got {top_k}"
     if top_p is not None and not 0 < top_p <= 1:
         yield f"top_p must be in (0, 1], or None for no limit; got {top_p}"
+
+
+def penalty_problems(min_p: float | None = None, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                     repetition_penalty: float = 1.0) -> Iterator[str]:
+    """What is wrong with min-p and the penalties, naming the value and the accepted range."""
+    if min_p is not None and not 0 <= min_p <= 1:
+        yield f"min_p must be in [0, 1], or None for no limit; got {min_p}"
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not -2 <= value <= 2:
+            yield f"{name} must be in [-2, 2], got {value}"
+    if not 0.01 <= repetition_penalty <= 10:  # below 0.01, dividing a logit by it can overflow to inf
+        yield f"repetition_penalty must be in [0.01, 10] (1 for none), got {repetition_penalty}"
 
 
 @dataclass(frozen=True)
@@ -560,6 +597,67 @@ class SpeedrunConfig:
         for name in ("minutes", "sft_minutes"):
             if not getattr(self, name) > 0:
                 yield f"{name} must be positive, got {getattr(self, name)}"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of continuous batching (engine/scheduler.py): how many requests wait, run, and how long each is."""
+
+    max_queue: int = 256
+    """Requests waiting to start at most; one more is refused (the server answers 429)."""
+    max_running: int = 64
+    """Sequences decoding together at most (each choice of a request is one)."""
+    max_tokens: int = 2048
+    """Most tokens one sequence may generate; a request asking for more is refused."""
+    prefill_tokens: int = 2048
+    """Prompt tokens prefilled between two decode steps at most (at least one prompt is): a burst of new requests
+    delays the running ones by about this many tokens' prefill, not by all of theirs."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        for name in ("max_queue", "max_running", "max_tokens", "prefill_tokens"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be >= 1, got {getattr(self, name)}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The OpenAI-compatible server: where it listens, who may call it, and how many models it keeps loaded."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on; 127.0.0.1 answers this machine only, 0.0.0.0 every network it is on."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: str | None = None
+    """Key every request must bring (`Authorization: Bearer KEY`); default: $YUNQUE_API_KEY, else no key."""
+    preload: bool = False
+    """Load every model at start instead of on its first request."""
+    max_memory: float | None = None
+    """GiB of model weights kept loaded at once: loading one more unloads the least recently used first; None for
+    no limit."""
+    max_body: int = 4_194_304
+    """Largest request body accepted, in bytes (the server answers 413 above it)."""
+    timeout: float = 600.0
+    """Seconds a request may run before it is ended (finish_reason "length" for what it generated)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Decode precision (auto: bf16 where the CPU multiplies it natively, except for models under 4M parameters)."""
+    device: str = "cpu"
+    """Where models run: cpu, cuda, cuda:1, ..."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if not 0 <= self.port <= 65535:
+            yield f"port must be in [0, 65535], got {self.port}"
+        if self.max_memory is not None and self.max_memory <= 0:
+            yield f"max_memory must be > 0 GiB (or None for no limit), got {self.max_memory}"
+        if self.max_body < 1024:
+            yield f"max_body must be >= 1024 bytes, got {self.max_body}"
+        if self.timeout <= 0:
+            yield f"timeout must be > 0 seconds, got {self.timeout}"
 
 
 @dataclass(frozen=True)
@@ -635,5 +733,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json", "LoopConfig", "PretrainConfig",
-           "LoraConfig", "SFTConfig", "SamplingParams", "SpeedrunConfig", "EvalConfig", "from_dict", "to_dict",
-           "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]
+           "LoraConfig", "SFTConfig", "SamplingParams", "SchedulerConfig", "ServeConfig", "SpeedrunConfig",
+           "EvalConfig", "from_dict", "to_dict", "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]

@@ -3,7 +3,15 @@ import math
 import pytest
 import torch
 
-from yunque.engine.sampling import filter_top_k, filter_top_p, sample, token_logprobs
+from yunque.engine.sampling import (
+    filter_min_p,
+    filter_top_k,
+    filter_top_p,
+    penalize,
+    sample,
+    token_logprobs,
+    top_logprobs,
+)
 
 
 def generators(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -122,3 +130,47 @@ def test_filter_top_p_by_hand():
 def test_invalid_values_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sample(torch.zeros(1, 3), **kwargs)
+
+
+def test_filter_min_p_by_hand():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = filter_min_p(logits, 0.2)  # threshold 0.2 * 0.5 = 0.1: 0.05 goes
+    assert torch.isinf(kept[0, 3]) and torch.equal(kept[0, :3], logits[0, :3])
+    assert torch.equal(filter_min_p(logits, 0.0), logits)
+    only_best = filter_min_p(logits, 1.0)
+    assert torch.isfinite(only_best).tolist() == [[True, False, False, False]]
+
+
+def test_min_p_never_draws_below_the_threshold():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    freq = frequencies(logits, 4000, min_p=0.5)  # keeps 0.5 and 0.3: renormalised to 0.625 / 0.375
+    assert freq[2] == freq[3] == 0
+    assert freq[0].item() == pytest.approx(0.625, abs=0.03)
+
+
+def test_penalize_by_hand():
+    logits = torch.tensor([[1.0, 2.0, -1.0, 0.5]])
+    counts = torch.tensor([[2, 0, 1, 0]])
+    got = penalize(logits, counts, frequency=0.5, presence=0.25)
+    assert got.tolist() == [[1 - 1 - 0.25, 2.0, -1 - 0.5 - 0.25, 0.5]]
+    # repetition: positive logits of seen tokens divided, negative ones multiplied; seen defaults to counts > 0
+    assert penalize(logits, counts, repetition=2.0).tolist() == [[0.5, 2.0, -2.0, 0.5]]
+    seen = torch.tensor([[False, True, False, True]])  # e.g. prompt tokens
+    assert penalize(logits, torch.zeros_like(counts), repetition=2.0, seen=seen).tolist() == [[1.0, 1.0, -1.0, 0.25]]
+    assert torch.equal(penalize(logits, counts), logits)
+
+
+@pytest.mark.parametrize("kwargs", [dict(frequency=2.5), dict(presence=-3.0), dict(repetition=0.0),
+                                    dict(repetition=5e-324)])
+def test_penalize_refuses_out_of_range(kwargs):
+    with pytest.raises(ValueError, match="must be in"):
+        penalize(torch.zeros(1, 4), torch.zeros(1, 4), **kwargs)
+
+
+def test_top_logprobs_agree_with_token_logprobs():
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(5))
+    ids, values = top_logprobs(logits, 4)
+    assert torch.equal(ids[:, 0], logits.argmax(-1))
+    assert (values[:, :-1] >= values[:, 1:]).all()
+    for j in range(4):
+        assert torch.allclose(values[:, j], token_logprobs(logits, ids[:, j]))

@@ -5,6 +5,7 @@
     models.py    info, import, export, pull, models, rm
     speedrun.py  speedrun
     eval.py      eval
+    serve.py     serve
 
 Flags, defaults and help come from the config dataclasses (cli/flags.py). Errors a user can fix (bad paths, bad
 flags, corrupt files) print one line and exit non-zero; a mistyped command or flag gets a suggestion.
@@ -16,10 +17,10 @@ import argparse
 import sys
 
 from yunque.cli import eval as evaluate
-from yunque.cli import generate, models, speedrun, train
+from yunque.cli import generate, models, serve, speedrun, train
 from yunque.cli.common import Parser
 
-GROUPS = (train, generate, models, evaluate, speedrun)
+GROUPS = (train, generate, models, evaluate, serve, speedrun)
 """Command modules, in the order `yunque --help` lists their commands."""
 
 

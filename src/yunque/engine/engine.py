@@ -25,7 +25,7 @@ import torch
 
 from yunque.config import SamplingParams
 from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
-from yunque.engine.sampling import sample, token_logprobs
+from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
@@ -57,11 +57,13 @@ class _Sequence:
     """
 
     def __init__(self, tokenizer: Tokenizer, *, budget: int, stop_ids: set[int], stop: tuple[str, ...],
-                 logprobs: bool = False) -> None:
+                 logprobs: bool = False, top_logprobs: bool = False) -> None:
         self.tokenizer, self.budget, self.stop_ids, self.stop = tokenizer, budget, stop_ids, stop
         self.ids: list[int] = []
         self.logprobs: list[float] | None = [] if logprobs else None
         """Log-probability of each of ids, cut with them; None when not asked for."""
+        self.tops: list[tuple[tuple[int, float], ...]] | None = [] if top_logprobs else None
+        """The most likely (id, logprob) pairs at each of ids' steps, cut with them; None when not asked for."""
         self.text = ""
         """Text released so far: final, safe to show."""
         self.finish_reason: str | None = None
@@ -73,14 +75,16 @@ class _Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def push(self, token: int, logprob: float | None = None) -> None:
-        """Append one sampled token (and its logprob, if kept): extend the text and decide whether the sequence is
-        finished."""
+    def push(self, token: int, logprob: float | None = None, top: tuple | None = None) -> None:
+        """Append one sampled token (and its logprob and top logprobs, if kept): extend the text and decide whether
+        the sequence is finished."""
         if token in self.stop_ids:
             return self._finish("stop")
         self.ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
+        if self.tops is not None:
+            self.tops.append(top)
         self._held += self._decoder.decode(self.tokenizer.token_bytes(token))
         mid_char = bool(self._decoder.getstate()[0])
         self._ends.append(len(self.text) + len(self._held) + mid_char)
@@ -92,6 +96,8 @@ class _Sequence:
             del self.ids[keep:]
             if self.logprobs is not None:
                 del self.logprobs[keep:]
+            if self.tops is not None:
+                del self.tops[keep:]
             return self._finish("stop", flush=False)
         if len(self.ids) >= self.budget:
             return self._finish("length")
@@ -112,15 +118,16 @@ class Row:
     """One sequence of a running batch: its prompt length, sampling settings, random generator, and what it has
     generated so far. Made by `Engine.add`; read it freely, change it only through the engine."""
 
-    def __init__(self, prompt_tokens: int, params: SamplingParams, seq: _Sequence,
+    def __init__(self, prompt: list[int], params: SamplingParams, seq: _Sequence,
                  generator: torch.Generator | None) -> None:
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt)
         """Number of prompt tokens the model saw."""
         self.params = params
         self.generator = generator
         """Seeded with params.seed when sampling is random and seeded; None draws from torch's global generator."""
         self._seq = seq
-        self._sampling = (params.temperature, params.top_k, params.top_p)
+        self._sampling = (params.temperature, params.top_k, params.top_p, params.min_p)
+        self._prompt = prompt if params.repetition_penalty != 1 else None  # what the repetition penalty also sees
 
     @property
     def budget(self) -> int:
@@ -139,9 +146,22 @@ class Row:
         return self._seq.logprobs
 
     @property
+    def top_logprobs(self) -> list[tuple[tuple[int, float], ...]] | None:
+        """With params.top_logprobs: for each of ids, the most likely (id, logprob) pairs at its step, most likely
+        first; None otherwise."""
+        return self._seq.tops
+
+    @property
     def text(self) -> str:
         """Text released so far: final (it only grows), and never any part of a stop string."""
         return self._seq.text
+
+    @property
+    def released(self) -> int:
+        """How many of ids lie wholly within `text` (all of them once the row is finished): the tokens a stream may
+        report along with the text."""
+        seq = self._seq
+        return len(seq.ids) if seq.done else bisect_right(seq._ends, len(seq.text))
 
     @property
     def finish_reason(self) -> str | None:
@@ -164,6 +184,8 @@ class Sampled(NamedTuple):
     """With the row's params.logprobs: its log-probability under the model (before temperature, top-k and top-p)."""
     finish_reason: str | None
     """Set when this token finished the row ("stop" or "length"); None while it runs on."""
+    top: tuple[tuple[int, float], ...] | None = None
+    """With the row's params.top_logprobs: the most likely (id, logprob) pairs at this step, most likely first."""
 
 
 class Batch:
@@ -418,11 +440,12 @@ class Engine:
 
     def _row(self, prompt: list[int], params: SamplingParams) -> Row:
         seq = _Sequence(self.tokenizer, budget=self.token_budget(len(prompt), params.max_new_tokens),
-                        stop_ids=self.stop_ids, stop=params.stop, logprobs=params.logprobs)
+                        stop_ids=self.stop_ids, stop=params.stop, logprobs=params.logprobs,
+                        top_logprobs=params.top_logprobs > 0)
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(self.device).manual_seed(params.seed)
-        return Row(len(prompt), params, seq, generator)
+        return Row(prompt, params, seq, generator)
 
     def _cache_len(self, n: int) -> int:
         """Slots of a cache for n positions: a `cache_bucket`, at most the model's context."""
@@ -443,33 +466,58 @@ class Engine:
     def _sample(self, rows: list[Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[Sampled]]:
         """Sample a token for each of `rows` (running) from its logits (N, V), with the row's own settings and
         generator, and push it into the row; returns the tokens (N,) and what each row got."""
+        drawn = _penalized(rows, logits) if any(r.params.penalised for r in rows) else logits
         first = rows[0]._sampling
         if all(r._sampling == first for r in rows):  # one setting for all rows: one call
-            tokens = _draw(rows, logits, first)
+            tokens = _draw(rows, drawn, first)
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             for key in dict.fromkeys(r._sampling for r in rows):
                 group = [i for i, r in enumerate(rows) if r._sampling == key]
                 index = torch.tensor(group, device=logits.device)
-                tokens[index] = _draw([rows[i] for i in group], logits[index], key)
+                tokens[index] = _draw([rows[i] for i in group], drawn[index], key)
         logprobs = [None] * len(rows)
         if any(r.params.logprobs for r in rows):  # 3-5% of a decode step (mini, gpt2-30M; batch 1, 8): if asked
             logprobs = token_logprobs(logits, tokens).tolist()
+        tops = [None] * len(rows)
+        if k := max(r.params.top_logprobs for r in rows):
+            top_ids, top_values = top_logprobs(logits, k)
+            tops = [tuple(zip(i[:r.params.top_logprobs], v[:r.params.top_logprobs])) if r.params.top_logprobs else None
+                    for r, i, v in zip(rows, top_ids.tolist(), top_values.tolist())]
         sampled = []
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
+        for row, token, logprob, top in zip(rows, tokens.tolist(), logprobs, tops):
             seq = row._seq
-            seq.push(token, logprob)
-            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason))
+            seq.push(token, logprob, top)
+            sampled.append(Sampled(row, token, logprob if seq.logprobs is not None else None, seq.finish_reason, top))
         return tokens, sampled
 
 
 def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple) -> torch.Tensor:
-    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p), each with its own generator."""
-    temperature, top_k, top_p = settings
+    """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p, min_p), each with its own
+    generator."""
+    temperature, top_k, top_p, min_p = settings
     generators = None
     if temperature > 0 and any(r.generator is not None for r in rows):
         generators = [r.generator for r in rows]
-    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generators=generators)
+
+
+def _penalized(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+    """Logits (N, V) with each penalised row's frequency, presence and repetition penalties applied (fp32)."""
+    out = logits.float().clone()
+    V = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.penalised:
+            continue
+        counts = torch.bincount(torch.tensor(row.ids, dtype=torch.long), minlength=V).to(logits.device)[None]
+        seen = None
+        if row._prompt is not None:
+            seen = counts > 0
+            seen[0, torch.tensor(row._prompt, device=logits.device)] = True
+        out[i:i + 1] = penalize(out[i:i + 1], counts, frequency=p.frequency_penalty, presence=p.presence_penalty,
+                                repetition=p.repetition_penalty, seen=seen)
+    return out
 
 
 __all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams"]

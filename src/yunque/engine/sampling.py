@@ -1,14 +1,14 @@
 """Pure sampling functions: next-token logits (B, V) in, token ids (B,) out.
 
-Order of operations, as in Hugging Face `generate`: temperature, then top-k, then top-p, then one draw per row.
-Everything after the temperature is computed in fp32.
+Order of operations, as in Hugging Face `generate`: penalties (on the raw logits), temperature, then top-k, then
+top-p, then min-p, then one draw per row. Everything after the temperature is computed in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from yunque.config import sampling_problems
+from yunque.config import penalty_problems, sampling_problems
 
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -40,13 +40,48 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def filter_min_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Logits (..., V) with -inf on tokens whose probability is below p times the most likely token's.
+
+    Min-p sampling, Nguyen et al. 2024. In log space: logit < max_logit + log(p). The most likely token stays.
+    """
+    problem = next(penalty_problems(min_p=p), None)
+    if problem:
+        raise ValueError(problem)
+    if p <= 0:
+        return logits
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(torch.tensor(p, dtype=logits.dtype))  # (..., 1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, *, frequency: float = 0.0, presence: float = 0.0,
+             repetition: float = 1.0, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) fp32 after the OpenAI frequency and presence penalties and the repetition penalty.
+
+    counts (B, V): how many times each token was generated so far. OpenAI's definition:
+    logit - counts * frequency - (counts > 0) * presence. seen (B, V) bool: the tokens the repetition penalty
+    applies to (prompt and generated; default counts > 0); their positive logits are divided by `repetition`, their
+    negative ones multiplied (Keskar et al. 2019, CTRL, as Hugging Face's RepetitionPenaltyLogitsProcessor).
+    """
+    problem = next(penalty_problems(None, frequency, presence, repetition), None)
+    if problem:
+        raise ValueError(problem)
+    logits = logits.float()
+    counts = counts.to(logits.dtype)
+    if repetition != 1:
+        seen = counts > 0 if seen is None else seen
+        scaled = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(seen, scaled, logits)
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
+
+
 MIN_TEMPERATURE = 1e-30
 """Temperatures below this divide as this: logits scaled by 1e30 stay finite in fp32 (up to 3.4e38) for any gap of
 logits under 3e8, so a tiny positive temperature is (near-)greedy instead of producing inf - inf = NaN."""
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+           min_p: float | None = None, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """Draw one token id per row of logits (B, V); returns int64 (B,).
 
     temperature == 0 is greedy (argmax, no randomness); a tiny positive one draws among the tokens tied with the
@@ -64,6 +99,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
         logits = filter_top_k(logits, top_k)
     if top_p is not None and top_p < 1:
         logits = filter_top_p(logits, top_p)
+    if min_p is not None and min_p > 0:
+        logits = filter_min_p(logits, min_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(1)
@@ -79,4 +116,12 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logits.float().log_softmax(dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
-__all__ = ["MIN_TEMPERATURE", "check_sampling", "filter_top_k", "filter_top_p", "sample", "token_logprobs"]
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row of logits (B, V) and their log-probabilities: (ids (B, k), logprobs
+    (B, k) fp32), most likely first; the same values `token_logprobs` gives for those ids."""
+    values, ids = logits.float().log_softmax(dim=-1).topk(k, dim=-1)
+    return ids, values
+
+
+__all__ = ["MIN_TEMPERATURE", "check_sampling", "filter_min_p", "filter_top_k", "filter_top_p", "penalize", "sample",
+           "token_logprobs", "top_logprobs"]

@@ -1,0 +1,367 @@
+"""Continuous batching: concurrent requests share one running batch of the engine, joining and leaving it between
+decode steps.
+
+One worker thread owns the engine and its `Batch`; nothing else touches them. Each turn of its loop it
+1. takes out the sequences whose caller cancelled them (or whose time ran out): their KV slots are freed at once;
+2. runs calls queued with `call` (embeddings, prompt scoring: whatever needs the model between two steps);
+3. admits waiting sequences up to `max_running`, prefilling them with one forward (`Engine.add_many`) of at most
+   `prefill_tokens` prompt tokens (at least one prompt), so a burst of new requests delays the running ones by one
+   bounded prefill, not by all of theirs. A single prompt is prefilled whole: the engine's `add` has no partial
+   prefill of a row, so prefill is not chunked within one prompt;
+4. decodes one token for every running sequence (`Engine.step`), reports it to its caller and removes the
+   sequences that finished.
+Every sequence has its own SamplingParams and generator, so what it generates does not depend on what runs beside
+it (tests/engine/test_scheduler.py runs requests concurrently and alone and compares them).
+
+Callers are told through a callback run in the worker thread (`submit`); `stream` wraps it in an asyncio queue
+for async callers (the server), and `generate` waits for the whole reply (tests, scripts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from yunque.config import SamplingParams, SchedulerConfig
+from yunque.engine.engine import Engine, Row
+
+
+class QueueFull(RuntimeError):
+    """The scheduler holds max_queue waiting requests already; the server answers 429."""
+
+
+class Token(NamedTuple):
+    """One generated token as a stream reports it."""
+
+    id: int
+    logprob: float | None
+    """With params.logprobs: its log-probability under the model (before temperature, penalties and filters)."""
+    top: tuple[tuple[int, float], ...] | None
+    """With params.top_logprobs: the most likely (id, logprob) pairs at its step, most likely first."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """What one sequence produced since its last event: new text and the tokens wholly within it; the last event
+    of a sequence has its finish_reason."""
+
+    text: str
+    tokens: tuple[Token, ...]
+    finish_reason: str | None
+    """None while it runs; "stop", "length", "cancelled", or "error" (then `error` says why)."""
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far (the stop token excluded)."""
+    error: str | None = None
+
+
+class Sequence:
+    """One submitted generation: a handle to cancel it and to read its state. Made by `Scheduler.submit`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], Any],
+                 timeout: float | None) -> None:
+        self.id = next(self._ids)
+        self.prompt, self.params, self.on_event = prompt, params, on_event
+        self.submitted = time.perf_counter()
+        self.deadline = self.submitted + timeout if timeout else None
+        self.first_token: float | None = None
+        """perf_counter() when its first token came (prefill done)."""
+        self.row: Row | None = None
+        self.cancelled = False
+        self.finished = False
+        self._sent_text = 0
+        self._sent_tokens = 0
+
+
+@dataclass
+class Stats:
+    """Counters since start, and the state now: what /metrics reports."""
+
+    requests: int = 0
+    """Sequences submitted."""
+    finished: dict[str, int] = field(default_factory=dict)
+    """Sequences ended, by finish reason."""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    """Decode steps run."""
+    step_rows: int = 0
+    """Rows decoded, summed over steps: step_rows / steps is the mean batch size."""
+    ttft: list[float] = field(default_factory=list)
+    """Seconds from submit to first token of the most recent sequences (at most 1024)."""
+    waiting: int = 0
+    running: int = 0
+
+
+class Scheduler:
+    """Runs an engine in one worker thread over one batch that sequences join and leave at every step."""
+
+    def __init__(self, engine: Engine, cfg: SchedulerConfig | None = None) -> None:
+        self.engine, self.cfg = engine, cfg or SchedulerConfig()
+        self._lock = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._running: dict[int, Sequence] = {}  # by id(row)
+        self._wake = False  # something for the worker to look at (a cancel)
+        self._closed = False
+        self.stats = Stats()
+        self._thread = threading.Thread(target=self._loop, name="yunque-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- callers' side (any thread) --------------------------------------------------------------------------------
+
+    def check(self, prompt: list[int], params: SamplingParams) -> None:
+        """ValueError naming the problem if `prompt` cannot run with `params`: too long for the context, ids outside
+        the vocabulary, more new tokens than max_tokens allows."""
+        if params.max_new_tokens > self.cfg.max_tokens:
+            raise ValueError(f"max_tokens {params.max_new_tokens} is more than this server allows per request "
+                             f"({self.cfg.max_tokens}); ask for fewer")
+        self.engine._prepare([prompt])
+
+    def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], Any], *,
+               timeout: float | None = None) -> Sequence:
+        """Queue one generation; `on_event(Event)` is called in the worker thread as it runs (it must not block).
+
+        Raises ValueError for a prompt or params that cannot run (`check`), QueueFull when max_queue sequences
+        wait already, RuntimeError once closed. timeout: seconds after which it ends with finish_reason "length".
+        """
+        self.check(prompt, params)
+        seq = Sequence(list(prompt), params, on_event, timeout)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            if len(self._waiting) >= self.cfg.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already (max_queue "
+                                f"{self.cfg.max_queue}); retry later")
+            self._waiting.append(seq)
+            self.stats.requests += 1
+            self._lock.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End `seq` now: it leaves the batch (its cache slots freed) before the next step; its last event has
+        finish_reason "cancelled". Cancelling a finished sequence does nothing."""
+        with self._lock:
+            seq.cancelled = True
+            self._wake = True
+            self._lock.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn() in the worker thread between two steps (it may use the engine); its result or exception comes
+        through the returned Future."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def close(self) -> None:
+        """Stop the worker: waiting and running sequences end with finish_reason "cancelled"."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Sequences in the batch now."""
+        return len(self._running)
+
+    def generate(self, prompt: list[int], params: SamplingParams, *, timeout: float | None = None) -> list[Event]:
+        """Submit and wait for the whole generation; returns its events (the last one finished)."""
+        events: list[Event] = []
+        done = threading.Event()
+
+        def on_event(e: Event) -> None:
+            events.append(e)
+            if e.finish_reason:
+                done.set()
+
+        self.submit(prompt, params, on_event, timeout=timeout)
+        done.wait()
+        return events
+
+    async def stream(self, prompt: list[int], params: SamplingParams, *,
+                     timeout: float | None = None) -> AsyncIterator[Event]:
+        """Submit and yield its events as they come. Leaving the loop early (a client that disconnects, a
+        cancelled task) cancels the sequence."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(e: Event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            except RuntimeError:  # the caller's loop is closed: nobody listens
+                pass
+
+        seq = self.submit(prompt, params, on_event, timeout=timeout)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.finish_reason:
+                    return
+        finally:
+            if not seq.finished:
+                self.cancel(seq)
+
+    # -- the worker ------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        batch = self.engine.new_batch()
+        while True:
+            with self._lock:
+                while not (self._closed or self._waiting or self._calls or self._wake or batch.running):
+                    self._lock.wait()
+                if self._closed:
+                    break
+                self._wake = False
+                calls = list(self._calls)
+                self._calls.clear()
+                admitted = self._admit()
+            try:
+                self._drop_ended(batch)
+                for fn, future in calls:
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            future.set_result(fn())
+                        except BaseException as e:  # noqa: B036 - handed to the caller
+                            future.set_exception(e)
+                if admitted:
+                    self._prefill(batch, admitted)
+                if batch.running:
+                    self._step(batch)
+            except Exception as e:  # a fault in the engine: fail what runs, start again with an empty batch
+                for seq in [*self._running.values(), *admitted]:
+                    self._end(seq, "error", error=f"{type(e).__name__}: {e}")
+                self._running.clear()
+                batch = self.engine.new_batch()
+            self.stats.waiting, self.stats.running = len(self._waiting), len(self._running)
+        with self._lock:
+            left = list(self._waiting) + list(self._running.values())
+            self._waiting.clear()
+            for _fn, future in self._calls:
+                future.cancel()
+        for seq in left:
+            self._end(seq, "cancelled")
+        self._running.clear()
+
+    def _admit(self) -> list[Sequence]:
+        """Waiting sequences to prefill now (under the lock): up to max_running in the batch and prefill_tokens of
+        prompt, at least one prompt; cancelled ones are dropped."""
+        taken: list[Sequence] = []
+        tokens = 0
+        while self._waiting and len(self._running) + len(taken) < self.cfg.max_running:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                self._end(seq, "cancelled")
+                continue
+            if taken and tokens + len(seq.prompt) > self.cfg.prefill_tokens:
+                break
+            taken.append(self._waiting.popleft())
+            tokens += len(seq.prompt)
+        return taken
+
+    def _drop_ended(self, batch) -> None:
+        """Cancelled sequences and those past their deadline leave the batch now."""
+        now = time.perf_counter()
+        ended = [s for s in self._running.values() if s.cancelled or (s.deadline is not None and now > s.deadline)]
+        if not ended:
+            return
+        self.engine.remove(batch, *(s.row for s in ended))
+        for seq in ended:
+            del self._running[id(seq.row)]
+            self._end(seq, "cancelled" if seq.cancelled else "length")
+
+    def _prefill(self, batch, admitted: list[Sequence]) -> None:
+        try:
+            rows = self.engine.add_many(batch, [s.prompt for s in admitted], [s.params for s in admitted])
+        except ValueError:  # checked at submit, so not expected; find the culprit by adding one at a time
+            rows = []
+            for seq in admitted:
+                try:
+                    rows.append(self.engine.add(batch, seq.prompt, seq.params))
+                except ValueError as e:
+                    rows.append(None)
+                    self._end(seq, "error", error=str(e))
+        now = time.perf_counter()
+        for seq, row in zip(admitted, rows):
+            if row is None:
+                continue
+            seq.row, seq.first_token = row, now
+            self._running[id(row)] = seq
+            self.stats.prompt_tokens += row.prompt_tokens
+            self.stats.ttft.append(now - seq.submitted)
+            self._report(seq)
+        del self.stats.ttft[:-1024]
+        self._remove_finished(batch)
+
+    def _step(self, batch) -> None:
+        sampled = self.engine.step(batch)
+        self.stats.steps += 1
+        self.stats.step_rows += len(sampled)
+        for s in sampled:
+            self._report(self._running[id(s.row)])
+        self._remove_finished(batch)
+
+    def _remove_finished(self, batch) -> None:
+        done = [r for r in batch.rows if r.done]
+        if done:
+            self.engine.remove(batch, *done)
+            for row in done:
+                self._running.pop(id(row), None)
+
+    def _report(self, seq: Sequence) -> None:
+        """Tell the caller what its row released since the last event."""
+        row = seq.row
+        text = row.text[seq._sent_text:]
+        n = row.released
+        lp, tops = row.logprobs, row.top_logprobs
+        tokens = tuple(Token(row.ids[i], lp[i] if lp is not None else None, tops[i] if tops is not None else None)
+                       for i in range(seq._sent_tokens, n))
+        if not (text or tokens or row.done):
+            return
+        seq._sent_text, seq._sent_tokens = len(row.text), n
+        if row.done:
+            seq.finished = True
+            self.stats.generated_tokens += len(row.ids)
+            self.stats.finished[row.finish_reason] = self.stats.finished.get(row.finish_reason, 0) + 1
+        self._send(seq, Event(text, tokens, row.finish_reason, row.prompt_tokens, len(row.ids)))
+
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Finish a sequence that its row did not finish (cancelled, timed out, failed), with the text it had."""
+        if seq.finished:
+            return
+        seq.finished = True
+        row = seq.row
+        done = len(row.ids) if row is not None else 0
+        self.stats.generated_tokens += done
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self._send(seq, Event("", (), reason, row.prompt_tokens if row else len(seq.prompt), done, error))
+
+    @staticmethod
+    def _send(seq: Sequence, event: Event) -> None:
+        try:
+            seq.on_event(event)
+        except Exception:  # a caller's callback must not stop the worker
+            pass
+
+
+__all__ = ["Event", "QueueFull", "Scheduler", "Sequence", "Stats", "Token"]

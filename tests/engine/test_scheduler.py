@@ -1,0 +1,214 @@
+"""Continuous batching: sequences run concurrently (joining and leaving one batch) equal each run alone; cancel,
+timeouts and limits; the asyncio stream."""
+
+import asyncio
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from yunque.config import SamplingParams, SchedulerConfig, preset
+from yunque.engine import Engine
+from yunque.engine.scheduler import QueueFull, Scheduler
+from yunque.engine.scoring import embed, prompt_logprobs
+from yunque.model import GPT
+from yunque.tokenizer import byte_tokenizer
+
+TOK = byte_tokenizer()
+PROMPTS = [TOK.encode(t) for t in ("hi", "a longer prompt than that", "x", "def parse(text):", "and the longest "
+                                   "prompt of them all, by far")]
+PARAMS = [
+    SamplingParams(max_new_tokens=30, temperature=0, logprobs=True),
+    SamplingParams(max_new_tokens=25, temperature=0.9, seed=3, logprobs=True, top_logprobs=3),
+    SamplingParams(max_new_tokens=40, temperature=1.0, top_k=40, seed=5, frequency_penalty=0.8, presence_penalty=0.3),
+    SamplingParams(max_new_tokens=20, temperature=0.7, top_p=0.9, min_p=0.05, seed=7, repetition_penalty=1.3),
+    SamplingParams(max_new_tokens=35, temperature=0, frequency_penalty=0.5, stop=("66",)),  # stops after "rrr\f\f"
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.manual_seed(0)
+    e = Engine(GPT(preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=128)), TOK)
+    e.stop_ids = set()  # rows run to their budget (or a stop string)
+    return e
+
+
+def fold(events):
+    """(text, ids, logprobs, tops, finish_reason, completion_tokens) of one sequence's events."""
+    tokens = [t for e in events for t in e.tokens]
+    return ("".join(e.text for e in events), [t.id for t in tokens], [t.logprob for t in tokens],
+            [t.top for t in tokens], events[-1].finish_reason, events[-1].completion_tokens)
+
+
+def test_concurrent_sequences_equal_each_alone(engine):
+    # Alone: one at a time on a scheduler of its own. Together: submitted from threads at staggered moments into a
+    # batch of at most 3 rows, so sequences wait, join a running batch (shorter and longer than it) and leave it.
+    alone = Scheduler(engine)
+    try:
+        want = [fold(alone.generate(p, q)) for p, q in zip(PROMPTS, PARAMS)]
+    finally:
+        alone.close()
+    together = Scheduler(engine, SchedulerConfig(max_running=3, prefill_tokens=16))
+    got = [None] * len(PROMPTS)
+
+    def run(i):
+        got[i] = fold(together.generate(PROMPTS[i], PARAMS[i]))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        together.close()
+    assert together.stats.steps > 0 and together.stats.step_rows > together.stats.steps  # they did share steps
+    for g, w, params in zip(got, want, PARAMS):
+        text, ids, logprobs, tops, reason, n = g
+        assert (text, ids, reason, n) == (w[0], w[1], w[4], w[5])
+        assert n == len(ids) and TOK.decode(ids) == text
+        if params.logprobs:
+            assert logprobs == pytest.approx(w[2], abs=1e-4)
+        if params.top_logprobs:
+            assert all(len(t) == params.top_logprobs and t[0][1] >= logprobs[i] - 1e-4 for i, t in enumerate(tops))
+    assert got[4][4] == "stop" and got[4][0].startswith("rrr\f\f") and "6" not in got[4][0]
+
+
+def test_events_equal_the_engine_generating_alone(engine):
+    s = Scheduler(engine)
+    try:
+        for prompt, params in zip(PROMPTS, PARAMS):
+            text, ids, logprobs, _, reason, _ = fold(s.generate(prompt, params))
+            alone = engine.new_batch()
+            row = engine.add(alone, prompt, params)
+            while alone.running:
+                engine.step(alone)
+            assert (text, ids, reason) == (row.text, row.ids, row.finish_reason)
+    finally:
+        s.close()
+
+
+def test_cancel_frees_the_row_at_once(engine):
+    s = Scheduler(engine)
+    long = SamplingParams(max_new_tokens=100, temperature=0)
+    first, ended = threading.Event(), threading.Event()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        first.set()
+        if e.finish_reason:
+            ended.set()
+
+    try:
+        seq = s.submit(PROMPTS[0], long, on_event)
+        other = s.submit(PROMPTS[1], long, lambda e: None)
+        assert first.wait(10)
+        s.cancel(seq)
+        assert ended.wait(10)
+        assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 100
+        assert s.running <= 1  # the other one runs on
+        s.cancel(other)
+        s.call(lambda: None).result(10)  # a turn of the worker after the cancel
+        assert s.running == 0
+    finally:
+        s.close()
+
+
+def test_timeout_ends_with_length(engine):
+    s = Scheduler(engine)
+    try:
+        events = s.generate(PROMPTS[0], SamplingParams(max_new_tokens=100, temperature=0), timeout=1e-6)
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens < 100
+    finally:
+        s.close()
+
+
+def test_limits(engine):
+    s = Scheduler(engine, SchedulerConfig(max_queue=1, max_tokens=50))
+    gate = threading.Event()
+    try:
+        s.call(gate.wait)  # the worker waits: submissions stay queued
+        with pytest.raises(ValueError, match="max_tokens 51 is more than"):
+            s.submit(PROMPTS[0], SamplingParams(max_new_tokens=51), lambda e: None)
+        with pytest.raises(ValueError, match="context is 128"):
+            s.submit([65] * 128, SamplingParams(max_new_tokens=5), lambda e: None)
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            s.submit([10**6], SamplingParams(max_new_tokens=5), lambda e: None)
+        s.submit(PROMPTS[0], SamplingParams(max_new_tokens=5), lambda e: None)
+        with pytest.raises(QueueFull, match="max_queue 1"):
+            s.submit(PROMPTS[0], SamplingParams(max_new_tokens=5), lambda e: None)
+    finally:
+        gate.set()
+        s.close()
+
+
+def test_close_ends_waiting_and_running_sequences(engine):
+    s = Scheduler(engine, SchedulerConfig(max_running=1))
+    got = []
+    s.submit(PROMPTS[0], SamplingParams(max_new_tokens=100, temperature=0), got.append)
+    s.submit(PROMPTS[1], SamplingParams(max_new_tokens=100, temperature=0), got.append)
+    s.close()
+    assert sorted(e.finish_reason for e in got if e.finish_reason) in (["cancelled", "cancelled"],
+                                                                        ["cancelled", "length"])
+
+
+def test_stream_yields_events_and_leaving_early_cancels(engine):
+    s = Scheduler(engine)
+
+    async def main():
+        whole = [e async for e in s.stream(PROMPTS[3], PARAMS[0])]
+        async for _ in s.stream(PROMPTS[3], replace(PARAMS[0], max_new_tokens=100)):
+            break  # the client went away after one event
+        return whole
+
+    try:
+        whole = asyncio.run(main())
+        assert fold(whole)[:2] == fold(s.generate(PROMPTS[3], PARAMS[0]))[:2]
+        s.call(lambda: None).result(10)
+        assert s.running == 0 and s.stats.finished.get("cancelled") == 1
+    finally:
+        s.close()
+
+
+def test_prompt_logprobs_equal_token_logprobs_of_a_forward(engine):
+    ids = PROMPTS[1]
+    got = prompt_logprobs(engine, ids, top=2)
+    assert got[0] == (None, ()) and len(got) == len(ids)
+    logits = engine.model(torch.tensor([ids]))[0].float().log_softmax(-1)
+    for t in range(1, len(ids)):
+        assert got[t][0] == pytest.approx(logits[t - 1, ids[t]].item(), abs=1e-5)
+        assert got[t][1][0][0] == int(logits[t - 1].argmax())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_embeddings_batched_equal_alone_and_are_unit_length(engine, pooling):
+    batched = embed(engine, PROMPTS, pooling)
+    assert batched.shape == (len(PROMPTS), engine.model.cfg.d_model)
+    assert torch.allclose(batched.norm(dim=-1), torch.ones(len(PROMPTS)), atol=1e-5)
+    for i, p in enumerate(PROMPTS):
+        assert torch.allclose(batched[i], embed(engine, [p], pooling)[0], atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["add_many", "step"])
+def test_an_engine_fault_fails_the_sequences_and_the_worker_goes_on(engine, monkeypatch, where):
+    s = Scheduler(engine)
+    real = getattr(engine, where)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("probability tensor contains inf")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, where, broken)
+    try:
+        events = s.generate(PROMPTS[0], SamplingParams(max_new_tokens=5, temperature=0))
+        assert events[-1].finish_reason == "error" and "probability tensor" in events[-1].error
+        assert s.generate(PROMPTS[0], SamplingParams(max_new_tokens=5, temperature=0))[-1].finish_reason == "length"
+    finally:
+        s.close()

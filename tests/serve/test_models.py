@@ -1,0 +1,183 @@
+"""Several models behind one app, in process: loading on first request, LRU unloading over the memory budget, 503
+while a model loads, 429 when the queue is full."""
+
+import asyncio
+import threading
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from yunque.config import SchedulerConfig, ServeConfig
+from yunque.serve.app import create_app
+from yunque.serve.models import ModelSpec, Registry, load_spec, weights_bytes
+
+
+def ask(app, model: str, **extra):
+    """POST one short completion to `app` in process; returns the response."""
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 3,
+                                                         "temperature": 0, **extra})
+    return asyncio.run(main())
+
+
+def test_models_load_on_first_request_and_lru_unloads_over_the_budget(base, tmp_path):
+    size = weights_bytes(base)
+    budget = 1.5 * size / 2**30  # room for one model, not two
+    specs = [ModelSpec("a", base), ModelSpec("b", base), ModelSpec("c", base)]
+    registry = Registry(specs, ServeConfig(max_memory=budget))
+    app = create_app(registry, feedback_dir=tmp_path)
+    try:
+        assert registry.loaded == {}
+        assert ask(app, "a").status_code == 200 and list(registry.loaded) == ["a"]
+        assert ask(app, "b").status_code == 200 and list(registry.loaded) == ["b"]  # a made room
+        assert ask(app, "a").status_code == 200 and list(registry.loaded) == ["a"]
+        assert registry.unloads == 2
+        r = ask(app, "a")
+        assert r.json()["choices"][0]["text"] == ask(app, "a").json()["choices"][0]["text"]
+    finally:
+        registry.close()
+
+
+def test_a_model_larger_than_the_budget_is_refused(base, tmp_path):
+    registry = Registry([ModelSpec("a", base)], ServeConfig(max_memory=1e-6))
+    try:
+        r = ask(create_app(registry, feedback_dir=tmp_path), "a")
+        assert r.status_code == 503 and "--max-memory" in r.json()["error"]["message"]
+    finally:
+        registry.close()
+
+
+def test_503_while_loading(base, tmp_path):
+    gate = threading.Event()
+    cfg = ServeConfig()
+
+    def slow(spec):
+        gate.wait(30)
+        return load_spec(spec, cfg, SchedulerConfig())
+
+    registry = Registry([ModelSpec("a", base)], cfg, loader=slow, load_wait=0.2)
+    app = create_app(registry, feedback_dir=tmp_path)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            body = {"model": "a", "prompt": "hi", "max_tokens": 2}
+            first = await c.post("/v1/completions", json=body)
+            health = (await c.get("/health")).json()
+            gate.set()
+            while registry.state("a") != "loaded":
+                await asyncio.sleep(0.05)
+            return first, health, await c.post("/v1/completions", json=body)
+
+    try:
+        first, health, later = asyncio.run(main())
+        assert first.status_code == 503 and first.json()["error"]["code"] == "model_loading"
+        assert first.headers["retry-after"] == "1" and health["models"] == {"a": "loading"}
+        assert later.status_code == 200
+    finally:
+        gate.set()
+        registry.close()
+
+
+def test_429_when_the_queue_is_full(base, tmp_path):
+    registry = Registry([ModelSpec("a", base)], ServeConfig(), SchedulerConfig(max_queue=1))
+    app = create_app(registry, feedback_dir=tmp_path)
+    gate = threading.Event()
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            body = {"model": "a", "prompt": "hi", "max_tokens": 2}
+            m = await registry.get("a")
+            m.scheduler.call(gate.wait)  # the worker is busy: the next request waits in the queue
+            waiting = asyncio.create_task(c.post("/v1/completions", json=body))
+            while m.scheduler.waiting < 1:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/completions", json=body)
+            gate.set()
+            return refused, await waiting
+
+    try:
+        refused, served = asyncio.run(main())
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert served.status_code == 200
+    finally:
+        gate.set()
+        registry.close()
+
+
+def test_feedback_endpoint_writes_records_yunque_reads(base, tmp_path):
+    from yunque.feedback import Preference, Rating, read_feedback
+
+    registry = Registry([ModelSpec("a", base)])
+    app = create_app(registry, feedback_dir=tmp_path)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            ok1 = await c.post("/feedback", json={"kind": "rating", "model": "a", "messages": messages,
+                                                  "reply": "5", "rating": -1})
+            ok2 = await c.post("/feedback", json={"kind": "preference", "model": "a", "messages": messages,
+                                                  "chosen": "4", "rejected": "5"})
+            bad = await c.post("/feedback", json={"kind": "preference", "model": "a", "messages": messages,
+                                                  "chosen": "4", "rejected": "4"})
+            return ok1, ok2, bad
+
+    ok1, ok2, bad = asyncio.run(main())
+    assert ok1.status_code == ok2.status_code == 200
+    assert bad.status_code == 400 and "same reply" in bad.json()["error"]["message"]
+    records = read_feedback([tmp_path])
+    assert records[0] == Rating("a", tuple(messages), "5", -1, "page", records[0].time)
+    assert records[1] == Preference("a", tuple(messages), "4", "5", "page", records[1].time)
+    registry.close()
+
+
+def test_duplicate_names_are_refused(base):
+    with pytest.raises(ValueError, match="two models are named 'a'"):
+        Registry([ModelSpec("a", base), ModelSpec("a", base)])
+
+
+def test_cli_model_specs(base, tmp_path):
+    from yunque.cli.serve import model_specs
+
+    specs = model_specs([f"chat={base}", str(base)])
+    assert [s.name for s in specs] == ["chat", base.name] and specs[0].path == base
+    with pytest.raises(ValueError, match="no model dir or catalogue model named nowhere"):
+        model_specs(["nowhere"], str(tmp_path))
+
+
+def test_a_non_streaming_client_that_hangs_up_cancels_its_sequences(base, tmp_path):
+    registry = Registry([ModelSpec("a", base)])
+    app = create_app(registry, feedback_dir=tmp_path)
+    gate = threading.Event()
+    body = b'{"model": "a", "prompt": "hi", "max_tokens": 20, "n": 3}'
+
+    async def main():
+        m = await registry.get("a")
+        m.scheduler.call(lambda: gate.wait(30))  # the sequences wait in the queue while the client hangs up
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():  # the body, then the client is gone
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                              (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        await app(scope, receive, send)
+        gate.set()
+        await asyncio.wrap_future(m.scheduler.call(lambda: None))
+        return m, sent
+
+    try:
+        m, sent = asyncio.run(main())
+        assert sent[0]["status"] == 499
+        assert m.scheduler.stats.finished == {"cancelled": 3} and m.scheduler.running == 0
+    finally:
+        gate.set()
+        registry.close()
