@@ -23,7 +23,6 @@ import torch
 from yunque.config import DEFAULT_STEPS, LoopConfig
 from yunque.precision import autocast, num_threads, resolve_precision
 from yunque.train.budget import StepBudget, compile_pays, undertrained
-from yunque.train.checkpoint import load_checkpoint, save_checkpoint
 from yunque.train.logger import TrainLog
 from yunque.train.optim import lr_at, make_optimizer
 from yunque.train.runtime import Runtime
@@ -50,7 +49,10 @@ class _Training:
     """The state of one `fit` call; `run` is the loop, the other methods are its parts."""
 
     def __init__(self, model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer, runtime: Runtime) -> None:
-        self.model, self.batches, self.cfg, self.evaluate, self.runtime = model, batches, cfg, evaluate, runtime
+        self.batches, self.cfg, self.evaluate, self.runtime = batches, cfg, evaluate, runtime
+        # under torchrun DDP (the same parameters) or FSDP (the same module, its parameters now shards), before the
+        # optimizer is made; the optimizer sees the model's own parameter names (Muon picks matrices by name)
+        self.model = runtime.wrap(model, cfg)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.precision = resolve_precision(cfg.precision, cfg.device)
@@ -59,7 +61,7 @@ class _Training:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.start, saved_total = 0, None
         if cfg.resume:
-            state = load_checkpoint(self.out, model, self.opt, trainable_only=cfg.trainable_only)
+            state = runtime.load_checkpoint(self.out, self.model, self.opt, trainable_only=cfg.trainable_only)
             self.start, saved_total = state["step"], state.get("max_steps")
         now = time.perf_counter()
         self.budget = _plan(cfg, self.start, saved_total, now)
@@ -110,7 +112,7 @@ class _Training:
             try:
                 total = torch.zeros((), device=cfg.device)
                 for micro in range(cfg.grad_accum):
-                    batch = self.batches(step * cfg.grad_accum + micro)
+                    batch = self.runtime.shard(self.batches(step * cfg.grad_accum + micro))  # this process's rows
                     with self.runtime.no_sync(self.model, micro == cfg.grad_accum - 1):
                         with autocast(self.precision, cfg.device):
                             loss = self.step_fn(self.model, batch)
@@ -155,12 +157,11 @@ class _Training:
         return float(self.runtime.mean(torch.tensor(value)))
 
     def save(self, step: int) -> None:
-        bad = next((n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        bad = self.runtime.nonfinite_parameter(self.model)
         if bad is not None:  # never overwrite a good checkpoint with NaN or inf weights
             raise FloatingPointError(f"parameter {bad} is not finite at step {step}; lower --lr or check the data")
-        if self.runtime.is_main:
-            save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
-                            trainable_only=self.cfg.trainable_only)
+        self.runtime.save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
+                                     trainable_only=self.cfg.trainable_only)
         self.last_save = time.perf_counter()
 
     def finish(self, step: int) -> dict[str, Any]:
