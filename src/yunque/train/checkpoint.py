@@ -7,6 +7,10 @@ finished by `recover` on the next load. Both files carry the step, and a pair wh
 With `trainable_only` (LoRA) the weights file holds only the parameters being trained, under the name a LoRA
 adapter dir uses (adapter_model.safetensors): a run stopped at any checkpoint is a usable adapter. The frozen
 rest is not saved; it comes back from where the model was loaded (the base model).
+
+A distributed run (train/distributed.py) writes its checkpoints sharded under checkpoint/step-N/ and commits each
+with the same pair: train_state.pt naming that dir (`SHARDED`) and the gathered full weights. `load_checkpoint`
+reads both kinds, so one process continues a run that many began; a one-file save removes older shards.
 """
 
 from __future__ import annotations

@@ -226,6 +226,11 @@ class DistributedRuntime(Runtime):
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def agree(self, flag: bool, now: float) -> tuple[bool, float]:
+        t = torch.tensor([float(flag), now if self.is_main else 0.0], dtype=torch.float64, device=self.device("cpu"))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # one collective a step: the flags' count, rank 0's clock
+        return bool(t[0].item() > 0), float(t[1].item())
+
     def broadcast_flag(self, flag: bool) -> bool:
         t = torch.tensor([int(flag)], device=self.device("cpu"))
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

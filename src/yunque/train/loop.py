@@ -63,7 +63,7 @@ class _Training:
         if cfg.resume:
             state = runtime.load_checkpoint(self.out, self.model, self.opt, trainable_only=cfg.trainable_only)
             self.start, saved_total = state["step"], state.get("max_steps")
-        now = time.perf_counter()
+        _, now = runtime.agree(False, time.perf_counter())
         self.budget = _plan(cfg, self.start, saved_total, now)
         self.log = TrainLog(self.out, resume_step=self.start if cfg.resume else None, total=self.budget.total,
                             progress=cfg.progress, enabled=runtime.is_main)
@@ -82,7 +82,9 @@ class _Training:
                 group["lr"] = lr
             loss = self.train_step(step)
             step += 1
-            now = time.perf_counter()
+            # every process ends the step with rank 0's clock and with a stop asked of any of them, so that time
+            # budgets, timed checkpoints and signals lead all of them to the same decisions
+            interrupted, now = self.runtime.agree(stop.requested, time.perf_counter())
             self.window = (self.window[0], self.window[1] + 1)
             if self.step_fn.compiled_at == step:  # the step that compiled says nothing about speed
                 budget.restart_clock(step, now)
@@ -91,7 +93,6 @@ class _Training:
             if step == self.start + 10 and self.step_fn.mode == "auto" and compile_pays(budget.seconds_left(step, now)):
                 self.step_fn.compile(step + 1)
             last = budget.done(step)
-            interrupted = self.runtime.broadcast_flag(stop.requested)
             evaluate = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
             save = last or interrupted or self.save_due(step, now)
             if evaluate or save or step % cfg.log_every == 0:
@@ -162,7 +163,7 @@ class _Training:
             raise FloatingPointError(f"parameter {bad} is not finite at step {step}; lower --lr or check the data")
         self.runtime.save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
                                      trainable_only=self.cfg.trainable_only)
-        self.last_save = time.perf_counter()
+        self.last_save = self.runtime.agree(False, time.perf_counter())[1]
 
     def finish(self, step: int) -> dict[str, Any]:
         self.log.close(self.out)

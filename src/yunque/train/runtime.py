@@ -54,6 +54,11 @@ class Runtime:
         """`value` averaged over processes (a metric such as the loss); here, itself."""
         return value
 
+    def agree(self, flag: bool, now: float) -> tuple[bool, float]:
+        """(`flag` true in any process, rank 0's `now`): how every process ends a step with the same stop request
+        and the same clock, so that time budgets and timed checkpoints decide alike; here, themselves."""
+        return flag, now
+
     def broadcast_flag(self, flag: bool) -> bool:
         """True if `flag` is true in any process (e.g. "stop now" after a signal on one of them); here, itself."""
         return flag
