@@ -264,7 +264,10 @@ class DistributedRuntime(Runtime):
             tmp.mkdir(parents=True)
         self.barrier()
         model_state, optim_state = get_state_dict(model, optimizers=_optimizers(optimizer))
-        torch.save(_rng_state(), tmp / f"rng-{self.rank}.pt")
+        with open(tmp / f"rng-{self.rank}.pt", "wb") as f:
+            torch.save(_rng_state(), f)
+            f.flush()
+            os.fsync(f.fileno())  # durable like DCP's own files before rank 0 commits the step
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # returns once all have written
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:

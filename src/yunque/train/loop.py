@@ -223,18 +223,25 @@ class _StepFn:
 
 class _StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in progress, with a checkpoint; a second
-    signal stops at once. Only in the main thread (signal handlers can be set nowhere else)."""
+    signal stops at once. Only in the main thread (signal handlers can be set nowhere else).
+
+    A second signal within SAME_SIGNAL seconds is the same request: under torchrun a Ctrl-C reaches each worker
+    from the terminal and again, forwarded, from torchrun."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAME_SIGNAL = 2.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._before: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.SAME_SIGNAL:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
               f"(once more to stop at once)", flush=True)
 
