@@ -376,7 +376,7 @@ class PretrainConfig:
     vocab_size: int = 4096
     """Vocabulary size when a BPE tokenizer is trained."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per process under torchrun)."""
     seq_len: int | None = None
     """Training context in tokens; None means the preset's max_seq_len."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -453,7 +453,7 @@ class SFTConfig:
     truncation: Literal["truncate", "drop"] = "truncate"
     """A longer conversation is cut at max_seq_len (truncate) or left out (drop); both are counted."""
     batch_size: int = 8
-    """Conversations per micro-batch."""
+    """Conversations per micro-batch (per process under torchrun)."""
     val_fraction: float = 0.05
     """Share of conversations held out to measure the loss on assistant tokens."""
     eval_batches: int | None = 20
