@@ -155,6 +155,11 @@ class DistributedRuntime(Runtime):
     def device(self, requested: str) -> str:
         return f"cuda:{self.local_rank}" if self.device_type == "cuda" else "cpu"
 
+    @property
+    def here(self) -> str:
+        """The device of this process's tensors and collectives."""
+        return self.device(self.device_type)
+
     def threads(self, requested: int) -> int:
         """--threads 0 on CPU: the node's physical cores shared among its processes."""
         return requested or max(1, physical_cores() // self.local_world_size)
@@ -222,17 +227,17 @@ class DistributedRuntime(Runtime):
     # ---- collectives ----
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().float().clone().to(self.device("cpu"))
+        value = value.detach().float().clone().to(self.here)
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
     def agree(self, flag: bool, now: float) -> tuple[bool, float]:
-        t = torch.tensor([float(flag), now if self.is_main else 0.0], dtype=torch.float64, device=self.device("cpu"))
+        t = torch.tensor([float(flag), now if self.is_main else 0.0], dtype=torch.float64, device=self.here)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)  # one collective a step: the flags' count, rank 0's clock
         return bool(t[0].item() > 0), float(t[1].item())
 
     def broadcast_flag(self, flag: bool) -> bool:
-        t = torch.tensor([int(flag)], device=self.device("cpu"))
+        t = torch.tensor([int(flag)], device=self.here)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
