@@ -77,8 +77,9 @@ def prepare(cfg: PretrainConfig, loop: LoopConfig) -> Prepared:
         x, y = train.sample(cfg.batch_size * loop.world_size, seq_len, seed=cfg.seed, step=i)
         return x.to(loop.device), y.to(loop.device)
 
-    def evaluate(m: torch.nn.Module) -> float:
-        nll, n = nll_over(m, val.iter_eval(cfg.batch_size, seq_len, max_batches=cfg.eval_batches), device=loop.device)
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same global batches, whatever their number
+        batches = val.iter_eval(cfg.batch_size * loop.world_size, seq_len, max_batches=cfg.eval_batches)
+        nll, n = nll_over(m, batches, device=loop.device)
         return nll / n
 
     return Prepared(model, batches, next_token_loss_of, evaluate if has_val else None,

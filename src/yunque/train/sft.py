@@ -98,8 +98,9 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
         x, y = train.sample(cfg.batch_size * loop.world_size, seed=cfg.seed, step=i)
         return x.to(loop.device), y.to(loop.device)
 
-    def evaluate(m: torch.nn.Module) -> float:
-        return assistant_loss(m, val, batch_size=cfg.batch_size, device=loop.device, max_batches=cfg.eval_batches)
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same global batches, whatever their number
+        return assistant_loss(m, val, batch_size=cfg.batch_size * loop.world_size, device=loop.device,
+                              max_batches=cfg.eval_batches)
 
     info = {"parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
