@@ -325,7 +325,7 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: Any, *, rank: in
                          f"a new run (--force)")
     model_state, optim_state = get_state_dict(model, optimizers=_optimizers(optimizer))
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())  # one process without torchrun too
     set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-{rank}.pt"
     rng = rng if rng.is_file() else path / "rng-0.pt"  # more processes than saved: the main one's stream
