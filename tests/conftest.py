@@ -13,12 +13,22 @@ from yunque.tokenizer.bpe import Tokenizer, byte_tokenizer
 from yunque.tokenizer.chat import ChatFormat, ChatTemplate
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMOLLM2_GGUF = SHARED_DATA.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""A real instruct model (Apache-2.0), read in place: never copied into the repo."""
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     assert SHARED_DATA.is_dir(), f"{SHARED_DATA} is missing: the tests read real data sets from ../shared/data"
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is absent: the real-model tests read SmolLM2-135M-Instruct.Q4_1.gguf from "
+                    f"../shared/models")
+    return SMOLLM2_GGUF
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -575,6 +575,48 @@ class SpeedrunConfig:
                 yield f"{name} must be positive, got {getattr(self, name)}"
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """`yunque eval`: which tasks, how many examples and items, where results go."""
+
+    tasks: tuple[str, ...] = ("hellaswag", "arc_easy")
+    """Built-in task names or task spec files (.yaml/.json), comma- or space-separated."""
+    num_fewshot: int | None = None
+    """Solved examples before each item; none: the task's own default (gsm8k 5, the others 0)."""
+    limit: int | None = None
+    """Evaluate only the first N items of each task; none: all of them."""
+    seed: int = 1234
+    """Seed of the few-shot example draw (lm-evaluation-harness's default, so the prompts are its prompts)."""
+    batch_size: int = 16
+    """Requests scored (or prompts generated) together."""
+    chat: bool = False
+    """Evaluate through each model's chat template: examples and the item as conversation turns."""
+    out: str | None = None
+    """Write a report card here: report.md, report.json, report.png (and each model's per-item results)."""
+    base_url: str | None = None
+    """Evaluate an OpenAI-compatible server instead (POST URL/v1/completions, echo + logprobs); MODEL names the
+    model on the server."""
+    data_dir: str | None = None
+    """Where built-in tasks find their data files; default: ../shared/data beside the yunque checkout."""
+    cache_dir: str | None = None
+    """Per-item results are cached here, so a rerun is free; default: $YUNQUE_HOME/eval-cache."""
+    no_cache: bool = False
+    """Compute every item again, and keep nothing."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if not self.tasks:
+            yield "tasks is empty; name at least one task, e.g. --tasks hellaswag"
+        if self.limit is not None and self.limit < 1:
+            yield f"--limit must be at least 1 item, got {self.limit}; leave it out to evaluate every item"
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            yield f"--num-fewshot must be 0 or more, got {self.num_fewshot}"
+        if self.batch_size < 1:
+            yield f"--batch-size must be at least 1, got {self.batch_size}"
+
+
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
     """A config dataclass from its JSON form (lists back to tuples, nested configs rebuilt); ValueError naming
     unknown keys."""
@@ -606,5 +648,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json", "LoopConfig", "PretrainConfig",
-           "LoraConfig", "SFTConfig", "SamplingParams", "SpeedrunConfig", "from_dict", "to_dict", "PRECISIONS",
-           "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]
+           "LoraConfig", "SFTConfig", "SamplingParams", "SpeedrunConfig", "EvalConfig", "from_dict", "to_dict",
+           "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]

@@ -8,7 +8,7 @@ are. That is what keeps the arrows pointing down: the formats live at different 
 modeldir.py, Hugging Face's in interop/hf.py, which reads and writes yunque dirs through modeldir), yet
 `modeldir.load_model` must open a Hugging Face dir too (`yunque generate HF_DIR`). This module imports no other
 yunque module; modeldir imports this module and never interop; interop/hf.py imports modeldir and this module.
-A new reader (a GGUF file, say) defines its ModelFormat in its own module and adds one line to FORMATS. Its
+A new reader (the GGUF one, say) defines its ModelFormat in its own module and adds one line to FORMATS. Its
 module must import without optional packages (import those inside `load`), since every lookup may import it.
 """
 
@@ -40,12 +40,17 @@ class ModelFormat:
     """load(path, *, device, dtype) -> (model in eval mode, tokenizer); one-line ValueError for a damaged path."""
     describe: Callable[[Path], dict[str, Any]]
     """describe(path) -> what `yunque info` prints, as a dict; one-line ValueError for a damaged path."""
+    bundled: Callable[[Path], dict[str, dict[str, Any]]] | None = None
+    """For a format that is one file (GGUF): bundled(path) -> {"tokenizer_config.json": {...},
+    "generation_config.json": {...}}, what the file holds in place of a model dir's side files (chat template,
+    special tokens, stop ids). None for formats that are directories."""
 
 
 FORMATS: tuple[str | ModelFormat, ...] = (
     "yunque.modeldir:YUNQUE",
     "yunque.modeldir:ADAPTER",
     "yunque.interop.hf:HF",
+    "yunque.interop.gguf_reader:GGUF",
 )
 """Every format, tried in this order: "module:attribute" naming a ModelFormat (or a ModelFormat itself)."""
 FALLBACK = "yunque.modeldir:YUNQUE"
@@ -77,4 +82,15 @@ def describe(path: str | Path) -> dict[str, Any]:
     return find_format(path).describe(Path(path))
 
 
-__all__ = ["FALLBACK", "FORMATS", "ModelFormat", "describe", "find_format", "load", "resolve"]
+def bundled_file(path: str | Path, name: str) -> dict[str, Any] | None:
+    """The JSON object that a one-file model (GGUF) holds in place of a model dir's file `name`
+    (tokenizer_config.json, generation_config.json; {} when it holds none); None for a directory, whose own file
+    is read instead."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    fmt = find_format(path)
+    return fmt.bundled(path).get(name, {}) if fmt.bundled else None
+
+
+__all__ = ["FALLBACK", "FORMATS", "ModelFormat", "bundled_file", "describe", "find_format", "load", "resolve"]

@@ -248,14 +248,19 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *
 
 def generation_stop_ids(model_dir: str | Path, vocab_size: int) -> set[int]:
     """The end-of-sequence ids that the model dir's generation_config.json names (`eos_token_id`: one id or a
-    list, as Hugging Face models ship it, e.g. Llama 3's end of text and end of turn); empty without the file."""
+    list, as Hugging Face models ship it, e.g. Llama 3's end of text and end of turn), or a GGUF's own; empty
+    without the file."""
     path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
+    bundled = formats.bundled_file(model_dir, "generation_config.json")  # a GGUF's own stop ids
+    if bundled is not None:
+        eos = bundled.get("eos_token_id")
+    elif not path.is_file():
         return set()
-    try:
-        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a JSON object ({e}); fix or delete the file") from None
+    else:
+        try:
+            eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{path}: not a JSON object ({e}); fix or delete the file") from None
     ids = eos if isinstance(eos, list) else [eos]
     return {i for i in ids if isinstance(i, int) and 0 <= i < vocab_size}
 

@@ -179,3 +179,14 @@ def test_model_takes_the_bf16_path_in_training_with_the_same_logits(monkeypatch)
         eval_logits = model.eval()(ids).float()
         assert len(calls) == cfg.n_layer  # and not in eval mode
     torch.testing.assert_close(train_logits, eval_logits, atol=3e-2, rtol=3e-2)
+
+
+def test_logits_to_keep_is_the_tail_of_all_logits():
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=97, max_seq_len=32)).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        assert torch.allclose(model(ids, logits_to_keep=3), full[:, -3:], atol=1e-6)
+        cache = KVCache(model.cfg, 2, 9)
+        assert torch.allclose(model(ids, kv_cache=cache, logits_to_keep=1), full[:, -1:], atol=1e-6)

@@ -81,3 +81,18 @@ def test_checkpoint_progress_reads_the_step_and_the_plan(tmp_path):
     fit(new_model(), batches, loss_fn, loop(out, max_steps=4))
     assert checkpoint_progress(out) == (4, 4)
     assert checkpoint_progress(tmp_path / "nothing") is None
+
+
+def test_cuda_rng_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """No GPU here: torch.cuda's RNG calls stand in, to show the state travels through the checkpoint."""
+    saved_state, restored = [torch.arange(8, dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    def adamw(model):
+        return make_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+    model, other = new_model(), new_model()
+    save_checkpoint(tmp_path, model, adamw(model), step=3)
+    load_checkpoint(tmp_path, other, adamw(other))
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved_state[0])

@@ -84,6 +84,14 @@ def test_metrics_and_plot(tmp_path):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_evaluation_may_skip_a_check(tmp_path):
+    out = tmp_path / "run"
+    summary = fit(new_model(), batches, loss_fn, loop(out, max_steps=6, log_every=2, eval_every=2),
+                  evaluate=lambda m: None if len(records(out)) < 2 else 2.0)
+    assert [r["step"] for r in records(out) if "val_loss" in r] == [6]
+    assert summary["val_loss"] == 2.0
+
+
 def test_time_budget_fixes_and_records_max_steps(tmp_path):
     out = tmp_path / "run"
     summary = fit(new_model(), batches, loss_fn, loop(out, max_steps=None, minutes=0.05, log_every=50))

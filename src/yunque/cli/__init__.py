@@ -4,6 +4,7 @@
     generate.py  generate, chat, perplexity
     models.py    info, import, export, pull, models, rm
     speedrun.py  speedrun
+    eval.py      eval
 
 Flags, defaults and help come from the config dataclasses (cli/flags.py). Errors a user can fix (bad paths, bad
 flags, corrupt files) print one line and exit non-zero; a mistyped command or flag gets a suggestion.
@@ -14,10 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from yunque.cli import eval as evaluate
 from yunque.cli import generate, models, speedrun, train
 from yunque.cli.common import Parser
 
-GROUPS = (train, generate, models, speedrun)
+GROUPS = (train, generate, models, evaluate, speedrun)
 """Command modules, in the order `yunque --help` lists their commands."""
 
 

@@ -53,12 +53,12 @@ def add_catalogue_flag(p: argparse.ArgumentParser) -> None:
 
 def add_model_arg(p: argparse.ArgumentParser, name: str = "model", help: str | None = None) -> None:
     p.add_argument(name, metavar=name.upper(),
-                   help=help or "a model dir (yunque or Hugging Face) or a name in the local catalogue")
+                   help=help or "a model dir (yunque or Hugging Face), a .gguf file or a name in the local catalogue")
     add_catalogue_flag(p)
 
 
 def model_path(spec: str, catalogue: str | None = None) -> Path:
-    """The directory a MODEL argument names: a path, or a name in the catalogue."""
+    """The model a MODEL argument names: a path (a directory or a .gguf file), or a name in the catalogue."""
     from yunque.interop.catalogue import catalogue_dir, resolve
 
     return resolve(spec, root=catalogue_dir(catalogue))

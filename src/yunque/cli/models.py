@@ -15,12 +15,14 @@ def register(sub) -> None:
     add_model_arg(info)
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    imp = command(sub, "import", cmd_import, help="convert a Hugging Face model dir into a yunque model dir",
+    imp = command(sub, "import", cmd_import, help="convert a Hugging Face dir or a GGUF file into a yunque model dir",
                   description="Convert a Hugging Face dir (GPT-2, Llama 2/3, Mistral, Qwen2/3, SmolLM2, TinyLlama; "
-                              "safetensors) into a yunque model dir. HF dirs also work directly wherever a model "
-                              "dir is accepted.",
-                  examples="  yunque import ~/models/SmolLM2-135M-Instruct runs/smol\n")
-    imp.add_argument("hf_dir", metavar="HF_DIR", help="the Hugging Face model dir to read")
+                              "safetensors) or a GGUF file (llama.cpp, ollama; the same families, weights "
+                              "dequantized to fp32) into a yunque model dir. Both also work directly wherever a "
+                              "model dir is accepted.",
+                  examples="  yunque import ~/models/SmolLM2-135M-Instruct runs/smol\n"
+                           "  yunque import SmolLM2-135M-Instruct.Q4_1.gguf runs/smol\n")
+    imp.add_argument("hf_dir", metavar="SOURCE", help="the Hugging Face model dir or .gguf file to read")
     imp.add_argument("out", metavar="OUT_DIR", help="the yunque model dir to write")
     imp.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds something")
 
@@ -72,9 +74,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from yunque.interop.hf import import_hf
+    from pathlib import Path
 
-    import_hf(args.hf_dir, args.out, force=args.force)
+    if Path(args.hf_dir).is_file():
+        from yunque.interop.gguf_reader import import_gguf
+
+        import_gguf(args.hf_dir, args.out, force=args.force)
+    else:
+        from yunque.interop.hf import import_hf
+
+        import_hf(args.hf_dir, args.out, force=args.force)
     print(f"imported {args.hf_dir} -> {args.out}")
     return 0
 

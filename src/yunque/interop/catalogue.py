@@ -257,9 +257,10 @@ def remove(name: str, *, root: Path) -> Path:
 
 
 def resolve(name_or_path: str, *, root: Path) -> Path:
-    """The model dir for a command's MODEL argument: an existing directory wins, else a catalogue name."""
+    """The model for a command's MODEL argument: an existing directory or file (a .gguf) wins, else a catalogue
+    name."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():
         return path
     try:
         candidate = Path(root) / _catalogue_name(name_or_path)

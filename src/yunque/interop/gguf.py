@@ -34,9 +34,24 @@ from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 DTYPES = ("f32", "f16", "bf16", "q8_0")
 """Storage types for matrices; norms, biases and rope factors are always f32, as llama.cpp expects."""
 
-_TOP = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm_f": "output_norm", "lm_head": "output"}
-_BLOCK = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
-          "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+TOP_NAMES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm_f": "output_norm", "lm_head": "output"}
+BLOCK_NAMES = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
+               "attn.q_norm": "attn_q_norm", "attn.k_norm": "attn_k_norm", "mlp.up": "ffn_up", "mlp.down": "ffn_down"}
+"""yunque module -> llama.cpp tensor name, outside the blocks and inside block i ("blk.{i}.")."""
+
+
+def gguf_names(name: str, arch: str) -> tuple[str, ...]:
+    """llama.cpp's names for the pieces of one yunque tensor, in the order they are stacked along dim 0: q, k, v
+    for a Llama-family attn.qkv, gate and up for its mlp.up, else the one tensor. Export and import both follow it."""
+    module, leaf = name.rsplit(".", 1)
+    if not module.startswith("blocks."):
+        return (f"{TOP_NAMES[module]}.{leaf}",)
+    i, key = module.split(".", 2)[1:]
+    if key == "attn.qkv" and arch != "gpt2":
+        return tuple(f"blk.{i}.attn_{n}.{leaf}" for n in "qkv")
+    if key == "mlp.up" and arch != "gpt2":
+        return f"blk.{i}.ffn_gate.{leaf}", f"blk.{i}.ffn_up.{leaf}"
+    return (f"blk.{i}.{BLOCK_NAMES[key]}.{leaf}",)
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -47,6 +62,12 @@ def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute_rope`: a llama.cpp "llama" q or k projection back to rotate-half pairs (as
+    transformers' LlamaTensorProcessor undoes it when it reads a GGUF)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     """(llama.cpp tensor name, tensor) for every weight of `model`, split and reordered as llama.cpp expects."""
     cfg = model.cfg
@@ -54,21 +75,16 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
     H, K, D = cfg.n_head, cfg.kv_heads, cfg.dim_head
     state = weights_of(model)
     for name, x in state.items():
-        module, leaf = name.rsplit(".", 1)
-        if not module.startswith("blocks."):
-            yield f"{_TOP[module]}.{leaf}", x
-            continue
-        i, key = module.split(".", 2)[1:]
-        if key == "attn.qkv" and arch != "gpt2":
+        names = gguf_names(name, arch)
+        if len(names) == 3:  # q, k, v
             q, k, v = x.split([H * D, K * D, K * D])
             if arch == "llama":
                 q, k = permute_rope(q, H), permute_rope(k, K)
-            yield from ((f"blk.{i}.attn_{n}.{leaf}", t) for n, t in (("q", q), ("k", k), ("v", v)))
-        elif key == "mlp.up" and arch != "gpt2":
-            gate, up = x.chunk(2)
-            yield from ((f"blk.{i}.ffn_gate.{leaf}", gate), (f"blk.{i}.ffn_up.{leaf}", up))
+            yield from zip(names, (q, k, v))
+        elif len(names) == 2:  # gate, up
+            yield from zip(names, x.chunk(2))
         else:
-            yield f"blk.{i}.{_BLOCK[key]}.{leaf}", x
+            yield names[0], x
     if arch == "gpt2" and cfg.tie_embeddings:
         yield "output.weight", state["tok_emb.weight"]  # as convert_hf_to_gguf.py writes GPT-2
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type", "llama3") == "llama3":
@@ -139,6 +155,8 @@ def _metadata(w: Any, cfg: ModelConfig, arch: str, name: str, dtype: str, gguf: 
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(cfg.rope_scaling["factor"])
+    elif cfg.rope_scaling:  # llama3: the factors go in rope_freqs.weight; the original context lets a reader check them
+        w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.get("original_max_position_embeddings", 8192))
 
 
 def _vocab(tokenizer: Tokenizer, cfg: ModelConfig, tok_config: dict[str, Any], template: str | None,
@@ -209,4 +227,5 @@ def _encode(x: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     return gguf.quants.quantize(a, qtype)
 
 
-__all__ = ["DTYPES", "export_gguf", "gguf_tensors", "permute_rope"]
+__all__ = ["BLOCK_NAMES", "DTYPES", "TOP_NAMES", "export_gguf", "gguf_names", "gguf_tensors", "permute_rope",
+           "unpermute_rope"]

@@ -30,7 +30,7 @@ from yunque.interop.hf_tokenizer import (
     export_tokenizer_config,
     export_tokenizer_json,
     load_hf_tokenizer,
-    read_json_object,
+    side_file,
     special_token_ids,
     stop_token_ids,
 )
@@ -248,7 +248,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, force: bool = False
     special_ids = special_token_ids(tokenizer, tok_config)
     hf_config = config_to_hf(cfg, special_ids, state["tok_emb.weight"].dtype)
     gen_config = {**special_ids, "eos_token_id": stop_token_ids(tokenizer, tok_config),
-                  **read_json_object(model_dir / GENERATION_CONFIG)}
+                  **side_file(model_dir, GENERATION_CONFIG)}
     tokenizer_json = export_tokenizer_json(tokenizer)
 
     with staged_dir(out_dir, force=force, sources=(model_dir,)) as staging:

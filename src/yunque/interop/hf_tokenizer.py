@@ -24,6 +24,7 @@ from typing import Any
 import tokenizers
 from tokenizers import processors
 
+from yunque import formats
 from yunque.modeldir import TOKENIZER
 from yunque.tokenizer.bpe import END_OF_TURN, EOS, PAD, Tokenizer, gpt2_tokenizer_from_files, template_start_id
 from yunque.tokenizer.chat import has_chat_tokens, load_chat_template, yunque_template
@@ -54,6 +55,13 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError(f"{path}: holds a JSON {type(d).__name__}, not an object; fix or delete it")  # noqa: TRY004
     return d
+
+
+def side_file(model_dir: Path, name: str) -> dict[str, Any]:
+    """A model's tokenizer_config.json or generation_config.json as a dict ({} when absent): the dir's own file,
+    or what a one-file model (GGUF) holds in its place."""
+    bundled = formats.bundled_file(model_dir, name)
+    return dict(bundled) if bundled is not None else read_json_object(model_dir / name)
 
 
 def _token(value: Any) -> str | None:
@@ -87,7 +95,7 @@ def chat_template_source(model_dir: Path, tokenizer: Tokenizer) -> str | None:
 def export_tokenizer_config(model_dir: Path, tokenizer: Tokenizer, max_seq_len: int) -> dict[str, Any]:
     """tokenizer_config.json for an export of `model_dir`: its own, with what is missing filled in (class, start
     token and add_bos_token, end-of-turn or end-of-text as eos_token, pad token, chat template, length)."""
-    config = read_json_object(model_dir / TOKENIZER_CONFIG)
+    config = side_file(model_dir, TOKENIZER_CONFIG)
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     if tokenizer.bos_id is not None:
         config.setdefault("bos_token", tokenizer.inner.id_to_token(tokenizer.bos_id))
@@ -132,4 +140,5 @@ def export_tokenizer_json(tokenizer: Tokenizer) -> str:
 
 
 __all__ = ["GENERATION_CONFIG", "TOKENIZER_CONFIG", "chat_template_source", "export_tokenizer_config",
-           "export_tokenizer_json", "load_hf_tokenizer", "read_json_object", "special_token_ids", "stop_token_ids"]
+           "export_tokenizer_json", "load_hf_tokenizer", "read_json_object", "side_file", "special_token_ids",
+           "stop_token_ids"]

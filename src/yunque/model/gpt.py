@@ -189,8 +189,10 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids (B, T). With a cache, ids are the next T tokens after kv_cache.pos."""
+    def forward(self, ids: torch.Tensor, kv_cache: KVCache | None = None, *, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T, V) for token ids (B, T). With a cache, ids are the next T tokens after kv_cache.pos.
+        logits_to_keep=n > 0: only the last n positions' logits (B, n, V), as transformers' argument of that name;
+        a prefill that needs one position's logits skips the vocabulary projection of all the others."""
         B, T = ids.shape
         if kv_cache is not None:
             pos, mask = kv_cache.positions_and_mask(T)  # (B|1, T), (B|1, 1, T, S) or None
@@ -213,6 +215,8 @@ class GPT(nn.Module):
             x = block(x, rope, mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm_f(x))
 
 

@@ -37,7 +37,7 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character (Radford et al. 2019, openai/gpt-2 encoder.py).
 
     Printable Latin-1 bytes map to themselves; the other 68 bytes map to U+0100 onwards, in byte order.
@@ -51,7 +51,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 # Also the byte tokenizer's model vocabulary: token id == byte value.
-_CHAR_BYTES = {c: b for b, c in _bytes_to_unicode().items()}
+_CHAR_BYTES = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _replace_surrogates(text: str) -> str:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from yunque import formats
 from yunque.tokenizer.bpe import ASSISTANT, BOS, END_OF_TURN, SYSTEM, USER, Tokenizer
 
 if TYPE_CHECKING:
@@ -192,11 +193,11 @@ def _chat_specials(tokenizer: Tokenizer) -> dict[str, int]:
 # ---- Hugging Face chat templates ----
 
 def load_chat_template(model_dir: str | Path) -> ChatTemplate | None:
-    """The chat template of a model dir (chat_template.jinja, or "chat_template" in tokenizer_config.json),
-    or None if it has none."""
+    """The chat template of a model dir (chat_template.jinja, or "chat_template" in tokenizer_config.json) or of
+    a one-file model (a GGUF's tokenizer.chat_template), or None if it has none."""
     model_dir = Path(model_dir)
     config_path = model_dir / "tokenizer_config.json"
-    config: dict[str, Any] = {}
+    config: dict[str, Any] = formats.bundled_file(model_dir, "tokenizer_config.json") or {}  # a GGUF holds its own
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))

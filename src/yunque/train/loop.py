@@ -32,9 +32,13 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
 def fit(model: torch.nn.Module, batches: Batches, loss_fn: LossFn, cfg: LoopConfig, *,
-        evaluate: Callable[[torch.nn.Module], float] | None = None, optimizer: torch.optim.Optimizer | None = None,
+        evaluate: Callable[[torch.nn.Module], float | None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         runtime: Runtime | None = None) -> dict[str, Any]:
     """Train `model` on `batches(i)` (micro-batch i = step * grad_accum + k) with `loss_fn(model, batch)`.
+
+    `evaluate(model)` gives the held-out loss every `eval_every` steps and at the end; it may return None to skip
+    a check (a benchmark that looks closely only near its target).
 
     Ctrl-C or SIGTERM stops after the current step with a checkpoint, then raises KeyboardInterrupt. Returns a
     summary: steps, final loss, val_loss, tokens seen, wall seconds, precision, whether it compiled, warmup, and
@@ -144,18 +148,19 @@ class _Training:
         record = {"step": step, "loss": round(value, 5), "lr": lr,
                   "tokens_per_sec": round(self.cfg.tokens_per_step * steps / max(now - start, 1e-9), 1),
                   "elapsed": round(now - self.clock0, 2)}
-        if evaluate and self.evaluate is not None:
-            record["val_loss"] = round(self.validate(), 5)
+        value = self.validate() if evaluate and self.evaluate is not None else None
+        if value is not None:
+            record["val_loss"] = round(value, 5)
         self.log.write(record)
         self.window = (time.perf_counter(), 0)  # tokens/s counts training, not validation
 
-    def validate(self) -> float:
+    def validate(self) -> float | None:
         self.model.eval()
         # eager: a compiled graph for no_grad and each evaluation shape would cost more than it saves
         with torch.no_grad(), autocast(self.precision, self.cfg.device):
             value = self.evaluate(self.model)
         self.model.train()
-        return float(self.runtime.mean(torch.tensor(value)))
+        return None if value is None else float(self.runtime.mean(torch.tensor(value)))
 
     def save(self, step: int) -> None:
         bad = self.runtime.nonfinite_parameter(self.model)

@@ -1,0 +1,133 @@
+"""`yunque eval` against lm-evaluation-harness (HF backend) on the same model, data and machine: HellaSwag items
+(the shared validation set), wall time of each and their ratio, and both sets of scores side by side.
+
+The model is a random Llama-style model (6 layers, width 384, 6 heads, GPT-2's 50257-token BPE, tied embeddings,
+~30M parameters), saved as a yunque dir and exported with `export_hf` so that transformers runs the same weights.
+Both score in fp32 with the same batch size; yunque's per-item cache starts empty for the timed run (a second,
+cached run is timed after it). lm-eval reads the same items through a local task YAML (tests/eval/lm_eval_tasks.py),
+offline. lm-eval's time is its whole `simple_evaluate` call, yunque's its whole `evaluate` call (both include
+building prompts; neither includes loading the model).
+
+    python benchmarks/eval.py [--items 500] [--num-fewshot 0] [--batch-size 16] [--threads 2] [--model DIR]
+
+--model DIR evaluates a yunque model dir instead (exported to HF for lm-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads: lm-eval reads local files
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.eval.lm_eval_tasks
+
+import torch
+
+from yunque.config import ModelConfig
+from yunque.eval.harness import evaluate
+from yunque.eval.lm import LocalLM
+from yunque.eval.task import load_task
+from yunque.interop.hf import export_hf
+from yunque.model.gpt import GPT
+from yunque.modeldir import load_model, save_model
+from yunque.tokenizer.bpe import gpt2_tokenizer_from_files
+
+SHARED = ROOT.parent / "shared" / "data"
+MODEL = ModelConfig(vocab_size=50257, n_layer=6, n_head=6, d_model=384, max_seq_len=1024)
+
+
+def cpu() -> str:
+    name, wanted = platform.processor() or "unknown CPU", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+                break
+    except OSError:
+        pass
+    return f"{name} ({', '.join(wanted)})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=500)
+    ap.add_argument("--num-fewshot", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--model", default=None, help="a yunque model dir (default: the random ~30M model above)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"CPU: {cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load:.1f} "
+          f"on {os.cpu_count()} cores at start")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from tests.eval.lm_eval_tasks import write_lm_eval_tasks
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        if args.model:
+            ydir = Path(args.model)
+        else:
+            tok = gpt2_tokenizer_from_files(SHARED / "gpt2-bpe/gpt2_vocab.json", SHARED / "gpt2-bpe/gpt2_merges.txt")
+            torch.manual_seed(0)
+            ydir = root / "yunque"
+            save_model(ydir, GPT(MODEL), tok)
+        export_hf(ydir, root / "hf")
+        tasks = write_lm_eval_tasks(SHARED, root)
+        model, tok = load_model(ydir)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"model: {ydir if args.model else 'random Llama-style'} ({n_params / 1e6:.1f}M parameters, fp32); "
+              f"HellaSwag {args.items} items, {args.num_fewshot}-shot, batch size {args.batch_size}")
+
+        lm = LocalLM(model, tok, name="yunque", batch_size=args.batch_size)
+        task = load_task("hellaswag", SHARED)
+        task.docs()  # the data file is read once per process in either tool: not timed
+        with tempfile.TemporaryDirectory() as cache_dir:
+            from yunque.eval.harness import ResultCache
+
+            cache = ResultCache(cache_dir)  # empty: every item is computed (and written, a few KB)
+            start, cpu0 = time.perf_counter(), time.process_time()
+            ours = evaluate(task, lm, num_fewshot=args.num_fewshot, limit=args.items, cache=cache)
+            t_ours, c_ours = time.perf_counter() - start, time.process_time() - cpu0
+            print(f"yunque eval:    {t_ours:7.1f} s wall, {c_ours:7.1f} s CPU  acc {ours['metrics']['acc']:.4f}  "
+                  f"acc_norm {ours['metrics']['acc_norm']:.4f}", flush=True)
+            start = time.perf_counter()
+            again = evaluate(task, lm, num_fewshot=args.num_fewshot, limit=args.items, cache=cache)
+            t_cached = time.perf_counter() - start
+        assert again["cached"] == args.items and again["metrics"] == ours["metrics"]
+        print(f"yunque, cached: {t_cached:7.1f} s (a rerun reads every item from the cache)", flush=True)
+
+        manager = TaskManager(include_path=str(tasks), include_defaults=False)
+        start, cpu0 = time.perf_counter(), time.process_time()
+        out = lm_eval.simple_evaluate(
+            model="hf", model_args={"pretrained": str(root / "hf"), "dtype": "float32", "device": "cpu"},
+            tasks=["parity_hellaswag"], num_fewshot=args.num_fewshot, limit=args.items,
+            batch_size=args.batch_size, task_manager=manager, log_samples=True, bootstrap_iters=0)
+        t_theirs, c_theirs = time.perf_counter() - start, time.process_time() - cpu0
+        res = out["results"]["parity_hellaswag"]
+        print(f"lm-eval (HF):   {t_theirs:7.1f} s wall, {c_theirs:7.1f} s CPU  acc {res['acc,none']:.4f}  "
+              f"acc_norm {res['acc_norm,none']:.4f}")
+        theirs = sorted(out["samples"]["parity_hellaswag"], key=lambda s: s["doc_id"])
+        worst = max(abs(a - float(b[0])) for i, s in zip(ours["items"], theirs)
+                    for a, b in zip(i["loglikelihoods"], s["filtered_resps"]))
+        print(f"per-item log-likelihoods: largest difference {worst:.2e}")
+        print(f"yunque is {t_theirs / t_ours:.2f}x faster than lm-eval's HF backend in wall time, "
+              f"{c_theirs / c_ours:.2f}x in CPU time (same batch size {args.batch_size}, fp32, same machine, one "
+              f"run each; on a shared machine wall times vary between runs, CPU time less)")
+
+
+if __name__ == "__main__":
+    main()
