@@ -318,6 +318,17 @@ class LoopConfig:
     """Tokens in one optimizer step, for tokens/s (set by the stage; 0 to skip)."""
     trainable_only: bool = False
     """Checkpoint only the parameters being trained (LoRA adapters); the frozen rest comes from the base model."""
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Under torchrun: ddp (a whole copy of the model per process, gradients all-reduced), fsdp (FSDP2: weights,
+    gradients and optimizer state sharded per block, gathered when used), or auto: ddp where weights, gradients and
+    AdamW's state fit in half of each process's memory, fsdp otherwise."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them: less memory, ~1/3 more compute."""
+    peer_timeout: float = 600.0
+    """Under torchrun: seconds a process waits for the others (a collective, a checkpoint) before the job fails."""
+    world_size: int = 1
+    """Processes training together (set from torchrun's environment). --batch-size is per process: a step sees
+    batch_size x grad_accum x world_size sequences."""
 
     def __post_init__(self) -> None:
         check(self, self._problems())
@@ -333,7 +344,9 @@ class LoopConfig:
             yield f"lr must be positive, got {self.lr}"
         if not 0 <= self.min_lr_ratio <= 1:
             yield f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}"
-        for name in ("grad_accum", "log_every"):
+        if self.peer_timeout <= 0:
+            yield f"peer_timeout must be positive, got {self.peer_timeout}"
+        for name in ("grad_accum", "log_every", "world_size"):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "checkpoint_minutes", "weight_decay",
@@ -363,7 +376,7 @@ class PretrainConfig:
     vocab_size: int = 4096
     """Vocabulary size when a BPE tokenizer is trained."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per process under torchrun)."""
     seq_len: int | None = None
     """Training context in tokens; None means the preset's max_seq_len."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -440,7 +453,7 @@ class SFTConfig:
     truncation: Literal["truncate", "drop"] = "truncate"
     """A longer conversation is cut at max_seq_len (truncate) or left out (drop); both are counted."""
     batch_size: int = 8
-    """Conversations per micro-batch."""
+    """Conversations per micro-batch (per process under torchrun)."""
     val_fraction: float = 0.05
     """Share of conversations held out to measure the loss on assistant tokens."""
     eval_batches: int | None = 20

@@ -12,7 +12,8 @@ from yunque.config import LORA_LR, SFT_LOOP, LoopConfig, LoraConfig, ModelConfig
 
 LOOP_FLAGS = ["max_steps", "minutes", "lr", "min_lr_ratio", "warmup_steps", "schedule", "weight_decay", "grad_clip",
               "grad_accum", "optimizer", "precision", "compile", "threads", "eval_every", "log_every",
-              "checkpoint_every", "checkpoint_minutes", "resume", "progress", "device"]
+              "checkpoint_every", "checkpoint_minutes", "resume", "progress", "device", "parallel",
+              "activation_checkpointing", "peer_timeout"]
 """LoopConfig fields that are flags of every training command."""
 OVERRIDES = ["n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "dropout"]
 """ModelConfig fields that `pretrain` can override in its preset (none: the preset's value)."""
@@ -128,6 +129,7 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from yunque.train.distributed import session
     from yunque.train.pretrain import main
 
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
@@ -135,14 +137,16 @@ def cmd_pretrain(args) -> int:
         warn_ignored_on_resume(args, [*PRETRAIN_FLAGS, *OVERRIDES, *LOOP_FLAGS])
     cfg = PretrainConfig(out=args.out, model_overrides=overrides, loop=loop_from(args, LoopConfig()),
                          **values(args, PRETRAIN_FLAGS))
-    s = main(cfg)
-    val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
-    print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['tokens_seen']:,} tokens, "
-          f"{s['precision']}) in {s['wall_seconds']:.0f}s: loss {s['loss']:.4f}{val} -> {args.out}")
+    with session("pretrain", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+        s = main(cfg, runtime)
+        val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
+        print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['tokens_seen']:,} tokens, "
+              f"{s['precision']}) in {s['wall_seconds']:.0f}s: loss {s['loss']:.4f}{val} -> {args.out}")
     return 0
 
 
 def cmd_sft(args) -> int:
+    from yunque.train.distributed import session
     from yunque.train.sft import main
 
     if not args.resume and (not args.model or not args.data):
@@ -157,11 +161,12 @@ def cmd_sft(args) -> int:
     fields["data"] = fields["data"] or ()
     cfg = SFTConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
                     lora=lora, loop=loop, **fields)
-    s = main(cfg)
-    before = f"{s['val_loss_before']:.4f} -> " if s.get("val_loss_before") is not None else ""
-    after = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
-    print(f"fine-tuned {s['trainable_parameters']:,} of {s['parameters']:,} parameters for {s['steps']} steps: "
-          f"held-out assistant loss {before}{after} -> {args.out}")
+    with session("sft", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+        s = main(cfg, runtime)
+        before = f"{s['val_loss_before']:.4f} -> " if s.get("val_loss_before") is not None else ""
+        after = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
+        print(f"fine-tuned {s['trainable_parameters']:,} of {s['parameters']:,} parameters for {s['steps']} "
+              f"steps: held-out assistant loss {before}{after} -> {args.out}")
     return 0
 
 

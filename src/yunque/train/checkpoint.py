@@ -7,10 +7,15 @@ finished by `recover` on the next load. Both files carry the step, and a pair wh
 With `trainable_only` (LoRA) the weights file holds only the parameters being trained, under the name a LoRA
 adapter dir uses (adapter_model.safetensors): a run stopped at any checkpoint is a usable adapter. The frozen
 rest is not saved; it comes back from where the model was loaded (the base model).
+
+A distributed run (train/distributed.py) writes its checkpoints sharded under checkpoint/step-N/ and commits each
+with the same pair: train_state.pt naming that dir (`SHARDED`) and the gathered full weights. `load_checkpoint`
+reads both kinds, so one process continues a run that many began; a one-file save removes older shards.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,10 @@ from yunque.modeldir import WEIGHTS, load_state, load_weights, write_weights
 
 STATE = "train_state.pt"
 TRAINABLE = ADAPTER_WEIGHTS
+SHARDS = "checkpoint"
+"""Dir of a distributed run's sharded checkpoints (one step-NNNNNNNN dir per step; train/distributed.py)."""
+SHARDED = "sharded"
+"""Key of train_state.pt naming the sharded checkpoint it completes (relative to the run dir)."""
 
 
 def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer, step: int,
@@ -42,6 +51,7 @@ def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     else:
         weights = (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata))
     atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)), weights])
+    shutil.rmtree(out_dir / SHARDS, ignore_errors=True)  # a distributed run's shards, older than this checkpoint
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,20 +68,15 @@ def has_checkpoint(out_dir: str | Path) -> bool:
 def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Optimizer, *,
                     trainable_only: bool = False) -> dict[str, Any]:
     """Restore weights (only the trainable ones if `trainable_only`), optimizer and RNG in place; return the
-    saved state (with "step")."""
-    path = Path(out_dir) / STATE
+    saved state (with "step"). A checkpoint a distributed run sharded (any world size) loads here too."""
     recover(out_dir)
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; there is nothing to resume (run without --resume to start afresh)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a corrupt pickle zip
-        raise ValueError(f"{path}: cannot read training state ({type(e).__name__}); the checkpoint is corrupt, "
-                         f"delete it to restart from the weights alone") from None
-    weights, metadata = _load_trainable(out_dir) if trainable_only else load_weights(out_dir)
-    if metadata.get("step") != str(state["step"]):
-        raise ValueError(f"{out_dir}: weights are from step {metadata.get('step')} but {STATE} is from step "
-                         f"{state['step']} (a save was interrupted); resume is not exact, start a new run")
+    state = read_state(out_dir)
+    if SHARDED in state:
+        from yunque.train.distributed import load_sharded
+
+        load_sharded(Path(out_dir) / state[SHARDED], model, optimizer, rank=0)
+        return state
+    weights = read_weights(out_dir, state, trainable_only=trainable_only)
     weights = {k: v.to(next(model.parameters()).device) for k, v in weights.items()}
     if trainable_only:
         _copy_trainable(model, weights, Path(out_dir) / TRAINABLE)
@@ -82,6 +87,28 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
+
+
+def read_state(out_dir: str | Path) -> dict[str, Any]:
+    """train_state.pt of a checkpoint (without finishing an interrupted save: see `recover`)."""
+    path = Path(out_dir) / STATE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; there is nothing to resume (run without --resume to start afresh)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a corrupt pickle zip
+        raise ValueError(f"{path}: cannot read training state ({type(e).__name__}); the checkpoint is corrupt, "
+                         f"delete it to restart from the weights alone") from None
+
+
+def read_weights(out_dir: str | Path, state: dict[str, Any], *, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights of a one-file checkpoint (only the trainable ones if `trainable_only`), checked to be of the
+    step of `state`."""
+    weights, metadata = _load_trainable(out_dir) if trainable_only else load_weights(out_dir)
+    if metadata.get("step") != str(state["step"]):
+        raise ValueError(f"{out_dir}: weights are from step {metadata.get('step')} but {STATE} is from step "
+                         f"{state['step']} (a save was interrupted); resume is not exact, start a new run")
+    return weights
 
 
 def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

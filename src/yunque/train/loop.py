@@ -23,7 +23,6 @@ import torch
 from yunque.config import DEFAULT_STEPS, LoopConfig
 from yunque.precision import autocast, num_threads, resolve_precision
 from yunque.train.budget import StepBudget, compile_pays, undertrained
-from yunque.train.checkpoint import load_checkpoint, save_checkpoint
 from yunque.train.logger import TrainLog
 from yunque.train.optim import lr_at, make_optimizer
 from yunque.train.runtime import Runtime
@@ -54,7 +53,10 @@ class _Training:
     """The state of one `fit` call; `run` is the loop, the other methods are its parts."""
 
     def __init__(self, model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer, runtime: Runtime) -> None:
-        self.model, self.batches, self.cfg, self.evaluate, self.runtime = model, batches, cfg, evaluate, runtime
+        self.batches, self.cfg, self.evaluate, self.runtime = batches, cfg, evaluate, runtime
+        # under torchrun DDP (the same parameters) or FSDP (the same module, its parameters now shards), before the
+        # optimizer is made; the optimizer sees the model's own parameter names (Muon picks matrices by name)
+        self.model = runtime.wrap(model, cfg)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.precision = resolve_precision(cfg.precision, cfg.device)
@@ -63,9 +65,9 @@ class _Training:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.start, saved_total = 0, None
         if cfg.resume:
-            state = load_checkpoint(self.out, model, self.opt, trainable_only=cfg.trainable_only)
+            state = runtime.load_checkpoint(self.out, self.model, self.opt, trainable_only=cfg.trainable_only)
             self.start, saved_total = state["step"], state.get("max_steps")
-        now = time.perf_counter()
+        _, now = runtime.agree(False, time.perf_counter())
         self.budget = _plan(cfg, self.start, saved_total, now)
         self.log = TrainLog(self.out, resume_step=self.start if cfg.resume else None, total=self.budget.total,
                             progress=cfg.progress, enabled=runtime.is_main)
@@ -84,7 +86,9 @@ class _Training:
                 group["lr"] = lr
             loss = self.train_step(step)
             step += 1
-            now = time.perf_counter()
+            # every process ends the step with rank 0's clock and with a stop asked of any of them, so that time
+            # budgets, timed checkpoints and signals lead all of them to the same decisions
+            interrupted, now = self.runtime.agree(stop.requested, time.perf_counter())
             self.window = (self.window[0], self.window[1] + 1)
             if self.step_fn.compiled_at == step:  # the step that compiled says nothing about speed
                 budget.restart_clock(step, now)
@@ -93,7 +97,6 @@ class _Training:
             if step == self.start + 10 and self.step_fn.mode == "auto" and compile_pays(budget.seconds_left(step, now)):
                 self.step_fn.compile(step + 1)
             last = budget.done(step)
-            interrupted = self.runtime.broadcast_flag(stop.requested)
             evaluate = last or bool(cfg.eval_every and step % cfg.eval_every == 0)
             save = last or interrupted or self.save_due(step, now)
             if evaluate or save or step % cfg.log_every == 0:
@@ -114,7 +117,7 @@ class _Training:
             try:
                 total = torch.zeros((), device=cfg.device)
                 for micro in range(cfg.grad_accum):
-                    batch = self.batches(step * cfg.grad_accum + micro)
+                    batch = self.runtime.shard(self.batches(step * cfg.grad_accum + micro))  # this process's rows
                     with self.runtime.no_sync(self.model, micro == cfg.grad_accum - 1):
                         with autocast(self.precision, cfg.device):
                             loss = self.step_fn(self.model, batch)
@@ -160,13 +163,12 @@ class _Training:
         return None if value is None else float(self.runtime.mean(torch.tensor(value)))
 
     def save(self, step: int) -> None:
-        bad = next((n for n, p in self.model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
+        bad = self.runtime.nonfinite_parameter(self.model)
         if bad is not None:  # never overwrite a good checkpoint with NaN or inf weights
             raise FloatingPointError(f"parameter {bad} is not finite at step {step}; lower --lr or check the data")
-        if self.runtime.is_main:
-            save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
-                            trainable_only=self.cfg.trainable_only)
-        self.last_save = time.perf_counter()
+        self.runtime.save_checkpoint(self.out, self.model, self.opt, step, {"max_steps": self.budget.total},
+                                     trainable_only=self.cfg.trainable_only)
+        self.last_save = self.runtime.agree(False, time.perf_counter())[1]
 
     def finish(self, step: int) -> dict[str, Any]:
         self.log.close(self.out)
@@ -226,18 +228,25 @@ class _StepFn:
 
 class _StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in progress, with a checkpoint; a second
-    signal stops at once. Only in the main thread (signal handlers can be set nowhere else)."""
+    signal stops at once. Only in the main thread (signal handlers can be set nowhere else).
+
+    A second signal within SAME_SIGNAL seconds is the same request: under torchrun a Ctrl-C reaches each worker
+    from the terminal and again, forwarded, from torchrun."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAME_SIGNAL = 2.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._before: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.SAME_SIGNAL:
+                return
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self._first = True, time.monotonic()
         print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
               f"(once more to stop at once)", flush=True)
 

@@ -20,11 +20,14 @@ from yunque.model.gpt import GPT
 from yunque.modeldir import load_config, save_config
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer, train_bpe
 from yunque.train.run import Prepared, run_stage
+from yunque.train.runtime import Runtime
 
 
-def main(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run pretraining; return the loop's summary plus data and model figures."""
-    return run_stage("pretrain", cfg, prepare, inputs=lambda c: [*c.data, *([c.tokenizer] if c.tokenizer else [])])
+def main(cfg: PretrainConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run pretraining (in one process, or in each of torchrun's with `runtime`); return the loop's summary plus
+    data and model figures."""
+    return run_stage("pretrain", cfg, prepare, inputs=lambda c: [*c.data, *([c.tokenizer] if c.tokenizer else [])],
+                     runtime=runtime)
 
 
 def next_token_loss_of(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -70,16 +73,17 @@ def prepare(cfg: PretrainConfig, loop: LoopConfig) -> Prepared:
         print(f"the validation split has no window of {seq_len + 1} tokens; training without validation "
               f"(pass more text, or more than one file)")
 
-    def batches(i: int):
-        x, y = train.sample(cfg.batch_size, seq_len, seed=cfg.seed, step=i)
+    def batches(i: int):  # the global micro-batch: each of world_size processes trains on its batch_size rows
+        x, y = train.sample(cfg.batch_size * loop.world_size, seq_len, seed=cfg.seed, step=i)
         return x.to(loop.device), y.to(loop.device)
 
-    def evaluate(m: torch.nn.Module) -> float:
-        nll, n = nll_over(m, val.iter_eval(cfg.batch_size, seq_len, max_batches=cfg.eval_batches), device=loop.device)
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same global batches, whatever their number
+        batches = val.iter_eval(cfg.batch_size * loop.world_size, seq_len, max_batches=cfg.eval_batches)
+        nll, n = nll_over(m, batches, device=loop.device)
         return nll / n
 
     return Prepared(model, batches, next_token_loss_of, evaluate if has_val else None,
-                    tokens_per_step=cfg.batch_size * seq_len * loop.grad_accum, fingerprint=data_key,
+                    tokens_per_step=cfg.batch_size * loop.world_size * seq_len * loop.grad_accum, fingerprint=data_key,
                     info={"parameters": model.num_params(), "model": model_cfg.to_dict(), "data_dir": str(data_dir),
                           "vocab_size": tokenizer.vocab_size},
                     facts={"tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}})

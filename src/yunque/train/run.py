@@ -40,7 +40,7 @@ RUN = "run.json"
 LOCK = ".lock"
 """Held (flock) by the process writing a run dir; the kernel releases it when that process ends, however it ends."""
 FROM_TODAY = ("max_steps", "minutes", "device", "progress", "checkpoint_every", "checkpoint_minutes", "threads",
-              "log_every")
+              "log_every", "parallel", "activation_checkpointing", "peer_timeout", "world_size")
 """Loop settings a resumed run takes from the resuming command; every other setting is the run's own."""
 
 
@@ -70,13 +70,21 @@ def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepare
     """Run one training stage: claim cfg.out, restore or record the settings, `prepare(cfg, loop)`, evaluate,
     `fit`. `cfg` is the stage's config dataclass, with `out`, `force` and `loop` fields; `inputs(cfg)` names the
     paths the run reads (never cleared by --force). Returns fit's summary with the stage's info and
-    `val_loss_before` (fresh runs)."""
+    `val_loss_before` (fresh runs).
+
+    Under torchrun (`runtime` from train/distributed.py) rank 0 alone claims and writes the run dir; the others
+    wait for it, take its settings and prepare as a resumed run does, from what rank 0 wrote."""
+    runtime = runtime or Runtime()
     out = Path(cfg.out)
-    loop = cfg.loop
+    loop = dataclasses.replace(cfg.loop, world_size=runtime.world_size, device=runtime.device(cfg.loop.device),
+                               threads=runtime.threads(cfg.loop.threads))
+    if not runtime.is_main:
+        return _follow(prepare, runtime)
     with claim(out, resume=loop.resume, force=cfg.force, inputs=inputs(cfg)) as fresh_dir:
         saved: dict[str, Any] = {}
         if loop.resume:
             cfg, loop, saved = restore(stage, type(cfg), out, loop)
+            cfg = per_process_batch(cfg, saved["loop"].get("world_size", 1), loop.world_size)
             if not has_checkpoint(out):  # stopped before its first checkpoint: start again, the same run exactly
                 print(f"{out} has no checkpoint yet: starting the run again from step 0 with its saved settings")
                 _clear(out, keep=(RUN,))
@@ -93,11 +101,37 @@ def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepare
             if not loop.resume:
                 record(out, stage, cfg, loop, run.fingerprint, run.facts)
             loop = dataclasses.replace(loop, tokens_per_step=run.tokens_per_step, trainable_only=run.trainable_only)
+            runtime.broadcast_object((cfg, loop))  # the other processes prepare from what is now on disk
             before = None
             if run.evaluate is not None and not loop.resume:
                 before = held_out(run.model, run.evaluate, loop)
             summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime)
     return {**summary, **run.info, "val_loss_before": before}
+
+
+def _follow(prepare: Callable[[Any, LoopConfig], Prepared], runtime: Runtime) -> dict[str, Any]:
+    """A process other than rank 0: the run's settings from rank 0 once it has claimed the dir and prepared, then
+    the stage prepared read-only (as a resumed run: tokenizer, shards and config from the run dir), then `fit`."""
+    cfg, loop = runtime.broadcast_object(None)
+    loop = dataclasses.replace(loop, device=runtime.device(loop.device), threads=runtime.threads(loop.threads))
+    run = prepare(cfg, dataclasses.replace(loop, resume=True))
+    summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime)
+    return {**summary, **run.info, "val_loss_before": None}
+
+
+def per_process_batch(cfg: Any, saved_world_size: int, world_size: int) -> Any:
+    """`cfg` with the batch per process that keeps a resumed run's global micro-batch (batch_size x world size)
+    on another number of processes, so it sees the same data; an error if it does not split evenly."""
+    if saved_world_size == world_size or not hasattr(cfg, "batch_size"):
+        return cfg
+    rows = cfg.batch_size * saved_world_size
+    if rows % world_size:
+        raise ValueError(f"the run's micro-batch is {cfg.batch_size} x {saved_world_size} processes = {rows} "
+                         f"sequences, which {world_size} processes cannot share evenly; resume with a number of "
+                         f"processes that divides {rows}")
+    print(f"resuming {saved_world_size}-process run on {world_size}: batch {rows // world_size} per process "
+          f"(the same {rows} sequences per micro-batch)")
+    return dataclasses.replace(cfg, batch_size=rows // world_size)
 
 
 def held_out(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], float], loop: LoopConfig) -> float:
@@ -264,4 +298,5 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-__all__ = ["run_stage", "Prepared", "claim", "lock", "record", "restore", "held_out", "RUN", "FROM_TODAY"]
+__all__ = ["run_stage", "per_process_batch", "Prepared", "claim", "lock", "record", "restore", "held_out", "RUN",
+           "FROM_TODAY"]

@@ -26,19 +26,21 @@ from yunque.modeldir import WEIGHTS, load_model, save_config, save_model
 from yunque.outputs import staged_dir
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, run_stage
+from yunque.train.runtime import Runtime
 
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 """Files of the base model dir carried over to the fine-tuned one: chat template, special tokens, generation
 defaults."""
 
 
-def main(cfg: SFTConfig) -> dict[str, Any]:
-    """Run fine-tuning; return the loop's summary plus the held-out loss before training and data figures."""
+def main(cfg: SFTConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run fine-tuning (in one process, or in each of torchrun's with `runtime`); return the loop's summary plus
+    the held-out loss before training and data figures."""
     if cfg.loop is None:
         from dataclasses import replace
 
         cfg = replace(cfg, loop=sft_loop(cfg.lora is not None))
-    return run_stage("sft", cfg, prepare, inputs=lambda c: [c.model, *c.data])
+    return run_stage("sft", cfg, prepare, inputs=lambda c: [c.model, *c.data], runtime=runtime)
 
 
 def sft_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -92,19 +94,20 @@ def prepare(cfg: SFTConfig, loop: LoopConfig) -> Prepared:
         else:  # with the checkpoint's adapter_model.safetensors, out is an adapter dir
             save_adapter_config(out, cfg.lora, base_model=str(Path(cfg.model).resolve()))
 
-    def batches(i: int):
-        x, y = train.sample(cfg.batch_size, seed=cfg.seed, step=i)
+    def batches(i: int):  # the global micro-batch: each of world_size processes trains on its batch_size rows
+        x, y = train.sample(cfg.batch_size * loop.world_size, seed=cfg.seed, step=i)
         return x.to(loop.device), y.to(loop.device)
 
-    def evaluate(m: torch.nn.Module) -> float:
-        return assistant_loss(m, val, batch_size=cfg.batch_size, device=loop.device, max_batches=cfg.eval_batches)
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same global batches, whatever their number
+        return assistant_loss(m, val, batch_size=cfg.batch_size * loop.world_size, device=loop.device,
+                              max_batches=cfg.eval_batches)
 
     info = {"parameters": sum(p.numel() for p in model.parameters()),
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lora_layers": len(layers), "chat_format": fmt.kind,
             "data": {"train": {**train.counts, "used": len(train)}, "val": {**val.counts, "used": len(val)}}}
     return Prepared(model, batches, sft_loss, evaluate if len(val) else None,
-                    tokens_per_step=round(cfg.batch_size * loop.grad_accum * train.mean_len),
+                    tokens_per_step=round(cfg.batch_size * loop.world_size * loop.grad_accum * train.mean_len),
                     trainable_only=cfg.lora is not None, fingerprint=data_key, info=info)
 
 
