@@ -119,18 +119,22 @@ def _score_groups(model: GPT, requests: Sequence[Request], contexts: list[tuple[
     cache = KVCache(model.cfg, len(contexts), P + C - 1, device=device, dtype=_dtype(model),
                     pad=torch.tensor(pad) if any(pad) else None)
     first = model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (G, V): each continuation's first token
-    rows = [g for g, cs in enumerate(conts) for _ in cs]
+    rows = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=device)  # (R,)
     flat = [c for cs in conts for c in cs]
-    tail = None
+    logits = first[rows].unsqueeze(1)  # (R, 1, V)
     if C > 1:
-        cache.select(torch.tensor(rows, device=device))  # (R, ...): each context once per continuation
+        cache.select(rows)  # (R, ...): each context once per continuation
         x = torch.tensor([c[:-1] + [0] * (C - len(c)) for c in flat], device=device)  # (R, C-1), right-padded
-        tail = model(x, kv_cache=cache)  # (R, C-1, V)
+        logits = torch.cat([logits, model(x, kv_cache=cache)], dim=1)  # (R, C, V)
+    # one log-softmax, gather and argmax for the whole batch: per-row calls cost more than their arithmetic here
+    logp = F.log_softmax(logits.float(), dim=-1)  # (R, C, V)
+    target = torch.tensor([c + [0] * (C - len(c)) for c in flat], device=device)  # (R, C)
+    real = torch.arange(C, device=device) < torch.tensor([len(c) for c in flat], device=device).unsqueeze(1)
+    ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * real).sum(1)  # (R,)
+    greedy = ((logp.argmax(-1) == target) | ~real).all(1)  # (R,)
     flat_index = [i for m in members for i in m]
-    for r, (g, cont) in enumerate(zip(rows, flat)):
-        logits = first[g:g + 1] if tail is None else torch.cat([first[g:g + 1], tail[r, :len(cont) - 1]])
-        out[flat_index[r]] = _tail_logprobs(logits, cont)
-
+    for i, a, b in zip(flat_index, ll.tolist(), greedy.tolist()):
+        out[i] = (a, b)
 
 def rolling_requests(tokens: list[int], prefix_token: int, max_seq_len: int) -> list[Request]:
     """lm-eval's rolling windows over a document (utils.get_rolling_token_windows with context_len=1, then
