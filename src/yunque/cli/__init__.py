@@ -4,6 +4,7 @@
     generate.py  generate, chat, perplexity
     models.py    info, import, export, pull, models, rm
     speedrun.py  speedrun
+    align.py     align, reward train, reward score
 
 Flags, defaults and help come from the config dataclasses (cli/flags.py). Errors a user can fix (bad paths, bad
 flags, corrupt files) print one line and exit non-zero; a mistyped command or flag gets a suggestion.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from yunque.cli import generate, models, speedrun, train
+from yunque.cli import align, generate, models, speedrun, train
 from yunque.cli.common import Parser
 
-GROUPS = (train, generate, models, speedrun)
+GROUPS = (train, align, generate, models, speedrun)
 """Command modules, in the order `yunque --help` lists their commands."""
 
 

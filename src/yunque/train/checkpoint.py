@@ -7,6 +7,9 @@ finished by `recover` on the next load. Both files carry the step, and a pair wh
 With `trainable_only` (LoRA) the weights file holds only the parameters being trained, under the name a LoRA
 adapter dir uses (adapter_model.safetensors): a run stopped at any checkpoint is a usable adapter. The frozen
 rest is not saved; it comes back from where the model was loaded (the base model).
+
+A model trained with scalar heads (model/heads.WithHeads: a reward model, PPO's value) saves its GPT as above and
+its heads in heads.safetensors, written and renamed with the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from safetensors.torch import save_file
 
 from yunque.atomic import atomic_write_all, recover
 from yunque.model.gpt import GPT
+from yunque.model.heads import HEADS, WithHeads
 from yunque.model.lora import ADAPTER_WEIGHTS
 from yunque.modeldir import WEIGHTS, load_state, load_weights, write_weights
 
@@ -37,11 +41,16 @@ def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     metadata = {"step": str(step)}
     if (extra or {}).get("max_steps") is not None:
         metadata["max_steps"] = str(extra["max_steps"])
+    files = [(out_dir / STATE, lambda p: torch.save(state, p))]
+    if isinstance(model, WithHeads):
+        heads = {k: v.detach().contiguous() for k, v in model.heads.state_dict().items()}
+        files.append((out_dir / HEADS, lambda p: save_file(heads, str(p), metadata=metadata)))
+        model = model.model
     if trainable_only:
-        weights = (out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata))
+        files.append((out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata)))
     else:
-        weights = (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata))
-    atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)), weights])
+        files.append((out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata)))
+    atomic_write_all(files)
 
 
 def trainable_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,6 +77,13 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     except Exception as e:  # torch raises several types for a corrupt pickle zip
         raise ValueError(f"{path}: cannot read training state ({type(e).__name__}); the checkpoint is corrupt, "
                          f"delete it to restart from the weights alone") from None
+    if isinstance(model, WithHeads):
+        heads, head_meta = _read(Path(out_dir) / HEADS)
+        if head_meta.get("step") != str(state["step"]):
+            raise ValueError(f"{out_dir}: {HEADS} is from step {head_meta.get('step')} but {STATE} from step "
+                             f"{state['step']} (a save was interrupted); start a new run")
+        model.heads.load_state_dict(heads)
+        model = model.model
     weights, metadata = _load_trainable(out_dir) if trainable_only else load_weights(out_dir)
     if metadata.get("step") != str(state["step"]):
         raise ValueError(f"{out_dir}: weights are from step {metadata.get('step')} but {STATE} is from step "
@@ -88,6 +104,12 @@ def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     path = Path(out_dir) / TRAINABLE
     if not path.is_file():
         raise ValueError(f"{path}: missing; the checkpoint holds no trainable weights (was it made without LoRA?)")
+    return _read(path)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the checkpoint is incomplete, start a new run")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
