@@ -139,7 +139,11 @@ def test_pair_batches_target_the_reply_only(tmp_path):
                                         {"prompt": "long " * 40, "chosen": "x", "rejected": "y"}])
     pairs = load_pairs([path])
     batches = PairBatches(fmt, pairs, max_seq_len=64)
-    assert len(batches) == 1 and batches.dropped == 1 and "1 dropped" in batches.summary()
+    assert len(batches) == 2 and batches.truncated == 1 and batches.summary() == "2 pairs, 1 cut to 64 tokens"
+    x, y = batches.collate([1])  # the long prompt lost its beginning, not its reply
+    long_ids, long_start = render_reply(fmt, pairs[1].messages, "x")
+    assert x.shape[1] == 64 and x[0].tolist() == long_ids[-65:-1]
+    assert [t for t in y[0].tolist() if t != IGNORE] == long_ids[long_start:]
     x, y = batches.collate([0])
     ids, start = render_reply(fmt, pairs[0].messages, "abc")
     assert x.shape[0] == 2 and x[0, :len(ids) - 1].tolist() == ids[:-1]

@@ -286,10 +286,20 @@ def render_reply(fmt: ChatFormat, messages: list[dict[str, str]], reply: str) ->
     return ids, len(prompt)
 
 
+def _keep_end(ids: list[int], start: int, limit: int) -> tuple[np.ndarray, int]:
+    """(ids, start of the reply) cut to `limit` tokens: the prompt's oldest tokens go first (one prompt token stays),
+    then the reply's end."""
+    if len(ids) > limit:
+        cut = min(len(ids) - limit, start - 1)
+        ids, start = ids[cut:][:limit], start - cut
+    return np.asarray(ids, dtype=np.int64), start
+
+
 class PairBatches:
     """Rendered pairs as (x, y) batches: rows 0..B-1 the chosen replies, rows B..2B-1 the rejected ones, targets
-    IGNORE everywhere but the reply's tokens (and its end of turn). A pair longer than max_seq_len + 1 tokens is
-    cut from the reply's end; one whose prompt alone fills the context is left out (counted in `dropped`)."""
+    IGNORE everywhere but the reply's tokens (and its end of turn). A conversation longer than the context loses
+    its prompt's oldest tokens first (the reply and the turns just before it matter most; TRL's "keep_end"), and
+    only a reply longer than the context is cut at its end; both are counted in `truncated`."""
 
     def __init__(self, fmt: ChatFormat, pairs: Sequence[Pair], *, max_seq_len: int) -> None:
         self.max_seq_len = max_seq_len
@@ -297,23 +307,16 @@ class PairBatches:
         self.pad_id = tok.pad_id if tok.pad_id is not None else 0
         self.pairs: list[Pair] = []
         self.rows: list[tuple[tuple[np.ndarray, int], tuple[np.ndarray, int]]] = []
-        self.dropped = 0
         self.truncated = 0
-        limit = max_seq_len + 1
+        limit = max_seq_len + 1  # inputs and their targets
         for pair in pairs:
             try:
                 both = [render_reply(fmt, pair.messages, r) for r in (pair.chosen, pair.rejected)]
             except ValueError as e:
                 raise ValueError(f"{pair.name}: {e}") from None
-            if any(start >= limit - 1 for _, start in both):
-                self.dropped += 1
-                continue
             self.truncated += any(len(ids) > limit for ids, _ in both)
             self.pairs.append(pair)
-            self.rows.append(tuple((np.asarray(ids[:limit], dtype=np.int64), start) for ids, start in both))
-        if pairs and not self.rows:
-            raise ValueError(f"every one of {len(pairs)} pairs has a prompt of {max_seq_len} tokens or more; "
-                             f"raise max_seq_len or shorten the prompts")
+            self.rows.append(tuple(_keep_end(ids, start, limit) for ids, start in both))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -323,12 +326,8 @@ class PairBatches:
         return float(np.mean([len(c) + len(r) - 2 for (c, _), (r, _) in self.rows])) if self.rows else 0.0
 
     def summary(self) -> str:
-        parts = [f"{len(self.rows) + self.dropped} pairs: {len(self.rows)} used"]
-        if self.truncated:
-            parts.append(f"{self.truncated} cut to {self.max_seq_len} tokens")
-        if self.dropped:
-            parts.append(f"{self.dropped} dropped (the prompt fills the context)")
-        return ", ".join(parts)
+        cut = f", {self.truncated} cut to {self.max_seq_len} tokens" if self.truncated else ""
+        return f"{len(self.rows)} pairs{cut}"
 
     def indices(self, batch_size: int, *, seed: int, step: int) -> list[int]:
         """Pairs of training batch `step`: an endless sequence of epochs, each a permutation from (seed, epoch)."""
@@ -353,7 +352,7 @@ class PairBatches:
         """(ids (2B, T), last (2B,)): whole sequences, chosen rows first, right-padded, each cut to max_seq_len
         tokens; last is the index of each row's final token (its reply's end of turn), where a reward is read."""
         rows = [self.rows[i][0][0] for i in index] + [self.rows[i][1][0] for i in index]
-        rows = [ids[:self.max_seq_len] for ids in rows]
+        rows = [ids[-self.max_seq_len:] for ids in rows]  # the reply's end is where the reward is read
         ids = np.full((len(rows), max(map(len, rows))), self.pad_id, dtype=np.int64)
         for b, row in enumerate(rows):
             ids[b, :len(row)] = row
