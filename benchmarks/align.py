@@ -32,26 +32,22 @@ from pathlib import Path
 
 import torch
 
-from yunque.config import AlignConfig, LoopConfig, RewardConfig, SamplingParams, SFTConfig, SpeedrunConfig
+from yunque.config import AlignConfig, LoopConfig, RewardConfig, SFTConfig, SpeedrunConfig
 from yunque.data.sources import builtin_documents
 from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine
 from yunque.eval.perplexity import text_perplexity
 from yunque.modeldir import load_model
-from yunque.speedrun import cpu_name
+from yunque.speedrun import MAX_REPLY, cpu_name, sample_texts, short_reply_pairs, words
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.align import main as align
-from yunque.train.align import reply_kl, sample_replies
+from yunque.train.align import reply_kl
 from yunque.train.reward import main as train_reward
 from yunque.train.scoring import load_reward_model
 from yunque.train.sft import main as sft
 
-MAX_NEW = 48
+MAX_NEW = MAX_REPLY
 """Longest reply sampled or evaluated."""
-
-
-def words(text: str) -> int:
-    return len(text.split())
 
 
 def machine() -> str:
@@ -61,17 +57,7 @@ def machine() -> str:
 
 
 def replies(model, tok, fmt, questions: list[str], *, temperature: float, seed: int, n: int = 1) -> list[str]:
-    """n replies to each question (question-major), sampled through the engine in batches of 32."""
-    engine = Engine(model, tok)
-    engine.stop_ids |= fmt.stop_ids
-    prompts = [fmt.prompt([{"role": "user", "content": q}]) for q in questions for _ in range(n)]
-    out = []
-    for start in range(0, len(prompts), 32):
-        chunk = prompts[start:start + 32]
-        params = [SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=seed + start + i)
-                  for i in range(len(chunk))]
-        out += [text for _, text, _ in sample_replies(engine, fmt, chunk, params)]
-    return out
+    return sample_texts(model, tok, fmt, questions, temperature=temperature, seed=seed, n=n)
 
 
 def evaluate(model_dir: Path, reference, tok, fmt, held: list[str], ordinary: list[str], rule, rm) -> dict:
@@ -94,7 +80,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+THREADS = [0]
+"""--threads, for every run's loop."""
+
+
 def loop(out: Path, steps: int, lr: float, **kw) -> LoopConfig:
+    kw.setdefault("threads", THREADS[0])
     return LoopConfig(out_dir=str(out), max_steps=steps, lr=lr, warmup_steps=kw.pop("warmup_steps", 5),
                       weight_decay=0.0, eval_every=0, progress=False, compile="off", **kw)
 
@@ -119,12 +110,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench-align")
     p.add_argument("--sft-model", help="a chat model dir to start from (default: build one with the speedrun)")
+    p.add_argument("--pretrained", help="a pretrained model dir (e.g. a speedrun's, before its SFT) to fine-tune "
+                                        "here by steps instead of running the whole speedrun")
+    p.add_argument("--sft-steps", type=int, default=300, help="fine-tuning steps with --pretrained")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per physical core)")
     p.add_argument("--minutes", type=float, default=2.0, help="speedrun pretraining budget")
     p.add_argument("--sft-minutes", type=float, default=1.5, help="speedrun fine-tuning budget")
     p.add_argument("--questions", type=int, default=300, help="training questions sampled for pairs and prompts")
     p.add_argument("--held", type=int, default=100, help="held-out questions evaluated")
     p.add_argument("--dpo-steps", type=int, default=120)
     p.add_argument("--rl-steps", type=int, default=60)
+    p.add_argument("--dpo-lr", type=float, default=1e-4)
+    p.add_argument("--rl-lr", type=float, default=1e-4)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--sums-sft-steps", type=int, default=300)
     p.add_argument("--sums-rl-steps", type=int, default=80)
     p.add_argument("--skip", nargs="*", default=[], choices=["dpo", "grpo", "ppo", "sums"])
@@ -138,13 +137,26 @@ def main() -> None:
     t_all = time.perf_counter()
     figures: dict = {"machine": machine()}
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        THREADS[0] = args.threads
     if args.sft_model:
         chat = Path(args.sft_model)
+    elif args.pretrained:  # the speedrun's fine-tuning, by steps: a busy machine makes its time budget useless
+        chat = out / "chat"
+        train_path = write_jsonl(out / "sft.jsonl", split_heldout(stdlib_qa(), 0.1, seed=0)[0])
+        s, seconds = timed(sft, SFTConfig(model=args.pretrained, data=(str(train_path),), out=str(chat),
+                                          batch_size=16, val_fraction=0.05, force=True,
+                                          loop=loop(chat, args.sft_steps, 1e-3, warmup_steps=20,
+                                                    threads=args.threads)))
+        figures["sft_steps"], figures["sft_seconds"] = s["steps"], round(seconds)
+        print(f"SFT model: {chat}, {s['steps']} steps from {args.pretrained}: held-out assistant loss "
+              f"{s['val_loss_before']:.3f} -> {s['val_loss']:.3f} ({seconds:.0f} s)", flush=True)
     else:
         from yunque.speedrun import main as speedrun
 
         _, seconds = timed(speedrun, SpeedrunConfig(out=str(out / "speedrun"), minutes=args.minutes,
-                                                    sft_minutes=args.sft_minutes, heldout_questions=40,
+                                                    sft_minutes=args.sft_minutes, align_minutes=0, heldout_questions=40,
                                                     progress=False, force=True, seed=args.seed))
         chat = out / "speedrun" / "chat"
         figures["speedrun_seconds"] = round(seconds)
@@ -159,26 +171,20 @@ def main() -> None:
     held_q = [c["messages"][0]["content"] for c in held_qa[:args.held]]
     ordinary = [d.text for d in builtin_documents() if d.name.startswith("pydoc:")][::8][:40]
 
+    if {"dpo", "grpo", "ppo"} <= set(args.skip):
+        return finish(figures, sums(chat, out, args.seed, args.sums_sft_steps, args.sums_rl_steps), out, t_all, args)
+
     # ---- the preference, from the SFT model's own samples ----
     samples, seconds = timed(replies, reference, tok, fmt, train_q, temperature=1.0, seed=1000, n=6)
-    counts = [words(s) for s in samples]
-    short_share = {n: sum(0 < c < n for c in counts) / len(counts) for n in range(2, 41)}
-    limit = 20 if short_share[20] <= 0.15 else max((n for n, s in short_share.items() if s <= 0.15), default=2)
+    limit, share, pairs = short_reply_pairs(train_q, samples, 6, seed=args.seed)
     figures["rule"] = f"a reply of 1 to {limit - 1} words"
-    figures["sampled_short_share"] = short_share[limit]
+    figures["sampled_short_share"] = share
 
     def rule(text: str) -> bool:  # an empty reply does not count as a short one
         return 0 < words(text) < limit
 
-    pairs = []
-    for i, q in enumerate(train_q):
-        mine = samples[6 * i:6 * i + 6]
-        short = [s for s in mine if rule(s)]
-        long = [s for s in mine if not rule(s)]
-        if short and long:
-            pairs.append({"prompt": q, "chosen": rng.choice(short), "rejected": rng.choice(long)})
     figures["pairs"] = len(pairs)
-    print(f"rule: {figures['rule']} ({short_share[limit]:.0%} of {len(samples)} sampled replies satisfy it; "
+    print(f"rule: {figures['rule']} ({share:.0%} of {len(samples)} sampled replies satisfy it; "
           f"{seconds:.0f} s to sample); {len(pairs)} pairs", flush=True)
     pairs_path = write_jsonl(out / "pairs.jsonl", pairs)
     prompts_path = write_jsonl(out / "prompts.jsonl", [{"prompt": q, "completion": ""} for q in train_q])
@@ -200,13 +206,14 @@ def main() -> None:
           f"{base['perplexity']:.2f}, {base['mean_words']:.1f} words a reply", flush=True)
 
     runs = {
-        "dpo": dict(method="dpo", data=(str(pairs_path),), beta=0.1, batch_size=8,
-                    loop_args=(args.dpo_steps, 5e-5)),
+        "dpo": dict(method="dpo", data=(str(pairs_path),), beta=args.beta, batch_size=8,
+                    loop_args=(args.dpo_steps, args.dpo_lr)),
         "grpo": dict(method="grpo", data=(str(prompts_path),), reward=str(rm_dir), group_size=8,
-                     prompts_per_rollout=4, max_new_tokens=MAX_NEW, kl_coef=0.05, loop_args=(args.rl_steps, 3e-5)),
+                     prompts_per_rollout=4, max_new_tokens=MAX_NEW, kl_coef=args.kl_coef,
+                     loop_args=(args.rl_steps, args.rl_lr)),
         "ppo": dict(method="ppo", data=(str(prompts_path),), reward=str(rm_dir), group_size=4,
-                    prompts_per_rollout=8, minibatches=2, max_new_tokens=MAX_NEW, kl_coef=0.05, kl_target=4.0,
-                    loop_args=(args.rl_steps, 3e-5)),
+                    prompts_per_rollout=8, minibatches=2, max_new_tokens=MAX_NEW, kl_coef=args.kl_coef,
+                    kl_target=4.0, loop_args=(args.rl_steps, args.rl_lr)),
     }
     for name, settings in runs.items():
         if name in args.skip:
@@ -223,8 +230,13 @@ def main() -> None:
               f"({after['perplexity'] / base['perplexity'] - 1:+.1%}), {after['mean_words']:.1f} words a reply; "
               f"{s['steps']} steps, {seconds:.0f} s", flush=True)
 
-    if "sums" not in args.skip:
-        figures["sums"] = sums(chat, out, args.seed, args.sums_sft_steps, args.sums_rl_steps)
+    finish(figures, None if "sums" in args.skip else sums(chat, out, args.seed, args.sums_sft_steps,
+                                                          args.sums_rl_steps), out, t_all, args)
+
+
+def finish(figures: dict, sums_figures: dict | None, out: Path, t_all: float, args) -> None:
+    if sums_figures is not None:
+        figures["sums"] = sums_figures
     figures["wall_seconds"] = round(time.perf_counter() - t_all)
     print(f"all in {figures['wall_seconds']} s", flush=True)
     if args.json:

@@ -687,6 +687,9 @@ class SpeedrunConfig:
     """Peak learning rate of fine-tuning."""
     heldout_questions: int = 120
     """Held-out questions answered before and after fine-tuning."""
+    align_minutes: float = 1.0
+    """Alignment budget (DPO): the assistant learns a preference for short replies from pairs of its own samples;
+    0 skips the stage."""
     seed: int = 0
     """Seed for everything."""
     force: bool = False
@@ -703,6 +706,8 @@ class SpeedrunConfig:
         for name in ("minutes", "sft_minutes"):
             if not getattr(self, name) > 0:
                 yield f"{name} must be positive, got {getattr(self, name)}"
+        if self.align_minutes < 0:
+            yield f"align_minutes must be 0 (no alignment) or more, got {self.align_minutes}"
 
 
 def from_dict(cls: type, d: dict[str, Any]) -> Any:
