@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from yunque.config import AlignConfig, LoopConfig, RewardConfig, SFTConfig, SpeedrunConfig
+from yunque.config import AlignConfig, LoopConfig, LoraConfig, RewardConfig, SFTConfig, SpeedrunConfig
 from yunque.data.sources import builtin_documents
 from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine
@@ -45,6 +45,7 @@ from yunque.train.align import reply_kl
 from yunque.train.reward import main as train_reward
 from yunque.train.scoring import load_reward_model
 from yunque.train.sft import main as sft
+from yunque.train.sft import merge
 
 MAX_NEW = MAX_REPLY
 """Longest reply sampled or evaluated."""
@@ -124,8 +125,10 @@ def main() -> None:
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--lora", action="store_true", help="align LoRA adapters (rank 8) instead of the whole model")
     p.add_argument("--sums-sft-steps", type=int, default=300)
-    p.add_argument("--sums-rl-steps", type=int, default=80)
+    p.add_argument("--sums-rl-steps", type=int, default=150)
+    p.add_argument("--sums-rl-lr", type=float, default=1e-4)
     p.add_argument("--skip", nargs="*", default=[], choices=["dpo", "grpo", "ppo", "sums"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here too")
@@ -172,7 +175,8 @@ def main() -> None:
     ordinary = [d.text for d in builtin_documents() if d.name.startswith("pydoc:")][::8][:40]
 
     if {"dpo", "grpo", "ppo"} <= set(args.skip):
-        return finish(figures, sums(chat, out, args.seed, args.sums_sft_steps, args.sums_rl_steps), out, t_all, args)
+        return finish(figures, sums(chat, out, args.seed, args.sums_sft_steps, args.sums_rl_steps, args.sums_rl_lr),
+                      out, t_all, args)
 
     # ---- the preference, from the SFT model's own samples ----
     samples, seconds = timed(replies, reference, tok, fmt, train_q, temperature=1.0, seed=1000, n=6)
@@ -221,7 +225,11 @@ def main() -> None:
         steps, lr = settings.pop("loop_args")
         run_dir = out / name
         s, seconds = timed(align, AlignConfig(model=str(chat), out=str(run_dir), force=True, val_fraction=0.05,
-                                              seed=args.seed, loop=loop(run_dir, steps, lr), **settings))
+                                              seed=args.seed, loop=loop(run_dir, steps, lr),
+                                              lora=LoraConfig(rank=8, alpha=16) if args.lora else None, **settings))
+        if args.lora:  # the adapter folded into the model, to evaluate it as an ordinary model dir
+            merge(chat, run_dir, out / f"{name}-merged", force=True)
+            run_dir = out / f"{name}-merged"
         after = evaluate(run_dir, reference, tok, fmt, held_q, ordinary, rule, rm)
         figures[name] = {**after, "steps": s["steps"], "seconds": round(seconds)}
         print(f"{name}: rule {base['rule']:.0%} -> {after['rule']:.0%}, RM score {base['rm_score']:+.3f} -> "
@@ -231,7 +239,7 @@ def main() -> None:
               f"{s['steps']} steps, {seconds:.0f} s", flush=True)
 
     finish(figures, None if "sums" in args.skip else sums(chat, out, args.seed, args.sums_sft_steps,
-                                                          args.sums_rl_steps), out, t_all, args)
+                                                          args.sums_rl_steps, args.sums_rl_lr), out, t_all, args)
 
 
 def finish(figures: dict, sums_figures: dict | None, out: Path, t_all: float, args) -> None:
@@ -244,7 +252,7 @@ def finish(figures: dict, sums_figures: dict | None, out: Path, t_all: float, ar
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
-def sums(chat: Path, out: Path, seed: int, sft_steps: int, rl_steps: int) -> dict:
+def sums(chat: Path, out: Path, seed: int, sft_steps: int, rl_steps: int, rl_lr: float) -> dict:
     """A verifiable reward: fine-tune on sums of two 2-digit numbers, then GRPO with reward 1 for the right sum."""
     rng = random.Random(seed)
     problems = {(a, b) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(3000))}
@@ -286,8 +294,8 @@ def sums(chat: Path, out: Path, seed: int, sft_steps: int, rl_steps: int) -> dic
         s, t_rl = timed(align, AlignConfig(model=str(sft_dir.resolve()), data=(str(rl_path.resolve()),),
                                            out=str(grpo_dir.resolve()), method="grpo",
                                            reward_fn="sum_rewards:correct", group_size=8, prompts_per_rollout=8,
-                                           max_new_tokens=6, kl_coef=0.02, temperature=1.0, force=True,
-                                           val_fraction=0.05, loop=loop(grpo_dir.resolve(), rl_steps, 2e-4)))
+                                           max_new_tokens=6, kl_coef=0.02, temperature=0.7, force=True,
+                                           val_fraction=0.05, loop=loop(grpo_dir.resolve(), rl_steps, rl_lr)))
     finally:
         os.chdir(cwd)
     after = accuracy(grpo_dir)
