@@ -12,8 +12,8 @@ from yunque.speedrun import LOW_MFU, main, warnings
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("speedrun")
-    r = main(SpeedrunConfig(out=str(out), minutes=0.1, sft_minutes=0.1, vocab_size=512, heldout_questions=8,
-                            eval_tokens=16384, progress=False))
+    r = main(SpeedrunConfig(out=str(out), minutes=0.1, sft_minutes=0.1, align_minutes=0.1, vocab_size=512,
+                            heldout_questions=8, eval_tokens=16384, progress=False))
     return out, r
 
 
@@ -28,6 +28,13 @@ def test_the_report_tells_a_bad_run_from_a_good_one(report):
     for side in ("before", "after"):
         assert {"format_rate", "repetition_rate", "empty_rate", "mean_f1"} <= r["sft"][side].keys()
     assert "repeat themselves" in md
+    al = r["align"]  # the alignment stage: its pairs, and the held-out figures before and after
+    pairs = (out / "align_data" / "pairs.jsonl").read_text().splitlines()
+    assert al["steps"] > 0 and al["rule"].startswith("1 to ") and al["pairs"] == len(pairs)
+    for side in ("before", "after"):
+        assert 0 <= al[side]["rule"] <= 1 and al[side]["perplexity"] > 1 and al[side]["kl"] >= 0
+    assert al["before"]["kl"] < 1e-4 and "## Alignment: a preference stated only by pairs" in md
+    assert (out / "aligned" / "model.safetensors").is_file()
 
 
 def test_the_plot_and_the_table_show_the_same_validation_figure(report):

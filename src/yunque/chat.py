@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from yunque.engine.engine import Engine, SamplingParams
+from yunque.feedback import append, prefer, rate
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import Tokenizer
@@ -106,17 +107,40 @@ class ChatSession:
         if self.params.seed is not None:  # a new seed per reply, still reproducible for the whole session
             self.params = replace(self.params, seed=self.params.seed + 1)
 
+    def last_exchange(self) -> tuple[list[dict[str, str]], str] | None:
+        """(the conversation the last reply answers, that reply), or None before the first reply."""
+        if not self.turns or self.turns[-1]["role"] != "assistant":
+            return None
+        return self._head() + self.turns[:-1], self.turns[-1]["content"]
+
+    def another_reply(self) -> Iterator[str]:
+        """A second reply to the last user message, streamed; the history keeps the first until `replace_reply`."""
+        if self.last_exchange() is None:
+            raise ValueError("there is no reply yet to compare with; send a message first")
+        ids, _, _ = self._fit(self.turns[:-1])
+        yield from self.engine.stream(ids, self.params)
+        if self.params.seed is not None:
+            self.params = replace(self.params, seed=self.params.seed + 1)
+
+    def replace_reply(self, text: str) -> None:
+        """Make `text` the last reply of the history (the one a person preferred)."""
+        if self.last_exchange() is not None:
+            self.turns[-1] = {"role": "assistant", "content": text}
+
     def save(self, path: str | Path) -> None:
         """Write the conversation as one jsonl record ({"messages": [...]}), the format `yunque sft` reads."""
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"messages": self.messages}, ensure_ascii=False) + "\n")
 
 
-def run_terminal_chat(session: ChatSession, read_line, write) -> None:
+def run_terminal_chat(session: ChatSession, read_line, write, *, model: str = "model",
+                      feedback: Path | None = None) -> None:
     """The `yunque chat` loop: read a line, handle /commands, stream the reply. `read_line()` returns None at the
-    end of input; works the same on a terminal and on piped input."""
+    end of input; works the same on a terminal and on piped input. /good, /bad and /prefer write feedback records
+    (yunque/feedback.py) for `model` under `feedback` (default: $YUNQUE_HOME/feedback)."""
     write("chat: /reset clears the history, /system TEXT sets the system prompt, /save FILE appends the "
-          "conversation as jsonl, /exit quits\n")
+          "conversation as jsonl, /good or /bad rates the last reply, /prefer shows another reply and asks which "
+          "is better, /exit quits\n")
     while True:
         line = read_line()
         if line is None:
@@ -135,6 +159,9 @@ def run_terminal_chat(session: ChatSession, read_line, write) -> None:
             session.system = arg.strip() or None
             write(f"(system prompt {'set' if session.system else 'removed'})\n")
             continue
+        if command in ("/good", "/bad", "/prefer"):
+            _feedback(session, command, read_line, write, model, feedback)
+            continue
         if command == "/save":
             if not arg.strip():
                 write("(usage: /save FILE)\n")
@@ -152,6 +179,41 @@ def run_terminal_chat(session: ChatSession, read_line, write) -> None:
             write("\n")
         except ValueError as e:
             write(f"(error: {e})\n")
+
+
+def _feedback(session: ChatSession, command: str, read_line, write, model: str, directory: Path | None) -> None:
+    """/good, /bad: rate the last reply; /prefer: stream a second reply, ask which is better, record the pair."""
+    last = session.last_exchange()
+    if last is None:
+        write("(no reply yet: send a message first)\n")
+        return
+    messages, reply = last
+    if command != "/prefer":
+        path = append(rate(model, messages, reply, 1 if command == "/good" else -1), directory)
+        write(f"(rated the last reply {command[1:]}: {path})\n")
+        return
+    write("second reply: ")
+    pieces = []
+    try:
+        for piece in session.another_reply():
+            pieces.append(piece)
+            write(piece)
+    except ValueError as e:
+        write(f"\n(error: {e})\n")
+        return
+    other = "".join(pieces)
+    write("\nwhich is better, 1 (the first) or 2 (the second)? ")
+    answer = (read_line() or "").strip()
+    if answer not in ("1", "2"):
+        write("(no preference saved)\n")
+        return
+    chosen, rejected = (reply, other) if answer == "1" else (other, reply)
+    if chosen == rejected:
+        write("(the two replies are the same: no preference saved)\n")
+        return
+    path = append(prefer(model, messages, chosen, rejected), directory)
+    session.replace_reply(chosen)
+    write(f"(saved: reply {answer} preferred, {path})\n")
 
 
 __all__ = ["ChatSession", "load_chat_model", "run_terminal_chat"]

@@ -489,6 +489,149 @@ def sft_loop(lora: bool) -> LoopConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """An alignment run: DPO (or IPO) on preference pairs, or GRPO/PPO on prompts against a reward."""
+
+    model: str
+    """The model to align (a fine-tuned chat model dir); it is also the frozen reference."""
+    data: tuple[str, ...]
+    """DPO: preference pairs (jsonl, HH-RLHF files, feedback dirs); GRPO/PPO: prompts from any of those or any chat
+    data (assistant replies are ignored). See `yunque.data.preferences`."""
+    out: str
+    """Directory to create: the aligned model dir, or with `lora` the adapter dir."""
+    method: Literal["dpo", "grpo", "ppo"] = "dpo"
+    """dpo: learn from preference pairs directly; grpo: k samples a prompt, rewards relative to their group;
+    ppo: a value head, GAE and the clipped objective."""
+    loss: Literal["dpo", "ipo"] = "dpo"
+    """DPO's loss: dpo (the logistic loss of Rafailov et al. 2023) or ipo (Azar et al. 2023, on per-token mean
+    log-probabilities)."""
+    reward: str | None = None
+    """GRPO/PPO: a reward model dir (`yunque reward train`)."""
+    reward_fn: str | None = None
+    """GRPO/PPO: module:function, f(prompt: str, completion: str) -> float, imported from the working directory
+    (prompt is the last user message)."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters on a frozen base instead of every weight."""
+    beta: float = 0.1
+    """DPO: strength of the leash to the reference (larger: stay closer)."""
+    kl_coef: float = 0.05
+    """GRPO/PPO: weight of the per-token KL penalty to the reference."""
+    kl_target: float | None = None
+    """PPO: adapt kl_coef so the KL per reply approaches this many nats (Ziegler et al. 2019); None keeps it fixed."""
+    group_size: int = 8
+    """GRPO: samples per prompt (k). PPO: samples per prompt too (1 is plain PPO)."""
+    prompts_per_rollout: int = 4
+    """Prompts sampled at each rollout; a rollout holds prompts_per_rollout * group_size replies."""
+    max_new_tokens: int = 48
+    """Longest reply sampled in a rollout."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts."""
+    epochs: int = 1
+    """GRPO/PPO: passes over each rollout."""
+    minibatches: int = 1
+    """GRPO/PPO: optimizer steps per pass over a rollout (its replies split evenly)."""
+    clip: float = 0.2
+    """GRPO/PPO: clipping range of the probability ratio (and of PPO's value change)."""
+    gamma: float = 1.0
+    """PPO: discount."""
+    lam: float = 0.95
+    """PPO: GAE's lambda."""
+    value_coef: float = 0.5
+    """PPO: weight of the value loss."""
+    batch_size: int = 8
+    """DPO: pairs per micro-batch."""
+    max_seq_len: int | None = None
+    """Longest conversation trained on, in tokens; None means the model's context."""
+    val_fraction: float = 0.1
+    """Share of pairs (DPO) or prompts (GRPO/PPO) held out."""
+    eval_batches: int | None = 20
+    """DPO: held-out batches per evaluation; None for all."""
+    seed: int = 0
+    """Seed for the split, batch order, rollouts and adapters."""
+    force: bool = False
+    """Replace what --out holds instead of refusing to touch it."""
+    loop: LoopConfig | None = None
+    """Optimizer, schedule, budget; None means `align_loop(method, lora)`. Its out_dir is set to `out`."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        for name in ("batch_size", "group_size", "prompts_per_rollout", "max_new_tokens", "epochs", "minibatches"):
+            if getattr(self, name) < 1:
+                yield f"{name} must be at least 1, got {getattr(self, name)}"
+        for name in ("beta", "clip"):
+            if not getattr(self, name) > 0:
+                yield f"{name} must be positive, got {getattr(self, name)}"
+        if self.kl_coef < 0 or self.value_coef < 0 or self.temperature <= 0:
+            yield (f"kl_coef and value_coef must be 0 or more and temperature positive, got kl_coef={self.kl_coef}, "
+                   f"value_coef={self.value_coef}, temperature={self.temperature}")
+        if not 0 <= self.val_fraction < 1:
+            yield f"val_fraction must be at least 0 and below 1, got {self.val_fraction}"
+        if self.method == "dpo" and (self.reward or self.reward_fn):
+            yield "DPO learns from preference pairs, not from a reward; drop --reward/--reward-fn or use grpo/ppo"
+        if self.method != "dpo" and bool(self.reward) == bool(self.reward_fn):
+            yield (f"{self.method} needs one reward: --reward RM_DIR (a reward model) or --reward-fn module:function"
+                   + (", not both" if self.reward else ""))
+        if (self.prompts_per_rollout * self.group_size) % self.minibatches:
+            yield (f"a rollout of {self.prompts_per_rollout * self.group_size} replies does not split into "
+                   f"{self.minibatches} equal minibatches; change --minibatches")
+
+
+ALIGN_LOOP = LoopConfig(max_steps=200, lr=5e-6, warmup_steps=10, weight_decay=0.0, eval_every=50, grad_clip=1.0,
+                        compile="off")
+"""Alignment's schedule: short and gentle (a few hundred steps near the SFT model). Not compiled: rollouts and
+pairs come in many lengths."""
+
+
+def align_loop(method: str, lora: bool) -> LoopConfig:
+    """The default loop of an alignment run: ALIGN_LOOP, with a learning rate for the method and for adapters."""
+    lr = {"dpo": 5e-6, "grpo": 1e-5, "ppo": 1e-5}[method] * (100 if lora else 1)
+    return dataclasses.replace(ALIGN_LOOP, lr=lr)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """A reward model: a chat model's backbone and a scalar head on the last token, trained on preference pairs."""
+
+    model: str
+    """The backbone: a chat model dir (usually the SFT model the policy starts from)."""
+    data: tuple[str, ...]
+    """Preference pairs (jsonl, HH-RLHF files, feedback dirs)."""
+    out: str
+    """The reward model dir to create: the backbone (or its adapter with `lora`) and heads.safetensors."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters on a frozen backbone (the head always trains)."""
+    batch_size: int = 8
+    """Pairs per micro-batch."""
+    max_seq_len: int | None = None
+    """Longest conversation trained on, in tokens; None means the model's context."""
+    val_fraction: float = 0.1
+    """Share of pairs held out for the pairwise accuracy."""
+    eval_batches: int | None = None
+    """Held-out batches per evaluation; None for all."""
+    seed: int = 0
+    """Seed for the split, the batch order and the head's initialisation."""
+    force: bool = False
+    """Replace what --out holds instead of refusing to touch it."""
+    loop: LoopConfig | None = None
+    """Optimizer, schedule, budget; None means REWARD_LOOP (lr 1e-3 with LoRA). Its out_dir is set to `out`."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.batch_size < 1:
+            yield f"batch_size must be at least 1, got {self.batch_size}"
+        if not 0 <= self.val_fraction < 1:
+            yield f"val_fraction must be at least 0 and below 1, got {self.val_fraction}"
+
+
+REWARD_LOOP = LoopConfig(max_steps=300, lr=1e-4, warmup_steps=20, weight_decay=0.0, eval_every=100, compile="off")
+"""A reward model's schedule: a short fine-tune of the backbone with its new head."""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to generate: length, randomness and stop conditions of one request."""
 
@@ -594,6 +737,9 @@ class SpeedrunConfig:
     """Peak learning rate of fine-tuning."""
     heldout_questions: int = 120
     """Held-out questions answered before and after fine-tuning."""
+    align_minutes: float = 1.0
+    """Alignment budget (DPO): the assistant learns a preference for short replies from pairs of its own samples;
+    0 skips the stage."""
     seed: int = 0
     """Seed for everything."""
     force: bool = False
@@ -610,6 +756,8 @@ class SpeedrunConfig:
         for name in ("minutes", "sft_minutes"):
             if not getattr(self, name) > 0:
                 yield f"{name} must be positive, got {getattr(self, name)}"
+        if self.align_minutes < 0:
+            yield f"align_minutes must be 0 (no alignment) or more, got {self.align_minutes}"
 
 
 @dataclass(frozen=True)
@@ -747,4 +895,5 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json", "LoopConfig", "PretrainConfig",
            "LoraConfig", "SFTConfig", "SamplingParams", "SchedulerConfig", "ServeConfig", "SpeedrunConfig",
-           "EvalConfig", "from_dict", "to_dict", "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop"]
+           "EvalConfig", "from_dict", "to_dict", "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop", "AlignConfig",
+           "ALIGN_LOOP", "align_loop", "RewardConfig", "REWARD_LOOP"]

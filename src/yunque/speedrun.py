@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import json
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from yunque.config import LoopConfig, PretrainConfig, SFTConfig, SpeedrunConfig
+from yunque.config import AlignConfig, LoopConfig, PretrainConfig, SFTConfig, SpeedrunConfig
 from yunque.data.chat_data import ChatBatches, Conversation
 from yunque.data.loaders import TokenWindows
 from yunque.data.shards import load_manifest, open_split
+from yunque.data.sources import builtin_documents
 from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine, SamplingParams
-from yunque.eval.perplexity import bits_per_byte, unigram_loss
+from yunque.eval.perplexity import bits_per_byte, text_perplexity, unigram_loss
 from yunque.eval.qa import answer_questions
 from yunque.modeldir import load_model
 from yunque.precision import DTYPES, matmul_gflops
 from yunque.tokenizer.chat import ChatFormat
+from yunque.train.align import main as align
+from yunque.train.align import reply_kl, sample_replies
 from yunque.train.pretrain import main as pretrain
 from yunque.train.sft import assistant_loss
 from yunque.train.sft import main as sft
@@ -60,6 +64,7 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
     params = SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed)
     samples = [{"prompt": p, "completion": engine.complete(p, params)} for p in SAMPLE_PROMPTS]
     assistant = fine_tune(cfg, out, model, tok)
+    aligned = align_short_replies(cfg, out) if cfg.align_minutes > 0 else None
     tokens_per_sec = summary["tokens_seen"] / max(summary["wall_seconds"], 1e-9)
     flops = model.cfg.flops_per_token(cfg.seq_len)
     peak = matmul_gflops(DTYPES[summary["precision"]])
@@ -91,6 +96,7 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
         "machine": f"{cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "samples": samples,
         "sft": assistant,
+        "align": aligned,
     }
     report["bpb_ratio_to_unigram"] = report["val_bits_per_byte"] / report["unigram_bits_per_byte"]
     report["warnings"] = warnings(report)
@@ -160,6 +166,106 @@ def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 1), "before": before, "after": after}
 
 
+ALIGN_QUESTIONS = 240
+"""Training questions whose sampled replies make the alignment stage's pairs."""
+SAMPLES = 6
+"""Replies sampled per question for the pairs."""
+MAX_REPLY = 48
+"""Longest reply sampled or evaluated in the alignment stage."""
+MIN_PAIRS = 16
+"""Fewer pairs than this make no alignment stage (the report says why)."""
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def sample_texts(model, tok, fmt: ChatFormat, questions: list[str], *, temperature: float, seed: int,
+                 n: int = 1, max_new_tokens: int = MAX_REPLY) -> list[str]:
+    """n replies to each question (question-major), through the engine in batches of 32; row i seeded seed + i."""
+    engine = Engine(model, tok)
+    engine.stop_ids |= fmt.stop_ids
+    prompts = [fmt.prompt([{"role": "user", "content": q}]) for q in questions for _ in range(n)]
+    texts: list[str] = []
+    for start in range(0, len(prompts), 32):
+        chunk = prompts[start:start + 32]
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + start + i)
+                  for i in range(len(chunk))]
+        texts += [text for _, text, _ in sample_replies(engine, fmt, chunk, params)]
+    return texts
+
+
+def short_reply_pairs(questions: list[str], samples: list[str], n: int, *, seed: int,
+                      share: float = 0.15) -> tuple[int, float, list[dict]]:
+    """A preference the model does not have, stated only by pairs of its own replies: (limit, the share of its
+    samples already that short, pairs). The rule is "1 to limit-1 words"; limit is 20, or less if more than
+    `share` of the samples already satisfy it. A pair is a question with one short and one long sampled reply."""
+    counts = [words(s) for s in samples]
+    shares = {k: sum(0 < c < k for c in counts) / len(counts) for k in range(2, 41)}
+    limit = 20 if shares[20] <= share else max((k for k, v in shares.items() if v <= share), default=2)
+    rng = random.Random(seed)
+    pairs = []
+    for i, q in enumerate(questions):
+        mine = samples[n * i:n * i + n]
+        short = [s for s in mine if 0 < words(s) < limit]
+        long = [s for s in mine if not 0 < words(s) < limit]
+        if short and long:
+            pairs.append({"prompt": q, "chosen": rng.choice(short), "rejected": rng.choice(long)})
+    return limit, shares[limit], pairs
+
+
+def align_short_replies(cfg: SpeedrunConfig, out: Path) -> dict[str, Any]:
+    """DPO on the assistant: pairs of its own sampled replies prefer the short one; on held-out questions, the share
+    of (greedy) replies that short, the KL to the fine-tuned model and the perplexity of ordinary text, before and
+    after."""
+    t0 = time.perf_counter()
+    chat = out / "chat"
+    model, tok = load_model(chat)
+    model.float()
+    fmt = ChatFormat.of(chat, tok)
+    train_qa, held = split_heldout(stdlib_qa(), 0.1, seed=cfg.seed)
+    rng = random.Random(cfg.seed)
+    questions = [c["messages"][0]["content"] for c in rng.sample(train_qa, min(ALIGN_QUESTIONS, len(train_qa)))]
+    held_q = [c["messages"][0]["content"] for c in held[:cfg.heldout_questions]]
+    ordinary = [d.text for d in builtin_documents() if d.name.startswith("pydoc:")][::8][:40]
+    samples = sample_texts(model, tok, fmt, questions, temperature=1.0, seed=cfg.seed + 1000, n=SAMPLES)
+    limit, share, pairs = short_reply_pairs(questions, samples, SAMPLES, seed=cfg.seed)
+    if len(pairs) < MIN_PAIRS:
+        return {"skipped": f"only {len(pairs)} of {len(questions)} questions had both a short and a long sampled "
+                           f"reply (at least {MIN_PAIRS} needed): the assistant's replies barely vary in length"}
+    data = out / "align_data"
+    data.mkdir(exist_ok=True)
+    path = data / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pairs), encoding="utf-8")
+
+    def measure(m) -> dict[str, Any]:
+        texts = sample_texts(m, tok, fmt, held_q, temperature=0.0, seed=0)
+        engine = Engine(m, tok)
+        engine.stop_ids |= fmt.stop_ids
+        prompts = [fmt.prompt([{"role": "user", "content": q}]) for q in held_q]
+        return {"rule": sum(0 < words(t) < limit for t in texts) / len(texts),
+                "mean_words": sum(map(words, texts)) / len(texts),
+                "kl": reply_kl(m, model, engine, fmt, prompts, max_new_tokens=MAX_REPLY, seq_len=cfg.seq_len),
+                "perplexity": text_perplexity(m, tok, ordinary)["perplexity"],
+                "examples": [{"question": q, "reply": t} for q, t in zip(held_q[:4], texts)]}
+
+    before = measure(model)
+    loop = LoopConfig(minutes=cfg.align_minutes, lr=ALIGN_LR, warmup_steps=10, weight_decay=0.0, eval_every=0,
+                      progress=cfg.progress)
+    summary = align(AlignConfig(model=str(chat), data=(str(path),), out=str(out / "aligned"), method="dpo",
+                                beta=0.1, batch_size=8, val_fraction=0.1, seed=cfg.seed, loop=loop))
+    aligned, _ = load_model(out / "aligned")
+    after = measure(aligned.float())
+    return {"rule": f"1 to {limit - 1} words", "sampled_share": share, "pairs": len(pairs),
+            "steps": summary["steps"], "seconds": round(time.perf_counter() - t0, 1),
+            "reward_accuracy": (summary.get("after") or {}).get("reward_accuracy"), "before": before,
+            "after": after}
+
+
+ALIGN_LR = 5e-5
+"""DPO's learning rate on the speedrun's whole (small) model."""
+
+
 def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
     m = r["model"]
     lines = [
@@ -225,9 +331,37 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
     for e in a["examples"]:
         lines.append(f"| {cell(e['question'])} | {cell(e['reply'])} | {cell(e['reference'])} |")
     lines.append("")
+    al = r.get("align")
+    if al and "skipped" in al:
+        lines += ["## Alignment", "", f"Skipped: {al['skipped']}.", ""]
+    elif al:
+        b, a = al["before"], al["after"]
+        lines += [
+            "## Alignment: a preference stated only by pairs",
+            "",
+            f"The assistant does not prefer short replies: {al['sampled_share']:.0%} of its sampled replies to "
+            f"training questions have {al['rule']}. {al['pairs']} pairs of its own replies (a short one chosen, a "
+            f"long one rejected) taught it by DPO ({al['steps']} steps, {al['seconds']:.0f} s with sampling and "
+            f"evaluation). On the held-out questions, greedy decoding:",
+            "",
+            "| held-out figure | before | after |",
+            "|---|---|---|",
+            f"| replies of {al['rule']} | {b['rule']:.0%} | {a['rule']:.0%} |",
+            f"| mean words a reply | {b['mean_words']:.1f} | {a['mean_words']:.1f} |",
+            f"| KL to the fine-tuned model (nats per sampled reply) | {b['kl']:.2f} | {a['kl']:.2f} |",
+            f"| perplexity of ordinary text (pydoc topics) | {b['perplexity']:.2f} | {a['perplexity']:.2f} |",
+            "",
+            "| question | reply after alignment |",
+            "|---|---|",
+            *[f"| {cell(e['question'])} | {cell(e['reply'])} |" for e in a["examples"]],
+            "",
+            "The aligned model is in `aligned/`.",
+            "",
+        ]
     lines += ["The fine-tuned model is in `chat/`: `yunque chat DIR/chat`.", "",
               "Reproduce: `yunque speedrun --out DIR --minutes "
-              f"{cfg.minutes:g} --seed {cfg.seed}`."]
+              f"{cfg.minutes:g} --sft-minutes {cfg.sft_minutes:g} --align-minutes {cfg.align_minutes:g} "
+              f"--seed {cfg.seed}`."]
     return "\n".join(lines) + "\n"
 
 

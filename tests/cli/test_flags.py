@@ -9,10 +9,11 @@ import pytest
 from yunque.cli import build_parser
 from yunque.cli.flags import add_fields, field_docs, given
 from yunque.cli.generate import CLI_SAMPLING
-from yunque.config import SFT_LOOP, LoopConfig, ModelConfig, SamplingParams
+from yunque.config import ALIGN_LOOP, REWARD_LOOP, SFT_LOOP, LoopConfig, ModelConfig, SamplingParams
 
 STAGE_DEFAULTS = {("sft", LoopConfig): SFT_LOOP, ("generate", SamplingParams): CLI_SAMPLING,
-                  ("chat", SamplingParams): CLI_SAMPLING}
+                  ("chat", SamplingParams): CLI_SAMPLING, ("align", LoopConfig): ALIGN_LOOP,
+                  ("reward train", LoopConfig): REWARD_LOOP}
 """Commands whose defaults come from a stage's own instance rather than the class (fine-tuning's schedule, the
 command line's sampling)."""
 
@@ -53,7 +54,8 @@ def test_every_parser_default_is_its_dataclass_default(name, parser):
             expected = None  # a required field (sft's --data): no default to copy
         assert action.default == expected, (name, action.dest)
         checked += 1
-    assert checked or name in ("tokenizer", "merge", "info", "import", "export", "pull", "models", "rm", "perplexity")
+    assert checked or name in ("tokenizer", "merge", "info", "import", "export", "pull", "models", "rm", "perplexity",
+                               "reward", "reward score")
 
 
 @pytest.mark.parametrize("name, parser", list(commands()), ids=lambda x: x if isinstance(x, str) else "")

@@ -6,6 +6,7 @@
     speedrun.py  speedrun
     eval.py      eval
     serve.py     serve
+    align.py     align, reward train, reward score
 
 Flags, defaults and help come from the config dataclasses (cli/flags.py). Errors a user can fix (bad paths, bad
 flags, corrupt files) print one line and exit non-zero; a mistyped command or flag gets a suggestion.
@@ -16,11 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from yunque.cli import align, generate, models, serve, speedrun, train
 from yunque.cli import eval as evaluate
-from yunque.cli import generate, models, serve, speedrun, train
 from yunque.cli.common import Parser
 
-GROUPS = (train, generate, models, evaluate, serve, speedrun)
+GROUPS = (train, align, generate, models, evaluate, serve, speedrun)
 """Command modules, in the order `yunque --help` lists their commands."""
 
 

@@ -29,7 +29,10 @@ def register(sub) -> None:
 
     chat = command(sub, "chat", cmd_chat, help="talk to a chat model in the terminal",
                    description="Multi-turn chat with streamed replies. Commands: /reset, /system TEXT, /save FILE, "
-                               "/exit. Reads piped input too (one message per line).",
+                               "/good and /bad (rate the last reply), /prefer (see a second reply and say which is "
+                               "better), /exit. Ratings and preferences go to $YUNQUE_HOME/feedback/, where "
+                               "`yunque align --method dpo --data $YUNQUE_HOME/feedback` learns from them. Reads "
+                               "piped input too (one message per line).",
                    examples="  yunque chat runs/speedrun/chat\n"
                             "  yunque chat runs/speedrun --adapter runs/lora --temperature 0\n"
                             "  echo 'What does json.dumps do?' | yunque chat runs/speedrun/chat\n")
@@ -131,7 +134,7 @@ def cmd_chat(args) -> int:
 
     from yunque.chat import run_terminal_chat
 
-    run_terminal_chat(session, read_line, write)
+    run_terminal_chat(session, read_line, write, model=args.model)
     return 0
 
 

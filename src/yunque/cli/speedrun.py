@@ -8,8 +8,8 @@ from yunque.cli.common import command
 from yunque.cli.flags import add_fields, values
 from yunque.config import SpeedrunConfig
 
-SPEEDRUN_FLAGS = ["out", "minutes", "sft_minutes", "preset", "vocab_size", "seq_len", "batch_size", "lr",
-                  "sft_lr", "eval_tokens", "heldout_questions", "seed", "force", "progress"]
+SPEEDRUN_FLAGS = ["out", "minutes", "sft_minutes", "align_minutes", "preset", "vocab_size", "seq_len", "batch_size",
+                  "lr", "sft_lr", "eval_tokens", "heldout_questions", "seed", "force", "progress"]
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
                              "documentation (no network needed), fine-tune it into an assistant that answers "
                              "questions about the standard library, then write report.md and report.json.",
                  examples="  yunque speedrun                          # about ten minutes on two CPU cores\n"
-                          "  yunque speedrun --minutes 1 --sft-minutes 0.5 --out runs/quick\n")
+                          "  yunque speedrun --minutes 1 --sft-minutes 0.5 --align-minutes 0.5 --out runs/quick\n")
     add_fields(sr, SpeedrunConfig, SPEEDRUN_FLAGS, metavars={"out": "DIR"})
 
 
@@ -28,7 +28,10 @@ def cmd_speedrun(args) -> int:
 
     r = main(SpeedrunConfig(**values(args, SPEEDRUN_FLAGS)))
     b, a = r["sft"]["before"], r["sft"]["after"]
+    aligned = r.get("align")
+    short = (f"; aligned: short replies {aligned['before']['rule']:.0%} -> {aligned['after']['rule']:.0%}"
+             if aligned and "skipped" not in aligned else "")
     print(f"validation {r['val_bits_per_byte']:.3f} bits/byte vs unigram {r['unigram_bits_per_byte']:.3f}; "
           f"assistant: format {b['format_rate']:.0%} -> {a['format_rate']:.0%}, F1 {b['mean_f1']:.2f} -> "
-          f"{a['mean_f1']:.2f}; {r['wall_seconds']:.0f}s in all; report: {Path(args.out) / 'report.md'}")
+          f"{a['mean_f1']:.2f}{short}; {r['wall_seconds']:.0f}s in all; report: {Path(args.out) / 'report.md'}")
     return 0

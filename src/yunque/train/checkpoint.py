@@ -11,6 +11,9 @@ rest is not saved; it comes back from where the model was loaded (the base model
 A distributed run (train/distributed.py) writes its checkpoints sharded under checkpoint/step-N/ and commits each
 with the same pair: train_state.pt naming that dir (`SHARDED`) and the gathered full weights. `load_checkpoint`
 reads both kinds, so one process continues a run that many began; a one-file save removes older shards.
+
+A model trained with scalar heads (model/heads.WithHeads: a reward model, PPO's value) saves its GPT as above and
+its heads in heads.safetensors, written and renamed with the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 
 from yunque.atomic import atomic_write_all, recover
 from yunque.model.gpt import GPT
+from yunque.model.heads import HEADS, WithHeads
 from yunque.model.lora import ADAPTER_WEIGHTS
 from yunque.modeldir import WEIGHTS, load_state, load_weights, write_weights
 
@@ -46,11 +50,16 @@ def save_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
     metadata = {"step": str(step)}
     if (extra or {}).get("max_steps") is not None:
         metadata["max_steps"] = str(extra["max_steps"])
+    files = [(out_dir / STATE, lambda p: torch.save(state, p))]
+    if isinstance(model, WithHeads):
+        heads = {k: v.detach().contiguous() for k, v in model.heads.state_dict().items()}
+        files.append((out_dir / HEADS, lambda p: save_file(heads, str(p), metadata=metadata)))
+        model = model.model
     if trainable_only:
-        weights = (out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata))
+        files.append((out_dir / TRAINABLE, lambda p: save_file(trainable_weights(model), str(p), metadata=metadata)))
     else:
-        weights = (out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata))
-    atomic_write_all([(out_dir / STATE, lambda p: torch.save(state, p)), weights])
+        files.append((out_dir / WEIGHTS, lambda p: write_weights(p, model, metadata=metadata)))
+    atomic_write_all(files)
     shutil.rmtree(out_dir / SHARDS, ignore_errors=True)  # a distributed run's shards, older than this checkpoint
 
 
@@ -76,6 +85,13 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
 
         load_sharded(Path(out_dir) / state[SHARDED], model, optimizer, rank=0)
         return state
+    if isinstance(model, WithHeads):
+        heads, head_meta = _read(Path(out_dir) / HEADS)
+        if head_meta.get("step") != str(state["step"]):
+            raise ValueError(f"{out_dir}: {HEADS} is from step {head_meta.get('step')} but {STATE} from step "
+                             f"{state['step']} (a save was interrupted); start a new run")
+        model.heads.load_state_dict(heads)
+        model = model.model
     weights = read_weights(out_dir, state, trainable_only=trainable_only)
     weights = {k: v.to(next(model.parameters()).device) for k, v in weights.items()}
     if trainable_only:
@@ -115,6 +131,12 @@ def _load_trainable(out_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     path = Path(out_dir) / TRAINABLE
     if not path.is_file():
         raise ValueError(f"{path}: missing; the checkpoint holds no trainable weights (was it made without LoRA?)")
+    return _read(path)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the checkpoint is incomplete, start a new run")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

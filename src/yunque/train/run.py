@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from yunque.atomic import atomic_write_text, recover
+from yunque.atomic import atomic_write, atomic_write_text, recover
 from yunque.config import LoopConfig, from_dict, load_json, to_dict
-from yunque.modeldir import checkpoint_progress
+from yunque.model.lora import save_adapter_config
+from yunque.modeldir import checkpoint_progress, save_config
 from yunque.precision import autocast, resolve_precision
 from yunque.train.checkpoint import has_checkpoint
 from yunque.train.loop import LossFn, fit
@@ -145,6 +146,24 @@ def held_out(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], float
 
 
 # ---- the run dir ----
+
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
+"""Files of a base model dir carried over to a model trained from it: chat template, special tokens, generation
+defaults."""
+
+
+def start_model_dir(out: Path, base: str | Path, tokenizer: Any, model_cfg: Any, lora: Any = None) -> None:
+    """Make `out` a model dir (with the checkpoint's weights) or, with a LoraConfig, an adapter dir of `base`:
+    the tokenizer, the base's chat files, and config.json or adapter_config.json."""
+    tokenizer.save(out)
+    for name in CHAT_FILES:
+        if (Path(base) / name).is_file():
+            atomic_write(out / name, lambda p, src=Path(base) / name: shutil.copyfile(src, p))
+    if lora is None:
+        save_config(out, model_cfg)
+    else:
+        save_adapter_config(out, lora, base_model=str(Path(base).resolve()))
+
 
 @contextlib.contextmanager
 def claim(out: Path, *, resume: bool, force: bool, inputs: list[str] = ()) -> Iterator[bool]:
@@ -298,5 +317,5 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-__all__ = ["run_stage", "per_process_batch", "Prepared", "claim", "lock", "record", "restore", "held_out", "RUN",
-           "FROM_TODAY"]
+__all__ = ["run_stage", "per_process_batch", "Prepared", "start_model_dir", "CHAT_FILES", "claim", "lock", "record",
+           "restore", "held_out", "RUN", "FROM_TODAY"]

@@ -1,0 +1,133 @@
+"""Reward models: a chat model's backbone and a scalar head read at the reply's last token, trained on preference
+pairs with the Bradley-Terry loss (Ouyang et al. 2022, eq. 1).
+
+pairs -> PairBatches (whole sequences: chosen rows, then rejected) -> WithHeads(model, ("reward",)) -> the reward
+at each row's last token (its end of turn) -> bradley_terry_loss(chosen, rejected); the whole backbone or LoRA
+adapters train with the head. Held out: the share of pairs ranked right (pairwise accuracy; chance is 50%).
+
+The out dir is a model dir (or an adapter dir of the backbone, with LoRA) with heads.safetensors and reward.json:
+what `yunque reward score` and `yunque align --reward` load (train/scoring.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from yunque.atomic import atomic_write_text
+from yunque.config import REWARD_LOOP, LoopConfig, RewardConfig
+from yunque.data.preferences import PairBatches, fingerprint, left_out, load_pairs, split
+from yunque.losses import bradley_terry_loss
+from yunque.model.heads import WithHeads
+from yunque.model.lora import attach_lora
+from yunque.modeldir import load_model
+from yunque.tokenizer.chat import ChatFormat
+from yunque.train.run import Prepared, held_out, run_stage, start_model_dir
+from yunque.train.scoring import REWARD_INFO, reward_scores
+
+
+def main(cfg: RewardConfig) -> dict[str, Any]:
+    """Train a reward model; return the loop's summary with held-out pairwise accuracy before and after."""
+    if cfg.loop is None:
+        lr = 1e-3 if cfg.lora is not None else REWARD_LOOP.lr
+        cfg = dataclasses.replace(cfg, loop=dataclasses.replace(REWARD_LOOP, lr=lr))
+    kept: dict[str, Any] = {}
+
+    def prepare_and_measure(c: RewardConfig, loop: LoopConfig) -> Prepared:
+        run = prepare(c, loop, kept)
+        kept.update(model=run.model, loop=loop, out=Path(c.out))
+        if not loop.resume and kept["measure"] is not None:
+            kept["before"] = held_out(run.model, kept["measure"], loop)
+        return run
+
+    summary = run_stage("reward", cfg, prepare_and_measure, inputs=lambda c: [c.model, *c.data])
+    after = held_out(kept["model"], kept["measure"], kept["loop"]) if kept["measure"] is not None else {}
+    info_path = kept["out"] / REWARD_INFO
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    atomic_write_text(info_path, json.dumps({**info, "held_out": after, "steps": summary["steps"]}, indent=2) + "\n")
+    return {**summary, "before": kept.get("before"), "after": after}
+
+
+def prepare(cfg: RewardConfig, loop: LoopConfig, kept: dict[str, Any] | None = None) -> Prepared:
+    """The backbone with its reward head (adapters attached), pair batches, the Bradley-Terry loss and the held-out
+    evaluation; a fresh run also writes the out dir's tokenizer, config (or adapter config) and reward.json."""
+    model, tokenizer = load_model(cfg.model, device=loop.device)
+    fmt = ChatFormat.of(cfg.model, tokenizer)
+    if not fmt.is_chat:
+        raise ValueError(f"{cfg.model}: the model has no chat format; a reward model reads conversations, start "
+                         f"from a chat model (`yunque sft` makes one)")
+    seq_len = cfg.max_seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"max_seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "
+                         f"pass --max-seq-len {model.cfg.max_seq_len} or less")
+    skipped: list[str] = []
+    pairs = load_pairs(cfg.data, skipped)
+    if skipped:
+        print(left_out(skipped))
+    train_pairs, val_pairs = split(pairs, cfg.val_fraction, seed=cfg.seed)
+    train = PairBatches(fmt, train_pairs, max_seq_len=seq_len)
+    val = PairBatches(fmt, val_pairs, max_seq_len=seq_len) if val_pairs else None
+    print(f"training on {train.summary()}" + (f"; held out {val.summary()}" if val else ""))
+    model.float()
+    torch.manual_seed(cfg.seed)
+    layers = attach_lora(model, cfg.lora) if cfg.lora is not None else []
+    rm = WithHeads(model, ("reward",)).train()
+    B, device = cfg.batch_size, loop.device
+
+    def batches(i: int):
+        ids, last = train.collate_full(train.indices(B, seed=cfg.seed, step=i))
+        return ids.to(device), last.to(device)
+
+    def measure(m: WithHeads) -> dict[str, float]:
+        return pairwise_figures(m, val, B, device, max_batches=cfg.eval_batches)
+
+    if kept is not None:
+        kept["measure"] = measure if val else None
+    if not loop.resume:
+        out = Path(cfg.out)
+        start_model_dir(out, cfg.model, tokenizer, model.cfg, cfg.lora)
+        info = {"kind": "reward_model", "backbone": str(Path(cfg.model).resolve()), "lora": cfg.lora is not None,
+                "pairs": {"train": len(train), "val": len(val) if val else 0}}
+        atomic_write_text(out / REWARD_INFO, json.dumps(info, indent=2) + "\n")
+    info = {"parameters": sum(p.numel() for p in rm.parameters()),
+            "trainable_parameters": sum(p.numel() for p in rm.parameters() if p.requires_grad),
+            "lora_layers": len(layers), "pairs": {"train": len(train), "val": len(val) if val else 0}}
+    return Prepared(rm, batches, pair_loss, (lambda m: measure(m)["loss"]) if val else None,
+                    tokens_per_step=round(B * loop.grad_accum * train.mean_len), trainable_only=cfg.lora is not None,
+                    fingerprint=fingerprint(pairs), info=info)
+
+
+def pair_loss(model: WithHeads, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Bradley-Terry loss of a batch of whole sequences, chosen rows first."""
+    ids, last = batch
+    chosen, rejected = reward_scores(model, ids, last).chunk(2)
+    return bradley_terry_loss(chosen, rejected)
+
+
+@torch.no_grad()
+def pairwise_figures(model: WithHeads, pairs: PairBatches, batch_size: int, device: str, *,
+                     max_batches: int | None = None) -> dict[str, float]:
+    """Held-out Bradley-Terry loss, pairwise accuracy (ties count half) and mean reward margin."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for k, start in enumerate(range(0, len(pairs), batch_size)):
+        if max_batches is not None and k >= max_batches:
+            break
+        ids, last = pairs.collate_full(range(start, min(start + batch_size, len(pairs))))
+        c, r = reward_scores(model, ids.to(device), last.to(device)).chunk(2)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    model.train(was_training)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    margin = c - r
+    return {"loss": float(bradley_terry_loss(c, r)),
+            "accuracy": float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean()),
+            "margin": float(margin.mean()), "pairs": len(c)}
+
+
+__all__ = ["main", "prepare", "pair_loss", "pairwise_figures", "RewardConfig"]
