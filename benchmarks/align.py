@@ -38,7 +38,8 @@ from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine
 from yunque.eval.perplexity import text_perplexity
 from yunque.modeldir import load_model
-from yunque.speedrun import MAX_REPLY, cpu_name, sample_texts, short_reply_pairs, words
+from yunque.precision import cpu_description
+from yunque.speedrun import MAX_REPLY, sample_texts, short_reply_pairs, words
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.align import main as align
 from yunque.train.align import reply_kl
@@ -53,7 +54,7 @@ MAX_NEW = MAX_REPLY
 
 def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+    return (f"{cpu_description()}, {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads; load average {load:.1f} at start")
 
 

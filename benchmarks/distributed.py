@@ -29,23 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from yunque.precision import cpu_description
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def cpu() -> str:
-    try:
-        name, flags = "unknown CPU", set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-        wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-        return f"{name} ({', '.join(wanted)}), {os.cpu_count()} logical CPUs"
-    except OSError:
-        return "unknown CPU"
 
 
 def flags(args) -> list[str]:
@@ -130,7 +117,7 @@ def main() -> int:
 
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()[0]
-    print(f"CPU: {cpu()}; torch {torch.__version__}; load average {load_before:.1f} before starting")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; load average {load_before:.1f} before starting")
     print(f"flags: {' '.join(flags(args))} (OMP_NUM_THREADS=1 in every process)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

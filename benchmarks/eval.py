@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,25 +40,11 @@ from yunque.eval.task import load_task
 from yunque.interop.hf import export_hf
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model, save_model
+from yunque.precision import cpu_description
 from yunque.tokenizer.bpe import gpt2_tokenizer_from_files
 
 SHARED = ROOT.parent / "shared" / "data"
 MODEL = ModelConfig(vocab_size=50257, n_layer=6, n_head=6, d_model=384, max_seq_len=1024)
-
-
-def cpu() -> str:
-    name, wanted = platform.processor() or "unknown CPU", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-                break
-    except OSError:
-        pass
-    return f"{name} ({', '.join(wanted)})"
 
 
 def main() -> None:
@@ -74,8 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"CPU: {cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load:.1f} "
-          f"on {os.cpu_count()} cores at start")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average {load:.1f} on {os.cpu_count()} cores at start")
     from lm_eval.tasks import TaskManager
 
     from tests.eval.lm_eval_tasks import write_lm_eval_tasks

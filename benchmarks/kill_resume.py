@@ -24,25 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from yunque.precision import cpu_description
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 FLAGS = ["--tokenizer", "bytes", "--preset", "tiny", "--seq-len", "64", "--batch-size", "8", "--max-steps", "1500",
          "--eval-every", "500", "--checkpoint-every", "10", "--precision", "fp32", "--compile", "off", "--threads",
          "1", "--no-progress"]
 """A run of some seconds: fp32 and eager, so that the same steps give the same bits in any process."""
-
-
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-                return f"{name} ({', '.join(wanted)})"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def start(out: Path, data: Path, resume: bool) -> subprocess.Popen:
@@ -75,7 +63,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = ap.parse_args()
-    print(f"CPU: {cpu()}; python {platform.python_version()}", flush=True)
+    print(f"CPU: {cpu_description()}; python {platform.python_version()}", flush=True)
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

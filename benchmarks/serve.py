@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -39,27 +38,13 @@ import torch
 from yunque.config import ModelConfig
 from yunque.model.gpt import GPT
 from yunque.modeldir import save_model
+from yunque.precision import cpu_description
 from yunque.tokenizer.bpe import byte_tokenizer, gpt2_tokenizer_from_files
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-bpe"
 GPT2_30M = ModelConfig(vocab_size=50257, n_layer=6, n_head=6, d_model=384, max_seq_len=1024, pos="learned",
                        norm="layernorm", mlp="gelu", bias=True)
 TARGETS = "16 clients >= 6x one client's aggregate tokens/s; time to first token p99 < 1 s at 16 clients"
-
-
-def cpu() -> str:
-    name, wanted = platform.processor() or "unknown CPU", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-                break
-    except OSError:
-        pass
-    return f"{name} ({', '.join(wanted) or 'no avx2'}), {os.cpu_count()} logical cores"
 
 
 def make_model(directory: Path) -> None:
@@ -175,7 +160,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64, help="tokens generated per request")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args()
-    print(f"CPU: {cpu()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"model: GPT-2 shape, ~30M parameters (random weights); prompt {args.prompt} tokens, {args.new} new, "
           f"{args.requests} requests per client, streaming completions")

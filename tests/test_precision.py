@@ -39,3 +39,14 @@ def test_threads_are_set_and_restored():
 
 def test_matmul_speed_is_measured():
     assert matmul_gflops(DTYPES["fp32"], n=128, seconds=0.05) > 0.1
+
+
+def test_cpu_description_names_the_model_and_the_flags_that_decide_fast_paths(tmp_path):
+    from yunque.precision import cpu_description
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9B45\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 sha\n")
+    assert cpu_description(info) == "AMD EPYC 9B45 (avx2, avx512f, avx512_bf16)"
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert cpu_description(info) == "Old CPU"
+    assert cpu_description(tmp_path / "missing")  # elsewhere: the platform's processor string, or "unknown CPU"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -84,5 +85,27 @@ def matmul_gflops(dtype: torch.dtype, *, n: int = 1024, seconds: float = 0.3) ->
     return 2 * n**3 * count / elapsed / 1e9
 
 
-__all__ = ["matmul_gflops", "bf16_supported", "resolve_precision", "autocast", "num_threads", "physical_cores",
-           "DTYPES", "PRECISIONS"]
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU flags that decide the fast paths: AVX2 (fp32), AVX-512, native bf16 products (AVX-512 BF16, AMX)."""
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and which of CPU_FLAGS it has, e.g. "AMD EPYC (avx2, avx512f, avx512_bf16)", from
+    /proc/cpuinfo (elsewhere the platform's processor string): what a figure's CPU is named by."""
+    name, flags = platform.processor() or "unknown CPU", []
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in CPU_FLAGS if f in have]
+                break
+    except OSError:
+        pass
+    return f"{name} ({', '.join(flags)})" if flags else name
+
+
+__all__ = ["cpu_description", "CPU_FLAGS", "matmul_gflops", "bf16_supported", "resolve_precision", "autocast",
+           "num_threads", "physical_cores", "DTYPES", "PRECISIONS"]

@@ -27,7 +27,7 @@ from yunque.engine.engine import Engine, SamplingParams
 from yunque.eval.perplexity import bits_per_byte, text_perplexity, unigram_loss
 from yunque.eval.qa import answer_questions
 from yunque.modeldir import load_model
-from yunque.precision import DTYPES, matmul_gflops
+from yunque.precision import DTYPES, cpu_description, matmul_gflops
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.align import main as align
 from yunque.train.align import reply_kl, sample_replies
@@ -93,7 +93,8 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
         "val_bits_per_byte": bits_per_byte(val_loss, *ratio),
         "unigram_loss": uni_loss,
         "unigram_bits_per_byte": bits_per_byte(uni_loss, *ratio),
-        "machine": f"{cpu_name()}, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": (f"{cpu_description()}, {platform.machine()}, {torch.get_num_threads()} threads, "
+                    f"torch {torch.__version__}"),
         "samples": samples,
         "sft": assistant,
         "align": aligned,
@@ -124,17 +125,6 @@ def warnings(r: dict[str, Any]) -> list[str]:
         found.append(f"{after['repetition_rate']:.0%} of the fine-tuned replies repeat themselves: the assistant "
                      f"is degenerate")
     return found
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
