@@ -9,6 +9,7 @@ import pytest
 
 webdriver = pytest.importorskip("selenium.webdriver")
 openai = pytest.importorskip("openai")
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -47,6 +48,16 @@ def replies(server, seeds):
             for s in seeds}
 
 
+def click(driver, selector: str) -> None:
+    """Click the element as soon as it is there; the page re-renders a conversation when a request ends (the
+    feedback POST too), so an element found a moment before may be replaced: find it again, as a user would."""
+    def found_and_clicked(d):
+        d.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+    WebDriverWait(driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)).until(
+        found_and_clicked)
+
+
 def wait_for_records(server, n: int):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -78,13 +89,13 @@ def test_page_streams_a_reply_and_writes_feedback(server, browser):
     assert conversation[1]["content"] == by_seed[seed]  # what the API streams for that seed, whole
     assert reply.text.strip()
 
-    reply.find_element(By.CSS_SELECTOR, ".thumb-down").click()
+    click(driver, '.msg.assistant[data-done="1"] .thumb-down')
     (rating,) = wait_for_records(server, 1)
     assert rating == Rating(MODEL, ({"role": "user", "content": QUESTION},), by_seed[seed], -1, "page", rating.time)
 
     set_field(driver, "seed", other)
-    driver.find_element(By.CSS_SELECTOR, ".regenerate").click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".prefer-b"))[0].click()
+    click(driver, ".regenerate")
+    click(driver, ".prefer-b")
     preference = wait_for_records(server, 2)[1]
     assert preference == Preference(MODEL, ({"role": "user", "content": QUESTION},), by_seed[other], by_seed[seed],
                                     "page", preference.time)
