@@ -17,7 +17,7 @@ EVAL_FLAGS = ["tasks", "num_fewshot", "limit", "seed", "batch_size", "chat", "ou
 def register(sub) -> None:
     from yunque.eval.task import builtin_tasks
 
-    ev = command(sub, "eval", cmd_eval, help="benchmark models: lm-evaluation-harness's tasks and numbers, faster",
+    ev = command(sub, "eval", cmd_eval, help="benchmark models: lm-evaluation-harness's tasks and numbers, cached",
                  description="Score models on evaluation tasks as lm-evaluation-harness does (same prompts, "
                              "few-shot draws, log-likelihoods and metrics): multiple choice (acc, acc_norm), "
                              "generation with answer extraction (exact match), rolling perplexity and last-word "
