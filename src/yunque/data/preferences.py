@@ -359,6 +359,21 @@ class PairBatches:
         return torch.from_numpy(ids), torch.tensor([len(r) - 1 for r in rows])
 
 
+def pair_batches(paths: Sequence[str | Path], fmt: ChatFormat, *, max_seq_len: int, val_fraction: float,
+                 seed: int) -> tuple[list[Pair], PairBatches, PairBatches | None]:
+    """The pairs of `paths` (those left out said in one line), and their training and held-out PairBatches (None
+    when nothing is held out); what the reward model and DPO both train on."""
+    skipped: list[str] = []
+    pairs = load_pairs(paths, skipped)
+    if skipped:
+        print(left_out(skipped))
+    train_pairs, val_pairs = split(pairs, val_fraction, seed=seed)
+    train = PairBatches(fmt, train_pairs, max_seq_len=max_seq_len)
+    val = PairBatches(fmt, val_pairs, max_seq_len=max_seq_len) if val_pairs else None
+    print(f"training on {train.summary()}" + (f"; held out {val.summary()}" if val else ""))
+    return pairs, train, val
+
+
 def left_out(skipped: list[str]) -> str:
     """One line for people about the pairs `load_pairs` left out ("" if none)."""
     if not skipped:
@@ -367,5 +382,5 @@ def left_out(skipped: list[str]) -> str:
     return f"left out {len(skipped)} pair(s) whose transcripts differ before their last turn ({where})"
 
 
-__all__ = ["Pair", "PairBatches", "Diverged", "left_out", "SHAPES", "load_pairs", "load_prompts", "pair_of",
-           "parse_transcript", "hh_pair", "render_reply", "split", "fingerprint", "checked"]
+__all__ = ["Pair", "PairBatches", "Diverged", "left_out", "pair_batches", "SHAPES", "load_pairs", "load_prompts",
+           "pair_of", "parse_transcript", "hh_pair", "render_reply", "split", "fingerprint", "checked"]

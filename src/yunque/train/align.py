@@ -30,7 +30,7 @@ import torch
 
 from yunque.atomic import atomic_write
 from yunque.config import AlignConfig, LoopConfig, SamplingParams, align_loop
-from yunque.data.preferences import PairBatches, fingerprint, left_out, load_pairs, load_prompts, split
+from yunque.data.preferences import PairBatches, fingerprint, load_prompts, pair_batches, split
 from yunque.engine.engine import Engine
 from yunque.losses import (
     IGNORE,
@@ -116,14 +116,8 @@ def _info(model: torch.nn.Module, layers: list[str], fmt: ChatFormat, **more: An
 
 def _prepare_dpo(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_len: int,
                  figures: list[dict[str, float]]) -> Prepared:
-    skipped: list[str] = []
-    pairs = load_pairs(cfg.data, skipped)
-    if skipped:
-        print(left_out(skipped))
-    train_pairs, val_pairs = split(pairs, cfg.val_fraction, seed=cfg.seed)
-    train = PairBatches(fmt, train_pairs, max_seq_len=seq_len)
-    val = PairBatches(fmt, val_pairs, max_seq_len=seq_len) if val_pairs else None
-    print(f"training on {train.summary()}" + (f"; held out {val.summary()}" if val else ""))
+    pairs, train, val = pair_batches(cfg.data, fmt, max_seq_len=seq_len, val_fraction=cfg.val_fraction,
+                                     seed=cfg.seed)
     mean = cfg.loss == "ipo"  # IPO compares per-token mean log-probabilities
     B, device = cfg.batch_size, loop.device
     # the reference is the model before training: its log-probabilities once, for every pair, then never again

@@ -20,7 +20,7 @@ import torch
 
 from yunque.atomic import atomic_write_text
 from yunque.config import REWARD_LOOP, LoopConfig, RewardConfig
-from yunque.data.preferences import PairBatches, fingerprint, left_out, load_pairs, split
+from yunque.data.preferences import PairBatches, fingerprint, pair_batches
 from yunque.losses import bradley_terry_loss
 from yunque.model.heads import WithHeads
 from yunque.model.lora import attach_lora
@@ -64,14 +64,8 @@ def prepare(cfg: RewardConfig, loop: LoopConfig, kept: dict[str, Any] | None = N
     if seq_len > model.cfg.max_seq_len:
         raise ValueError(f"max_seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "
                          f"pass --max-seq-len {model.cfg.max_seq_len} or less")
-    skipped: list[str] = []
-    pairs = load_pairs(cfg.data, skipped)
-    if skipped:
-        print(left_out(skipped))
-    train_pairs, val_pairs = split(pairs, cfg.val_fraction, seed=cfg.seed)
-    train = PairBatches(fmt, train_pairs, max_seq_len=seq_len)
-    val = PairBatches(fmt, val_pairs, max_seq_len=seq_len) if val_pairs else None
-    print(f"training on {train.summary()}" + (f"; held out {val.summary()}" if val else ""))
+    pairs, train, val = pair_batches(cfg.data, fmt, max_seq_len=seq_len, val_fraction=cfg.val_fraction,
+                                     seed=cfg.seed)
     model.float()
     torch.manual_seed(cfg.seed)
     layers = attach_lora(model, cfg.lora) if cfg.lora is not None else []
