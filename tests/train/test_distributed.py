@@ -54,17 +54,20 @@ def data(shared_data, tmp_path_factory):
     return [str(p) for p in paths]
 
 
-def torchrun(n: int, *args: str, script: Path | None = None, capture: bool = True) -> subprocess.Popen:
+def torchrun(n: int, *args: str, script: Path | None = None, capture: bool = True,
+             cwd: Path | None = None) -> subprocess.Popen:
     """`torchrun --standalone --nproc-per-node n` of `python -m yunque ARGS` (or of `script`)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
     cmd += [str(script)] if script else ["-m", "yunque"]
     out = subprocess.PIPE if capture else subprocess.DEVNULL
-    return subprocess.Popen(cmd + list(args), stdout=out, stderr=out, text=True, env=ENV, start_new_session=True)
+    return subprocess.Popen(cmd + list(args), stdout=out, stderr=out, text=True, env=ENV, start_new_session=True,
+                            cwd=cwd)
 
 
-def one_process(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "yunque", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+def one_process(*args: str, script: Path | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "yunque"]
+    return subprocess.Popen(cmd + list(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
 
 
 def job(pid: int) -> list[int]:
@@ -115,7 +118,8 @@ def finish(p: subprocess.Popen) -> tuple[str, str]:
 
 
 def kill_at_checkpoint(p: subprocess.Popen, out: Path, after_step: int) -> int:
-    """SIGKILL the job (launcher and workers) as soon as `out` holds a checkpoint past `after_step`; its step."""
+    """SIGKILL the job (launcher and workers) once `out` holds a checkpoint past `after_step`; its step. The job
+    runs stall_after.py with `after_step`, so it waits there to be killed."""
     deadline = time.time() + TIMEOUT
     while (progress := checkpoint_progress(out) if out.is_dir() else None) is None or progress[0] <= after_step:
         assert p.poll() is None, f"the run ended before it was killed: {p.stderr.read() if p.stderr else ''}"
@@ -187,9 +191,9 @@ def whole(data, tmp_path_factory):
 
 def test_sigkill_then_resume_on_two_and_on_one_process_gives_the_uninterrupted_weights(whole, data, tmp_path):
     killed = tmp_path / "killed"
-    step = kill_at_checkpoint(torchrun(2, "pretrain", "--out", str(killed), "--data", *data, *FLAGS,
-                                       capture=False), killed, after_step=10)
-    assert 10 < step < 60
+    step = kill_at_checkpoint(torchrun(2, "10", "pretrain", "--out", str(killed), "--data", *data, *FLAGS,
+                                       script=HERE / "stall_after.py", capture=False), killed, after_step=10)
+    assert step == 12  # the first checkpoint past step 10 (one every 2 steps), 48 steps before the end
     assert torch.load(killed / "train_state.pt", weights_only=True)["sharded"] == f"checkpoint/step-{step:08d}"
     two, one = tmp_path / "two", tmp_path / "one"
     shutil.copytree(killed, two)
@@ -200,9 +204,9 @@ def test_sigkill_then_resume_on_two_and_on_one_process_gives_the_uninterrupted_w
 
     # one process without torchrun reads the sharded checkpoint (batch 4 now), is killed after a checkpoint of its
     # own (one file), and two processes finish the run from that: 2 -> 1 -> 2
-    stop = kill_at_checkpoint(one_process("pretrain", "--out", str(one), "--resume", "--checkpoint-every", "1",
-                                          "--no-progress"), one, after_step=step)
-    assert stop < 60 and "sharded" not in torch.load(one / "train_state.pt", weights_only=True)
+    stop = kill_at_checkpoint(one_process(str(step), "pretrain", "--out", str(one), "--resume", "--checkpoint-every",
+                                          "1", "--no-progress", script=HERE / "stall_after.py"), one, after_step=step)
+    assert stop == step + 1 and "sharded" not in torch.load(one / "train_state.pt", weights_only=True)
     finish(torchrun(2, "pretrain", "--out", str(one), "--resume", "--no-progress", "--parallel", "fsdp"))
     assert max_weight_difference(one, whole[0]) <= WEIGHT_TOL  # one file, sharded by FSDP as it loads
     assert abs(losses(one)[-1] - losses(whole[0])[-1]) <= LOSS_TOL
