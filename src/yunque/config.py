@@ -521,7 +521,8 @@ class AlignConfig:
     group_size: int = 8
     """GRPO: samples per prompt (k). PPO: samples per prompt too (1 is plain PPO)."""
     prompts_per_rollout: int = 4
-    """Prompts sampled at each rollout; a rollout holds prompts_per_rollout * group_size replies."""
+    """Prompts sampled at each rollout (by each process under torchrun); a rollout holds prompts_per_rollout *
+    group_size replies (times the number of processes)."""
     max_new_tokens: int = 48
     """Longest reply sampled in a rollout."""
     temperature: float = 1.0
@@ -539,7 +540,7 @@ class AlignConfig:
     value_coef: float = 0.5
     """PPO: weight of the value loss."""
     batch_size: int = 8
-    """DPO: pairs per micro-batch."""
+    """DPO: pairs per micro-batch (of each process under torchrun)."""
     max_seq_len: int | None = None
     """Longest conversation trained on, in tokens; None means the model's context."""
     val_fraction: float = 0.1
@@ -577,6 +578,12 @@ class AlignConfig:
             yield (f"a rollout of {self.prompts_per_rollout * self.group_size} replies does not split into "
                    f"{self.minibatches} equal minibatches; change --minibatches")
 
+    @property
+    def per_process(self) -> tuple[str, ...]:
+        """The fields that count per process under torchrun (the run's total is that many times them): DPO's
+        batch_size, a rollout's prompts_per_rollout."""
+        return ("batch_size",) if self.method == "dpo" else ("prompts_per_rollout",)
+
 
 ALIGN_LOOP = LoopConfig(max_steps=200, lr=5e-6, warmup_steps=10, weight_decay=0.0, eval_every=50, grad_clip=1.0,
                         compile="off")
@@ -603,7 +610,7 @@ class RewardConfig:
     lora: LoraConfig | None = None
     """Train low-rank adapters on a frozen backbone (the head always trains)."""
     batch_size: int = 8
-    """Pairs per micro-batch."""
+    """Pairs per micro-batch (of each process under torchrun)."""
     max_seq_len: int | None = None
     """Longest conversation trained on, in tokens; None means the model's context."""
     val_fraction: float = 0.1

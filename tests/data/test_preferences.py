@@ -5,6 +5,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from yunque.data.preferences import (
     PairBatches,
@@ -152,3 +153,24 @@ def test_pair_batches_target_the_reply_only(tmp_path):
     assert [t for t in y[1].tolist() if t != IGNORE] == render_reply(fmt, pairs[0].messages, "z")[0][start:]
     full, last = batches.collate_full([0])
     assert full[0, :len(ids)].tolist() == ids and int(last[0]) == len(ids) - 1
+
+
+def test_grouped_batches_give_each_process_its_pairs_chosen_then_rejected(tmp_path):
+    """Under torchrun process r takes rows [r*2b, (r+1)*2b) of a global batch collated with one group a process:
+    its b pairs' chosen rows, then their rejected rows, padded alike, as one process collating them would."""
+    fmt = ChatFormat.for_tokenizer(byte_tokenizer())
+    path = write(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "chosen": "c" * (i + 1), "rejected": "r"}
+                                        for i in range(4)])
+    batches = PairBatches(fmt, load_pairs([path]), max_seq_len=64)
+    index = [3, 0, 2, 1]
+    for collate in (batches.collate, batches.collate_full):
+        whole, grouped = collate(index), collate(index, groups=2)
+        assert whole[0].shape == grouped[0].shape  # padded to the same length
+        for r, part in enumerate((index[:2], index[2:])):
+            own = collate(part)
+            rows = grouped[0][4 * r:4 * (r + 1)]
+            assert torch.equal(rows[:, :own[0].shape[1]], own[0])
+            assert torch.equal(grouped[1][4 * r:4 * (r + 1)][..., :own[1].shape[-1]], own[1])
+        assert torch.equal(grouped[0][[0, 1, 4, 5]], whole[0][:4])  # the chosen rows are whole's, regrouped
+    with pytest.raises(ValueError, match="3 pairs does not split over 2 processes"):
+        batches.collate([0, 1, 2], groups=2)

@@ -8,6 +8,13 @@ reduce-scatters where DDP all-reduces. In fp32 that moves the weights (of size ~
 losses by at most the 1e-5 to which metrics.jsonl rounds them. So weights must agree within 1e-5 and losses within
 1e-4: room for other CPUs' kernels, far below what a wrong shard, a missing or doubled all-reduce, a lost
 optimizer state or a skipped micro-batch would do (one AdamW step at lr 1e-3 moves a weight by up to 1e-3).
+
+Reward models and DPO (6 steps at lr 3e-3, training moves weights by up to 1.3e-2) agree as closely in their
+losses, and within ALIGN_WEIGHT_TOL = 5e-5 in their weights: measured at most 1.1e-5, larger than pretraining's
+because AdamW divides each gradient by its own running size, so a weight whose gradient is nearly zero moves by
+up to lr per step in the direction its rounding noise points. The reward head's bias is the extreme case and is
+not compared: the Bradley-Terry loss depends on reward differences only, so its gradient is zero up to rounding
+(it ends 3.0e-3 apart in the two runs).
 """
 
 import contextlib
@@ -25,14 +32,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.train import dist_align
 from tests.train.dist_curves import LOOP, config
-from yunque.config import preset
+from yunque.config import AlignConfig, preset
 from yunque.model.gpt import GPT
+from yunque.model.heads import HEADS
 from yunque.modeldir import checkpoint_progress, read_metrics
+from yunque.train.align import ROLLOUT, ROLLOUTS_LOG
+from yunque.train.align import main as align
 from yunque.train.distributed import DistributedRuntime, choose_parallel, failure_line, load_sharded
 from yunque.train.optim import make_adamw
 from yunque.train.pretrain import main
+from yunque.train.reward import main as reward
 from yunque.train.run import per_process_batch
+from yunque.train.scoring import REWARD_INFO
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -40,7 +53,7 @@ TIMEOUT = 300
 FLAGS = ["--tokenizer", "bytes", "--preset", "tiny", "--seq-len", "32", "--batch-size", "2", "--max-steps", "60",
          "--eval-every", "30", "--eval-batches", "2", "--val-fraction", "0.5", "--checkpoint-every", "2",
          "--checkpoint-minutes", "0", "--precision", "fp32", "--compile", "off", "--threads", "1", "--no-progress"]
-LOSS_TOL, WEIGHT_TOL = 1e-4, 1e-5
+LOSS_TOL, WEIGHT_TOL, ALIGN_WEIGHT_TOL = 1e-4, 1e-5, 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +250,99 @@ def test_a_failure_on_one_rank_ends_the_job_with_one_line(data, tmp_path):
     assert checkpoint_progress(tmp_path / "run") == (2, 60)  # rank 1 failed in step 4: step 2's checkpoint stays
 
 
+# ---- reward models and alignment under torchrun ----
+
+WORDS = ["sol", "mar", "luz", "pan", "té", "río", "flor", "nube", "roca", "hoja", "lago", "miel"]
+
+
+@pytest.fixture(scope="module")
+def align_data(tmp_path_factory):
+    """(a working dir holding reward functions, preference pairs a random model does not prefer: "w!" over "w?").
+    align_rewards:hashed differs between almost any two replies, so that every GRPO group has advantages."""
+    cwd = tmp_path_factory.mktemp("align")
+    (cwd / "align_rewards.py").write_text("def a_share(prompt, completion):\n"
+                                          "    return completion.count('a') / max(len(completion), 1)\n"
+                                          "def hashed(prompt, completion):\n"
+                                          "    return sum(map(ord, completion)) % 97 / 97\n")
+    pairs = cwd / "pairs.jsonl"
+    rows = [{"prompt": f"di {w}", "chosen": f"{w}!", "rejected": f"{w}?"} for w in WORDS * 2]
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return cwd, pairs
+
+
+@pytest.fixture(scope="module")
+def align_curves(base, align_data, tmp_path_factory):
+    """dist_align.py's runs under torchrun with two processes, and one process's reward and DPO runs at 4 pairs."""
+    cwd, pairs = align_data
+    out = tmp_path_factory.mktemp("align-curves")
+    finish(torchrun(2, str(out), str(base), str(pairs), script=HERE / "dist_align.py", cwd=cwd))
+    reward(dist_align.reward_config(out / "reward-one", str(base), str(pairs), 4, dist_align.LOOP))
+    align(dist_align.dpo_config(out / "dpo-one", str(base), str(pairs), 4, dist_align.LOOP))
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["reward", "dpo"])
+def test_reward_and_dpo_on_two_processes_with_b_pairs_follow_one_with_2b(align_curves, kind, parallel):
+    a, b = align_curves / f"{kind}-{parallel}", align_curves / f"{kind}-one"
+    assert len(losses(a)) == len(losses(b)) == 6
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= LOSS_TOL
+    assert len(losses(a, "val_loss")) == 1 and abs(losses(a, "val_loss")[0] - losses(b, "val_loss")[0]) <= LOSS_TOL
+    assert max_weight_difference(a, b) <= ALIGN_WEIGHT_TOL
+    assert losses(a)[-1] < losses(a)[0] - 0.2  # it learned: the curves compared are not flat
+    steps = [r["step"] for r in read_metrics(a / "metrics.jsonl")]
+    assert steps == list(range(1, 7))  # rank 0 alone wrote the metrics
+    if kind == "reward":  # the head, written by rank 0 beside the model as one process writes it
+        x, y = load_file(a / HEADS), load_file(b / HEADS)
+        assert x.keys() == y.keys() == {"reward.weight", "reward.bias"}
+        assert (x["reward.weight"] - y["reward.weight"]).abs().max() <= ALIGN_WEIGHT_TOL
+        info = [json.loads((run / REWARD_INFO).read_text()) for run in (a, b)]
+        assert info[0]["held_out"] == pytest.approx(info[1]["held_out"], abs=LOSS_TOL) and info[0]["steps"] == 6
+
+
+def test_ppo_under_ddp_gathers_each_processs_rollout_and_writes_it_once(align_curves):
+    out = align_curves / "ppo-ddp"
+    log = [json.loads(line) for line in (out / ROLLOUTS_LOG).read_text().splitlines()]
+    assert [r["rollout"] for r in log] == [0, 1]  # one line a rollout: rank 0's
+    rollout = torch.load(out / ROLLOUT, weights_only=True)
+    assert rollout["index"] == 1 and rollout["data"]["x"].shape[0] == 2 * 2  # 2 processes x 1 prompt x 2 replies
+    heads, weights = load_file(out / HEADS), load_file(out / "model.safetensors")
+    assert set(heads) == {"value.weight", "value.bias"}
+    assert all(t.isfinite().all() for t in [*heads.values(), *weights.values()])
+
+
+def test_grpo_under_torchrun_with_fsdp_writes_one_model_dir_from_rank_0(base, align_data, tmp_path):
+    cwd, pairs = align_data
+    out = tmp_path / "grpo"
+    stdout, stderr = finish(torchrun(
+        2, "align", "--method", "grpo", "--model", str(base), "--data", str(pairs), "--out", str(out),
+        "--reward-fn", "align_rewards:hashed", "--group-size", "4", "--prompts-per-rollout", "1",
+        "--max-new-tokens", "6", "--max-steps", "2", "--lr", "1e-2", "--parallel", "fsdp", "--precision", "fp32",
+        "--threads", "1", "--no-progress", cwd=cwd))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint", "config.json", "loss.png", "metrics.jsonl", "model.safetensors", "rollout.pt",
+        "rollouts.jsonl", "run.json", "tokenizer.json", "train_state.pt"]
+    assert [json.loads(line)["rollout"] for line in (out / ROLLOUTS_LOG).read_text().splitlines()] == [0, 1]
+    assert torch.load(out / ROLLOUT, weights_only=True)["data"]["x"].shape[0] == 2 * 4  # both processes' replies
+    before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert after.keys() == before.keys() and all(t.isfinite().all() for t in after.values())
+    assert max((after[k] - before[k]).abs().max().item() for k in after) > 1e-3  # it trained
+    assert stdout.count("aligned (grpo)") == 1 and "Traceback" not in stderr, stdout + stderr
+    assert json.loads((out / "run.json").read_text())["loop"]["world_size"] == 2
+
+
+def test_a_failure_on_one_rank_ends_reward_training_with_one_line(base, align_data, tmp_path):
+    _, pairs = align_data
+    p = torchrun(2, "reward", "train", "--model", str(base), "--data", str(pairs), "--out", str(tmp_path / "rm"),
+                 "--batch-size", "2", "--max-steps", "8", "--checkpoint-every", "2", "--checkpoint-minutes", "0",
+                 "--precision", "fp32", "--threads", "1", "--no-progress", script=HERE / "failing_rank.py")
+    _, stderr = p.communicate(timeout=TIMEOUT)
+    assert p.returncode != 0
+    ours = [line for line in stderr.splitlines() if line.startswith("yunque")]
+    assert ours == ["yunque reward train: error: rank 1 of 2: injected: the disk under rank 1 failed"], stderr
+    assert checkpoint_progress(tmp_path / "rm") == (2, 8)  # rank 1 failed in step 4: step 2's checkpoint stays
+
+
 # ---- the parts, without processes ----
 
 def test_auto_chooses_ddp_while_a_whole_model_fits_in_half_the_memory():
@@ -257,6 +363,11 @@ def test_resuming_on_another_world_size_keeps_the_global_batch(tmp_path):
     assert per_process_batch(cfg, 2, 1).batch_size == 4 and per_process_batch(cfg, 1, 2).batch_size == 1
     with pytest.raises(ValueError, match="3 processes cannot share evenly"):
         per_process_batch(cfg, 2, 3)
+    # a rollout's prompts are counted per process, as DPO's pairs are
+    rl = AlignConfig(model="m", data=("d",), out="o", method="grpo", reward_fn="m:f", prompts_per_rollout=2)
+    assert per_process_batch(rl, 2, 1).prompts_per_rollout == 4 and per_process_batch(rl, 2, 1).batch_size == 8
+    dpo = AlignConfig(model="m", data=("d",), out="o", batch_size=3)
+    assert per_process_batch(dpo, 2, 3).batch_size == 2 and per_process_batch(dpo, 2, 3).prompts_per_rollout == 4
 
 
 def test_only_the_failing_rank_speaks():

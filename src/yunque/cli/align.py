@@ -83,6 +83,7 @@ def _lora(args) -> LoraConfig | None:
 
 def cmd_align(args) -> int:
     from yunque.train.align import main
+    from yunque.train.distributed import session
 
     if not args.resume and (not args.model or not args.data):
         raise ValueError("--model and --data are required (except with --resume)")
@@ -95,16 +96,18 @@ def cmd_align(args) -> int:
     fields["data"] = fields["data"] or ()
     cfg = AlignConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
                       lora=_lora(args), loop=loop, **fields)
-    s = main(cfg)
-    before, after = s.get("before") or {}, s.get("after") or {}
-    figures = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" if k in before else f"{k} {after[k]:.3f}"
-                        for k in after if k in ("reward", "kl", "loss", "reward_accuracy"))
-    print(f"aligned ({cfg.method}) {s['trainable_parameters']:,} of {s['parameters']:,} parameters for {s['steps']} "
-          f"steps{': held out ' + figures if figures else ''} -> {args.out}")
+    with session("align", loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+        s = main(cfg, runtime)
+        before, after = s.get("before") or {}, s.get("after") or {}
+        figures = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" if k in before else f"{k} {after[k]:.3f}"
+                            for k in after if k in ("reward", "kl", "loss", "reward_accuracy"))
+        print(f"aligned ({cfg.method}) {s['trainable_parameters']:,} of {s['parameters']:,} parameters for "
+              f"{s['steps']} steps{': held out ' + figures if figures else ''} -> {args.out}")
     return 0
 
 
 def cmd_reward_train(args) -> int:
+    from yunque.train.distributed import session
     from yunque.train.reward import main
 
     if not args.resume and (not args.model or not args.data):
@@ -118,11 +121,12 @@ def cmd_reward_train(args) -> int:
     fields["data"] = fields["data"] or ()
     cfg = RewardConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
                        lora=_lora(args), loop=loop, **fields)
-    s = main(cfg)
-    b, a = s.get("before") or {}, s.get("after") or {}
-    acc = f": held-out pairwise accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}" if a and b else ""
-    print(f"trained a reward model ({s['trainable_parameters']:,} of {s['parameters']:,} parameters) for "
-          f"{s['steps']} steps{acc} -> {args.out}")
+    with session("reward train", loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+        s = main(cfg, runtime)
+        b, a = s.get("before") or {}, s.get("after") or {}
+        acc = f": held-out pairwise accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}" if a and b else ""
+        print(f"trained a reward model ({s['trainable_parameters']:,} of {s['parameters']:,} parameters) for "
+              f"{s['steps']} steps{acc} -> {args.out}")
     return 0
 
 

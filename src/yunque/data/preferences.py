@@ -336,9 +336,11 @@ class PairBatches:
         perms = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(positions // n)}
         return [int(perms[p // n][p % n]) for p in positions]
 
-    def collate(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), each (2B, T): chosen rows first, then rejected, right-padded to the longest."""
-        rows = [self.rows[i][0] for i in index] + [self.rows[i][1] for i in index]
+    def collate(self, index: Sequence[int], groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each (2B, T): chosen rows first, then rejected, right-padded to the longest. With `groups` g,
+        the pairs split into g consecutive groups and each group's chosen-then-rejected rows follow the previous
+        group's: under torchrun, process r's rows of the global batch are group r's pairs (see `by_group`)."""
+        rows = [self.rows[i][k] for part in by_group(index, groups) for k in (0, 1) for i in part]
         T = max(len(ids) for ids, _ in rows) - 1
         x = np.full((len(rows), T), self.pad_id, dtype=np.int64)
         y = np.full((len(rows), T), IGNORE, dtype=np.int64)
@@ -348,15 +350,25 @@ class PairBatches:
             y[b, start - 1:n] = ids[start:]  # target t is token t + 1: the reply's tokens from `start` on
         return torch.from_numpy(x), torch.from_numpy(y)
 
-    def collate_full(self, index: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate_full(self, index: Sequence[int], groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (2B, T), last (2B,)): whole sequences, chosen rows first, right-padded, each cut to max_seq_len
-        tokens; last is the index of each row's final token (its reply's end of turn), where a reward is read."""
-        rows = [self.rows[i][0][0] for i in index] + [self.rows[i][1][0] for i in index]
+        tokens; last is the index of each row's final token (its reply's end of turn), where a reward is read.
+        `groups` as in `collate`."""
+        rows = [self.rows[i][k][0] for part in by_group(index, groups) for k in (0, 1) for i in part]
         rows = [ids[-self.max_seq_len:] for ids in rows]  # the reply's end is where the reward is read
         ids = np.full((len(rows), max(map(len, rows))), self.pad_id, dtype=np.int64)
         for b, row in enumerate(rows):
             ids[b, :len(row)] = row
         return torch.from_numpy(ids), torch.tensor([len(r) - 1 for r in rows])
+
+
+def by_group(index: Sequence[int], groups: int) -> list[Sequence[int]]:
+    """`index` cut into `groups` equal consecutive parts (pairs per process of a global batch)."""
+    if len(index) % groups:
+        raise ValueError(f"a batch of {len(index)} pairs does not split over {groups} processes; make the batch a "
+                         f"multiple of the number of processes")
+    n = len(index) // groups
+    return [index[g * n:(g + 1) * n] for g in range(groups)]
 
 
 def pair_batches(paths: Sequence[str | Path], fmt: ChatFormat, *, max_seq_len: int, val_fraction: float,
@@ -382,5 +394,5 @@ def left_out(skipped: list[str]) -> str:
     return f"left out {len(skipped)} pair(s) whose transcripts differ before their last turn ({where})"
 
 
-__all__ = ["Pair", "PairBatches", "Diverged", "left_out", "pair_batches", "SHAPES", "load_pairs", "load_prompts",
-           "pair_of", "parse_transcript", "hh_pair", "render_reply", "split", "fingerprint", "checked"]
+__all__ = ["Pair", "PairBatches", "Diverged", "left_out", "pair_batches", "by_group", "SHAPES", "load_pairs",
+           "load_prompts", "pair_of", "parse_transcript", "hh_pair", "render_reply", "split", "fingerprint", "checked"]

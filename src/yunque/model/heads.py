@@ -22,14 +22,17 @@ class WithHeads(nn.Module):
         self.model = model
         self.heads = nn.ModuleDict({n: scalar_head(model) for n in names})
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, T, V), final hidden states (B, T, C)) of ids (B, T)."""
-        return forward_with_hidden(self.model, ids)
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits (B, T, V), {head: its score (B, T) fp32 at every position}) of ids (B, T). The heads run inside
+        forward so that a wrapper (DDP, FSDP) sees every parameter a loss uses."""
+        logits, hidden = forward_with_hidden(self.model, ids)
+        return logits, {name: self.score(name, hidden) for name in self.heads}
 
     def score(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         """Head `name` applied at every position: (B, T) fp32."""
         head = self.heads[name]
-        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        # a new tensor, not a view of the head's output: FSDP warns of views a wrapped module returns
+        return head(hidden.to(head.weight.dtype)).squeeze(-1).to(torch.float32, copy=True)
 
 
 def scalar_head(model: nn.Module) -> nn.Linear:

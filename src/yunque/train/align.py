@@ -14,6 +14,11 @@ rollout i // (epochs * minibatches), sampled when its first minibatch is asked f
 the policy as it is then. Each rollout is saved in the run dir (rollout.pt) when it is made, so a run resumed in
 the middle of one trains on the same replies. The out dir is a model dir (or an adapter dir with --lora) at every
 checkpoint; PPO's value head is beside it in heads.safetensors.
+
+Under torchrun (DDP or FSDP) batches are global and each process trains on its rows: DPO's B pairs a process
+(every process holds the reference's log-probabilities of all pairs), and GRPO/PPO rollouts whose prompts each
+process samples and scores for itself before they are gathered (see `Rollouts`). PPO's value head is part of the
+wrapped model, so its gradients are reduced with the policy's.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from yunque.modeldir import load_model
 from yunque.tokenizer.bpe import END_OF_TURN
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, run_stage, start_model_dir
+from yunque.train.runtime import Runtime
 from yunque.train.scoring import call_reward_fn, import_reward_fn, load_reward_model
 
 ROLLOUT = "rollout.pt"
@@ -62,24 +68,28 @@ EVAL_PROMPTS = 32
 """Held-out prompts answered (greedily) at each evaluation of a GRPO/PPO run."""
 
 
-def main(cfg: AlignConfig) -> dict[str, Any]:
-    """Run alignment; return the loop's summary with the stage's held-out figures before and after."""
+def main(cfg: AlignConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Run alignment (in one process, or in each of torchrun's with `runtime`); return the loop's summary with the
+    stage's held-out figures before and after."""
     if cfg.loop is None:
         cfg = dataclasses.replace(cfg, loop=align_loop(cfg.method, cfg.lora is not None))
     if cfg.reward_fn and not cfg.loop.resume:
         import_reward_fn(cfg.reward_fn)  # one line, before anything is written
     figures: list[dict[str, float]] = []
     inputs = lambda c: [c.model, *c.data, *([c.reward] if c.reward else [])]  # noqa: E731
-    summary = run_stage("align", cfg, lambda c, loop: prepare(c, loop, figures), inputs=inputs)
+    summary = run_stage("align", cfg, lambda c, loop: prepare(c, loop, figures, runtime), inputs=inputs,
+                        runtime=runtime)
     fresh = summary["val_loss_before"] is not None
     return {**summary, "before": figures[0] if fresh and figures else None, "after": figures[-1] if figures else None}
 
 
-def prepare(cfg: AlignConfig, loop: LoopConfig, figures: list[dict[str, float]] | None = None) -> Prepared:
+def prepare(cfg: AlignConfig, loop: LoopConfig, figures: list[dict[str, float]] | None = None,
+            runtime: Runtime | None = None) -> Prepared:
     """The policy (adapters attached), its batches, loss and held-out evaluation for cfg.method; on a fresh run
     also writes the out dir's tokenizer, chat files and config (or adapter config). Each held-out evaluation (the
     skeleton's before training, the loop's) appends the method's figures to `figures`: DPO's loss and
-    implicit-reward accuracy, GRPO/PPO's reward and KL to the reference."""
+    implicit-reward accuracy, GRPO/PPO's reward and KL to the reference. Under torchrun (`runtime`) every process
+    prepares alike; batches are global and each process trains on its rows of them (see the module doc)."""
     model, tokenizer = load_model(cfg.model, device=loop.device)
     fmt = ChatFormat.of(cfg.model, tokenizer)
     if not fmt.is_chat:
@@ -90,7 +100,8 @@ def prepare(cfg: AlignConfig, loop: LoopConfig, figures: list[dict[str, float]] 
                          f"pass --max-seq-len {model.cfg.max_seq_len} or less")
     model.float().eval()  # fp32 master weights; the reference is this model as loaded
     prepare_method = _prepare_dpo if cfg.method == "dpo" else _prepare_rl
-    run = prepare_method(cfg, loop, model, fmt, seq_len, figures if figures is not None else [])
+    run = prepare_method(cfg, loop, model, fmt, seq_len, figures if figures is not None else [],
+                         runtime or Runtime())
     if not loop.resume:
         start_model_dir(Path(cfg.out), cfg.model, tokenizer, model.cfg, cfg.lora)
     return run
@@ -115,19 +126,20 @@ def _info(model: torch.nn.Module, layers: list[str], fmt: ChatFormat, **more: An
 # ---- DPO ----
 
 def _prepare_dpo(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_len: int,
-                 figures: list[dict[str, float]]) -> Prepared:
+                 figures: list[dict[str, float]], runtime: Runtime) -> Prepared:
     pairs, train, val = pair_batches(cfg.data, fmt, max_seq_len=seq_len, val_fraction=cfg.val_fraction,
                                      seed=cfg.seed)
     mean = cfg.loss == "ipo"  # IPO compares per-token mean log-probabilities
-    B, device = cfg.batch_size, loop.device
+    B, W, device = cfg.batch_size, loop.world_size, loop.device
     # the reference is the model before training: its log-probabilities once, for every pair, then never again
+    # (under torchrun every process computes all of them alike, so any process can train on any pair)
     ref_train = pair_logprobs(model, train, B, device, mean=mean)
     ref_val = pair_logprobs(model, val, B, device, mean=mean) if val else None
     layers = _attach(cfg, model)
 
-    def batches(i: int):
-        index = train.indices(B, seed=cfg.seed, step=i)
-        x, y = train.collate(index)
+    def batches(i: int):  # the global micro-batch of B x W pairs, process r's B pairs its r-th rows (runtime.shard)
+        index = train.indices(B * W, seed=cfg.seed, step=i)
+        x, y = train.collate(index, groups=W)
         return x.to(device), y.to(device), ref_train[index].to(device)
 
     def loss(m: torch.nn.Module, batch) -> torch.Tensor:
@@ -135,13 +147,13 @@ def _prepare_dpo(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq
         logps = sequence_logprobs(m(x), y, mean=mean)  # (2B,): chosen rows, then rejected
         return dpo_loss(torch.stack(logps.chunk(2), dim=1), ref, beta=cfg.beta, kind=cfg.loss)
 
-    def evaluate(m: torch.nn.Module) -> float:
-        figures.append(dpo_figures(m, val, ref_val, cfg, device))
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same global batches, whatever their number
+        figures.append(dpo_figures(m, val, ref_val, dataclasses.replace(cfg, batch_size=B * W), device))
         return figures[-1]["loss"]
 
     info = _info(model, layers, fmt, pairs={"train": len(train), "val": len(val) if val else 0})
     return Prepared(model, batches, loss, evaluate if val else None,
-                    tokens_per_step=round(B * loop.grad_accum * train.mean_len),
+                    tokens_per_step=round(B * W * loop.grad_accum * train.mean_len),
                     trainable_only=cfg.lora is not None, fingerprint=fingerprint(pairs), info=info)
 
 
@@ -204,15 +216,24 @@ def sample_replies(engine: Engine, fmt: ChatFormat, prompts: list[list[int]],
 
 
 class Rollouts:
-    """Rollouts of a GRPO/PPO run, made from the policy when first needed and saved in the run dir."""
+    """Rollouts of a GRPO/PPO run, made from the policy when first needed and saved in the run dir.
+
+    Under torchrun (`runtime`, W processes) a rollout is global: prompts_per_rollout x W prompts, of which process
+    r samples, rewards and scores its own prompts_per_rollout (reply seeds by global row, so W processes sample
+    what one process with W times the prompts would), advantages computed there (a GRPO group stays in one
+    process; PPO's are whitened per process); the parts are then gathered in rank order into the global rollout
+    every process holds, its statistics taken over all of it, and rank 0 alone writes rollout.pt and the log. A
+    minibatch is global too, and each process trains on its rows of it (runtime.shard)."""
 
     def __init__(self, cfg: AlignConfig, loop: LoopConfig, policy: torch.nn.Module, trainee: torch.nn.Module,
                  reference: torch.nn.Module, engine: Engine, fmt: ChatFormat, prompts: list[list[dict]],
-                 reward, seq_len: int) -> None:
+                 reward, seq_len: int, runtime: Runtime | None = None) -> None:
         self.cfg, self.device, self.out = cfg, loop.device, Path(loop.out_dir)
         self.policy, self.trainee, self.reference, self.engine, self.fmt = policy, trainee, reference, engine, fmt
         self.prompts, self.reward, self.seq_len = prompts, reward, seq_len
-        self.size = cfg.prompts_per_rollout * cfg.group_size
+        self.runtime = runtime or Runtime()
+        self.mine = cfg.prompts_per_rollout * cfg.group_size  # the replies this process samples
+        self.size = self.mine * self.runtime.world_size
         self.per_rollout = cfg.epochs * cfg.minibatches
         self.end_id = end_of_turn_id(fmt)
         self.kl_coef = cfg.kl_coef
@@ -247,14 +268,16 @@ class Rollouts:
 
     @torch.no_grad()
     def _make(self, r: int) -> dict[str, Any]:
-        cfg = self.cfg
-        k = cfg.group_size
-        picks = _endless(len(self.prompts), cfg.prompts_per_rollout, seed=cfg.seed, step=r)
+        cfg, runtime = self.cfg, self.runtime
+        k, P, first = cfg.group_size, cfg.prompts_per_rollout, runtime.rank * self.mine
+        picks = _endless(len(self.prompts), P * runtime.world_size, seed=cfg.seed, step=r)
+        picks = picks[runtime.rank * P:(runtime.rank + 1) * P]  # this process's share of the rollout's prompts
         conversations = [self.prompts[p] for p in picks for _ in range(k)]  # each prompt k times, groups adjacent
         prompt_ids = [self.fmt.prompt(m) for m in conversations]
         params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                 seed=rollout_seed(cfg.seed, r, j)) for j in range(self.size)]
-        self.engine.load_weights(self.policy)
+                                 seed=rollout_seed(cfg.seed, r, first + j)) for j in range(self.mine)]
+        with runtime.whole(self.policy) as policy:  # FSDP: gathered; every process is here
+            self.engine.load_weights(policy)
         replies = sample_replies(self.engine, self.fmt, prompt_ids, params)
         rewards = torch.tensor(self.reward(conversations, [text for _, text, _ in replies]), dtype=torch.float32)
         x, y = _sequences(prompt_ids, [ids + [self.end_id] * ended for ids, _, ended in replies], self.seq_len,
@@ -264,8 +287,8 @@ class Rollouts:
         was_training = self.trainee.training
         self.trainee.eval()
         if cfg.method == "ppo":
-            logits, hidden = self.trainee(x)
-            values = self.trainee.score("value", hidden) * mask
+            logits, scores = self.trainee(x)
+            values = scores["value"] * mask
         else:
             logits = self.trainee(x)
         old = target_logprobs(logits, y)
@@ -274,7 +297,7 @@ class Rollouts:
         kl = (kl_penalty(old, ref, "k1") * mask).sum(dim=1)  # (N,) nats per reply
         data = {"x": x.cpu(), "y": y.cpu(), "old_logps": old.cpu(), "ref_logps": ref.cpu()}
         if cfg.method == "grpo":
-            data["advantages"] = group_advantages(rewards.view(cfg.prompts_per_rollout, k)).view(-1)
+            data["advantages"] = group_advantages(rewards.view(P, k)).view(-1)
         else:
             token_rewards = -self.kl_coef * kl_penalty(old, ref, "k1") * mask
             last = mask.long().cumsum(dim=1).argmax(dim=1)  # each reply's last token
@@ -284,18 +307,36 @@ class Rollouts:
                                                                    mask).sqrt()
             data |= {"advantages": (((advantages - mean) / (std + 1e-8)) * mask).cpu(), "returns": returns.cpu(),
                      "values": values.cpu()}
+        parts = runtime.gather_object((data, rewards, kl.cpu(), mask.sum(dim=1).cpu()))  # every process's, in order
+        data = _concat([part[0] for part in parts], pad_id=self.fmt.tokenizer.pad_id or 0)
+        rewards, kl, lengths = (torch.cat([part[i] for part in parts]) for i in (1, 2, 3))
         stats = {"rollout": r, "reward": round(float(rewards.mean()), 4), "kl": round(float(kl.mean()), 4),
-                 "reply_tokens": round(float(mask.sum(dim=1).float().mean()), 1), "kl_coef": self.kl_coef}
+                 "reply_tokens": round(float(lengths.float().mean()), 1), "kl_coef": self.kl_coef}
         next_kl = self.kl_coef
         if cfg.method == "ppo" and cfg.kl_target is not None:  # Ziegler et al. 2019: proportional control
             error = max(-0.2, min(0.2, float(kl.mean()) / cfg.kl_target - 1))
             next_kl = self.kl_coef * (1 + 0.1 * error)
         saved = {"index": r, "data": data, "kl_coef": self.kl_coef, "next_kl_coef": next_kl}
-        atomic_write(self.out / ROLLOUT, lambda p: torch.save(saved, p))
-        with open(self.out / ROLLOUTS_LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(stats) + "\n")
+        if runtime.is_main:
+            atomic_write(self.out / ROLLOUT, lambda p: torch.save(saved, p))
+            with open(self.out / ROLLOUTS_LOG, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats) + "\n")
         self.kl_coef = next_kl
         return saved
+
+
+def _concat(parts: list[dict[str, torch.Tensor]], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Rollout parts (each {name: (N_r, T_r) or (N_r,)}) as one, rows in order, right-padded to the longest T:
+    inputs with pad_id, targets with IGNORE, the rest with 0 (masked out wherever they are used)."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(part["x"].shape[1] for part in parts)
+    fill = {"x": pad_id, "y": IGNORE}
+
+    def padded(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t if t.dim() == 1 else torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill.get(name, 0))
+
+    return {name: torch.cat([padded(name, part[name]) for part in parts]) for name in parts[0]}
 
 
 def _endless(n: int, size: int, *, seed: int, step: int) -> list[int]:
@@ -326,8 +367,8 @@ def rl_loss(cfg: AlignConfig):
         x, y = b["x"], b["y"]
         mask = y != IGNORE
         if cfg.method == "ppo":
-            logits, hidden = m(x)
-            values = m.score("value", hidden)
+            logits, scores = m(x)
+            values = scores["value"]
             advantages = b["advantages"]
         else:
             logits = m(x)
@@ -355,7 +396,7 @@ def make_reward(cfg: AlignConfig, device: str):
 
 
 def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_len: int,
-                figures: list[dict[str, float]]) -> Prepared:
+                figures: list[dict[str, float]], runtime: Runtime) -> Prepared:
     prompts = load_prompts(cfg.data)
     fits = [p for p in prompts if len(fmt.prompt(p)) < seq_len]
     if not fits:
@@ -370,15 +411,16 @@ def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_
     trainee = WithHeads(model, ("value",)).train() if cfg.method == "ppo" else model
     engine = Engine(model, fmt.tokenizer, device=loop.device)
     engine.stop_ids |= fmt.stop_ids
-    rollouts = Rollouts(cfg, loop, model, trainee, reference, engine, fmt, train, reward, seq_len)
+    rollouts = Rollouts(cfg, loop, model, trainee, reference, engine, fmt, train, reward, seq_len, runtime)
     held = val[:EVAL_PROMPTS]
 
-    def evaluate(m: torch.nn.Module) -> float:
-        figures.append(rl_figures(model, reference, engine, fmt, held, reward, cfg, seq_len))
+    def evaluate(m: torch.nn.Module) -> float:  # every process: the same held-out prompts
+        with runtime.whole(model) as policy:  # FSDP: gathered
+            figures.append(rl_figures(policy, reference, engine, fmt, held, reward, cfg, seq_len))
         return -figures[-1]["reward"]  # the loop's "val_loss": the held-out reward, negated
 
     info = _info(trainee, layers, fmt, prompts={"train": len(train), "val": len(val)})
-    tokens = cfg.prompts_per_rollout * cfg.group_size // cfg.minibatches * (cfg.max_new_tokens // 2)
+    tokens = rollouts.size // cfg.minibatches * (cfg.max_new_tokens // 2)
     return Prepared(trainee, rollouts.minibatch, rl_loss(cfg), evaluate if held else None,
                     tokens_per_step=tokens * loop.grad_accum, trainable_only=cfg.lora is not None,
                     fingerprint=fingerprint(fits), info=info)

@@ -86,11 +86,7 @@ def load_checkpoint(out_dir: str | Path, model: GPT, optimizer: torch.optim.Opti
         load_sharded(Path(out_dir) / state[SHARDED], model, optimizer, rank=0)
         return state
     if isinstance(model, WithHeads):
-        heads, head_meta = _read(Path(out_dir) / HEADS)
-        if head_meta.get("step") != str(state["step"]):
-            raise ValueError(f"{out_dir}: {HEADS} is from step {head_meta.get('step')} but {STATE} from step "
-                             f"{state['step']} (a save was interrupted); start a new run")
-        model.heads.load_state_dict(heads)
+        model.heads.load_state_dict(read_heads(out_dir, state)[0])
         model = model.model
     weights = read_weights(out_dir, state, trainable_only=trainable_only)
     weights = {k: v.to(next(model.parameters()).device) for k, v in weights.items()}
@@ -115,6 +111,15 @@ def read_state(out_dir: str | Path) -> dict[str, Any]:
     except Exception as e:  # torch raises several types for a corrupt pickle zip
         raise ValueError(f"{path}: cannot read training state ({type(e).__name__}); the checkpoint is corrupt, "
                          f"delete it to restart from the weights alone") from None
+
+
+def read_heads(out_dir: str | Path, state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The scalar heads of a one-file checkpoint (heads.safetensors), checked to be of the step of `state`."""
+    heads, meta = _read(Path(out_dir) / HEADS)
+    if meta.get("step") != str(state["step"]):
+        raise ValueError(f"{out_dir}: {HEADS} is from step {meta.get('step')} but {STATE} from step "
+                         f"{state['step']} (a save was interrupted); start a new run")
+    return heads, meta
 
 
 def read_weights(out_dir: str | Path, state: dict[str, Any], *, trainable_only: bool) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Many processes under torchrun: the one module that touches torch.distributed.
 
-    torchrun --nproc-per-node 2 -m yunque pretrain --out runs/py ...
+    torchrun --nproc-per-node 2 -m yunque pretrain --out runs/py ...     (and sft, reward train, align)
 
 `session()` starts the process group from torchrun's environment (gloo on CPU, nccl on CUDA) and yields a
 `DistributedRuntime`, which the stage skeleton and the loop ask what `runtime.Runtime` answers for one process:
@@ -11,11 +11,14 @@
     shard       rank r takes rows [r*b, (r+1)*b) of the global micro-batch: data is a pure function of
                 (seed, step, rank, world size), so one process with batch 2b sees what two with batch b see
     no_sync     no gradient all-reduce on the micro-batches of an accumulation but the last
-    mean, broadcast_flag, broadcast_object, barrier: the few collectives the loop and skeleton need
+    mean, broadcast_flag, broadcast_object, gather_object, barrier: the few collectives the loop, the skeleton
+                and RL rollouts need
+    whole       a plain copy of the model with FSDP's shards gathered, for the engine that samples rollouts
     checkpoints torch.distributed.checkpoint: each rank writes its shards into checkpoint/step-N.tmp, rank 0
                 renames it whole and then commits the step by writing train_state.pt (naming the dir) and the
-                gathered full model.safetensors together (atomic.py); a step without its train_state is ignored
-                and deleted. Such a checkpoint loads on any number of processes, or on one without torchrun.
+                gathered full model.safetensors (and a reward or value head's heads.safetensors) together
+                (atomic.py); a step without its train_state is ignored and deleted. Such a checkpoint loads on
+                any number of processes, or on one without torchrun.
 
 Only rank 0 writes the run dir, metrics, plot and stdout. A process that fails prints one line naming its rank;
 the others, whose collectives then break, exit without adding to it (a timeout says so in one line).
@@ -24,6 +27,7 @@ the others, whose collectives then break, exit without adding to it (a timeout s
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 import shutil
@@ -44,10 +48,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from yunque.atomic import atomic_write_all, fsync_dir, recover
 from yunque.config import LoopConfig
+from yunque.model.heads import HEADS, WithHeads
 from yunque.modeldir import WEIGHTS
 from yunque.precision import physical_cores, resolve_precision
-from yunque.train.checkpoint import SHARDED, SHARDS, STATE, TRAINABLE, read_state, read_weights
-from yunque.train.runtime import Runtime, checkpoint_blocks
+from yunque.train.checkpoint import SHARDED, SHARDS, STATE, TRAINABLE, read_heads, read_state, read_weights
+from yunque.train.runtime import Runtime, blocks, checkpoint_blocks, gpt_of
 
 DDP_BYTES_PER_PARAM = 16
 """fp32 weight, gradient and AdamW's two moments: what DDP holds per parameter in every process."""
@@ -127,6 +132,7 @@ class DistributedRuntime(Runtime):
         self.local_rank, self.local_world_size, self.device_type = local_rank, local_world_size, device_type
         self.parallel: str | None = None  # "ddp" or "fsdp" once a model is wrapped
         self.inner: torch.nn.Module | None = None
+        self.skeleton: torch.nn.Module | None = None
 
     @classmethod
     def from_env(cls, device: str, timeout: float) -> DistributedRuntime:
@@ -189,18 +195,20 @@ class DistributedRuntime(Runtime):
         if parallel == "fsdp" and cfg.optimizer == "muon":
             raise ValueError("--optimizer muon orthogonalises whole matrices, which --parallel fsdp shards; use "
                              "--parallel ddp or --optimizer adamw")
+        self.inner, self.parallel = model, parallel
+        if parallel == "fsdp":  # the model's structure without its weights, for `whole`
+            self.skeleton = _meta_copy(model)
         if cfg.activation_checkpointing:
             checkpoint_blocks(model)
-        self.inner, self.parallel = model, parallel
         if parallel == "ddp":
             ids = [self.local_rank] if self.device_type == "cuda" else None
             return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         bf16 = resolve_precision(cfg.precision, cfg.device) == "bf16"
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                       reduce_dtype=torch.float32 if bf16 else None)
-        for block in getattr(model, "blocks", ()):  # one all-gather / reduce-scatter per block
+        for block in blocks(model):  # one all-gather / reduce-scatter per block
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, head
+        fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, output head, scalar heads
         return model
 
     def shard(self, batch: Any) -> Any:
@@ -246,6 +254,31 @@ class DistributedRuntime(Runtime):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def whole(self, module: torch.nn.Module):
+        from torch.distributed.fsdp import FSDPModule
+
+        if not any(isinstance(m, FSDPModule) for m in module.modules()):  # DDP's, or not yet wrapped: whole
+            return contextlib.nullcontext(module)
+        return self._gathered(module)
+
+    @contextlib.contextmanager
+    def _gathered(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """A plain copy of `module` (a part of the FSDP model) with the full weights all-gathered into every
+        process, made on the meta-device skeleton `wrap` kept; it lives for the block."""
+        name = next(n for n, m in self.inner.named_modules() if m is module)
+        full = get_model_state_dict(self.inner, options=StateDictOptions(full_state_dict=True))
+        plain = _meta_copy(self.skeleton)
+        plain.load_state_dict(full, assign=True)
+        try:
+            yield plain.get_submodule(name)
+        finally:
+            del plain, full
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -279,7 +312,6 @@ class DistributedRuntime(Runtime):
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(final.parent)
-            weights = _export(full, self.inner or model, trainable_only)
             metadata = {"step": str(step)}
             if extra.get("max_steps") is not None:
                 metadata["max_steps"] = str(extra["max_steps"])
@@ -287,9 +319,10 @@ class DistributedRuntime(Runtime):
                      "parallel": self.parallel, **extra}
             from safetensors.torch import save_file
 
-            name = TRAINABLE if trainable_only else WEIGHTS
-            atomic_write_all([(out / STATE, lambda p: torch.save(state, p)),
-                              (out / name, lambda p: save_file(weights, str(p), metadata=metadata))])
+            files = _export(full, self.inner or model, trainable_only)
+            atomic_write_all([(out / STATE, lambda p: torch.save(state, p))]
+                             + [(out / name, lambda p, w=w: save_file(w, str(p), metadata=metadata))
+                                for name, w in files.items()])
             for old in (out / SHARDS).iterdir():  # older steps, and steps a kill left uncommitted
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)
@@ -308,8 +341,11 @@ class DistributedRuntime(Runtime):
             return state
         weights = read_weights(out, state, trainable_only=trainable_only)
         inner = self.inner or model
-        if getattr(getattr(inner, "cfg", None), "tie_embeddings", False) and "tok_emb.weight" in weights:
+        if getattr(getattr(gpt_of(inner), "cfg", None), "tie_embeddings", False) and "tok_emb.weight" in weights:
             weights["lm_head.weight"] = weights["tok_emb.weight"]
+        if isinstance(inner, WithHeads):  # the GPT's names under "model.", the heads' from heads.safetensors
+            heads, _ = read_heads(out, state)
+            weights = {**{f"model.{k}": v for k, v in weights.items()}, **{f"heads.{k}": v for k, v in heads.items()}}
         set_state_dict(model, _optimizers(optimizer), model_state_dict=weights,
                        optim_state_dict=_by_name(state["optimizer"], model, optimizer),
                        options=StateDictOptions(full_state_dict=True, strict=not trainable_only))
@@ -347,19 +383,36 @@ def _optimizers(optimizer: Any) -> tuple[torch.optim.Optimizer, ...]:
     return tuple(getattr(optimizer, "optimizers", (optimizer,)))
 
 
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters are on the meta device (no memory), buffers copied: a skeleton to load
+    a full state dict into with assign=True."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _export(full: dict[str, torch.Tensor], model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """A gathered full state dict as the one-file weights every other command reads (tied head stored once;
-    only the trained tensors of a LoRA run)."""
+def _export(full: dict[str, torch.Tensor], model: torch.nn.Module,
+            trainable_only: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """A gathered full state dict as the one-file weights every other command reads, by file name: the GPT's
+    (tied head stored once; only the trained tensors of a LoRA run) and, for a model with heads, heads.safetensors
+    beside it, as a single-process run writes them (train/checkpoint.py)."""
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    if isinstance(model, WithHeads):
+        files[HEADS] = {k.removeprefix("heads."): v.detach().contiguous() for k, v in full.items()
+                        if k.startswith("heads.")}
+        full = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+        model = model.model
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         full = {k: v for k, v in full.items() if k in names}
     elif getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         full = {k: v for k, v in full.items() if k != "lm_head.weight"}
-    return {k: v.detach().contiguous() for k, v in full.items()}
+    files[TRAINABLE if trainable_only else WEIGHTS] = {k: v.detach().contiguous() for k, v in full.items()}
+    return files
 
 
 def _by_name(saved: dict[str, Any], model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:

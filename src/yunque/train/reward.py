@@ -6,7 +6,8 @@ at each row's last token (its end of turn) -> bradley_terry_loss(chosen, rejecte
 adapters train with the head. Held out: the share of pairs ranked right (pairwise accuracy; chance is 50%).
 
 The out dir is a model dir (or an adapter dir of the backbone, with LoRA) with heads.safetensors and reward.json:
-what `yunque reward score` and `yunque align --reward` load (train/scoring.py).
+what `yunque reward score` and `yunque align --reward` load (train/scoring.py). Under torchrun each process trains
+on its B pairs of a global batch, with the head inside the wrapped model; rank 0 alone writes the dir.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ from yunque.model.lora import attach_lora
 from yunque.modeldir import load_model
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, held_out, run_stage, start_model_dir
+from yunque.train.runtime import Runtime
 from yunque.train.scoring import REWARD_INFO, reward_scores
 
 
-def main(cfg: RewardConfig) -> dict[str, Any]:
-    """Train a reward model; return the loop's summary with held-out pairwise accuracy before and after."""
+def main(cfg: RewardConfig, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Train a reward model (in one process, or in each of torchrun's with `runtime`); return the loop's summary
+    with held-out pairwise accuracy before and after."""
+    runtime = runtime or Runtime()
     if cfg.loop is None:
         lr = 1e-3 if cfg.lora is not None else REWARD_LOOP.lr
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(REWARD_LOOP, lr=lr))
@@ -44,11 +48,14 @@ def main(cfg: RewardConfig) -> dict[str, Any]:
             kept["before"] = held_out(run.model, kept["measure"], loop)
         return run
 
-    summary = run_stage("reward", cfg, prepare_and_measure, inputs=lambda c: [c.model, *c.data])
+    summary = run_stage("reward", cfg, prepare_and_measure, inputs=lambda c: [c.model, *c.data], runtime=runtime)
+    # every process measures (FSDP's forward is collective); rank 0 alone writes
     after = held_out(kept["model"], kept["measure"], kept["loop"]) if kept["measure"] is not None else {}
-    info_path = kept["out"] / REWARD_INFO
-    info = json.loads(info_path.read_text(encoding="utf-8"))
-    atomic_write_text(info_path, json.dumps({**info, "held_out": after, "steps": summary["steps"]}, indent=2) + "\n")
+    if runtime.is_main:
+        info_path = kept["out"] / REWARD_INFO
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        atomic_write_text(info_path, json.dumps({**info, "held_out": after, "steps": summary["steps"]}, indent=2)
+                          + "\n")
     return {**summary, "before": kept.get("before"), "after": after}
 
 
@@ -67,17 +74,19 @@ def prepare(cfg: RewardConfig, loop: LoopConfig, kept: dict[str, Any] | None = N
     pairs, train, val = pair_batches(cfg.data, fmt, max_seq_len=seq_len, val_fraction=cfg.val_fraction,
                                      seed=cfg.seed)
     model.float()
+    if not model.cfg.tie_embeddings:  # the reward reads hidden states, never the logits: no gradient reaches the
+        model.lm_head.requires_grad_(False)  # output head (and DDP wants one for every parameter it trains)
     torch.manual_seed(cfg.seed)
     layers = attach_lora(model, cfg.lora) if cfg.lora is not None else []
     rm = WithHeads(model, ("reward",)).train()
-    B, device = cfg.batch_size, loop.device
+    B, W, device = cfg.batch_size, loop.world_size, loop.device
 
-    def batches(i: int):
-        ids, last = train.collate_full(train.indices(B, seed=cfg.seed, step=i))
+    def batches(i: int):  # the global micro-batch of B x W pairs, process r's B pairs its r-th rows (runtime.shard)
+        ids, last = train.collate_full(train.indices(B * W, seed=cfg.seed, step=i), groups=W)
         return ids.to(device), last.to(device)
 
-    def measure(m: WithHeads) -> dict[str, float]:
-        return pairwise_figures(m, val, B, device, max_batches=cfg.eval_batches)
+    def measure(m: WithHeads) -> dict[str, float]:  # every process: the same global batches, whatever their number
+        return pairwise_figures(m, val, B * W, device, max_batches=cfg.eval_batches)
 
     if kept is not None:
         kept["measure"] = measure if val else None
@@ -91,7 +100,8 @@ def prepare(cfg: RewardConfig, loop: LoopConfig, kept: dict[str, Any] | None = N
             "trainable_parameters": sum(p.numel() for p in rm.parameters() if p.requires_grad),
             "lora_layers": len(layers), "pairs": {"train": len(train), "val": len(val) if val else 0}}
     return Prepared(rm, batches, pair_loss, (lambda m: measure(m)["loss"]) if val else None,
-                    tokens_per_step=round(B * loop.grad_accum * train.mean_len), trainable_only=cfg.lora is not None,
+                    tokens_per_step=round(B * W * loop.grad_accum * train.mean_len),
+                    trainable_only=cfg.lora is not None,
                     fingerprint=fingerprint(pairs), info=info)
 
 

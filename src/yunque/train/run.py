@@ -122,17 +122,22 @@ def _follow(prepare: Callable[[Any, LoopConfig], Prepared], runtime: Runtime) ->
 
 def per_process_batch(cfg: Any, saved_world_size: int, world_size: int) -> Any:
     """`cfg` with the batch per process that keeps a resumed run's global micro-batch (batch_size x world size)
-    on another number of processes, so it sees the same data; an error if it does not split evenly."""
-    if saved_world_size == world_size or not hasattr(cfg, "batch_size"):
+    on another number of processes, so it sees the same data; an error if it does not split evenly. A config
+    whose per-process amounts are other fields names them in `per_process` (alignment's rollout prompts)."""
+    names = [n for n in getattr(cfg, "per_process", ("batch_size",)) if hasattr(cfg, n)]
+    if saved_world_size == world_size or not names:
         return cfg
-    rows = cfg.batch_size * saved_world_size
-    if rows % world_size:
-        raise ValueError(f"the run's micro-batch is {cfg.batch_size} x {saved_world_size} processes = {rows} "
-                         f"sequences, which {world_size} processes cannot share evenly; resume with a number of "
-                         f"processes that divides {rows}")
-    print(f"resuming {saved_world_size}-process run on {world_size}: batch {rows // world_size} per process "
-          f"(the same {rows} sequences per micro-batch)")
-    return dataclasses.replace(cfg, batch_size=rows // world_size)
+    changes = {}
+    for name in names:
+        rows = getattr(cfg, name) * saved_world_size
+        if rows % world_size:
+            raise ValueError(f"the run's {name} is {getattr(cfg, name)} x {saved_world_size} processes = {rows}, "
+                             f"which {world_size} processes cannot share evenly; resume with a number of processes "
+                             f"that divides {rows}")
+        changes[name] = rows // world_size
+        print(f"resuming {saved_world_size}-process run on {world_size}: {name} {rows // world_size} per process "
+              f"(the same {rows} in all)")
+    return dataclasses.replace(cfg, **changes)
 
 
 def held_out(model: torch.nn.Module, evaluate: Callable[[torch.nn.Module], float], loop: LoopConfig) -> float:

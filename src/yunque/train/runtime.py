@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from yunque.config import LoopConfig
+from yunque.model.heads import WithHeads
 
 
 class Runtime:
@@ -67,6 +68,16 @@ class Runtime:
         """Rank 0's `obj` in every process (picklable); here, itself."""
         return obj
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every process's `obj` (picklable), in rank order, in every process; here, [obj]."""
+        return [obj]
+
+    def whole(self, module: torch.nn.Module):
+        """Context yielding `module` (the trained model or a part of it) with whole weights, as a plain module an
+        engine can copy (RL rollouts): under FSDP a copy gathered from the shards, which every process must ask
+        for at the same point; here, `module` itself."""
+        return contextlib.nullcontext(module)
+
     def barrier(self) -> None:
         """Wait until every process gets here."""
 
@@ -93,10 +104,20 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
     """Activation checkpointing: each transformer block keeps only its input for backward and recomputes the rest
     (about a third more compute for the activations of one block instead of all). The parameter names stay the
     same, so checkpoints and model dirs do not change."""
-    for block in getattr(model, "blocks", ()):
+    for block in blocks(model):
         if not getattr(block, "_checkpointed", False):
             block.forward = functools.partial(_recompute, block.forward)
             block._checkpointed = True
+
+
+def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of a GPT, or of the GPT inside a model with heads (model/heads.WithHeads)."""
+    return list(getattr(gpt_of(model), "blocks", ()))
+
+
+def gpt_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT a trained module holds: itself, or the model under the heads of a WithHeads."""
+    return model.model if isinstance(model, WithHeads) else model
 
 
 def _recompute(forward, *args, **kwargs):
@@ -105,4 +126,4 @@ def _recompute(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-__all__ = ["Runtime", "checkpoint_blocks"]
+__all__ = ["Runtime", "checkpoint_blocks", "blocks", "gpt_of"]

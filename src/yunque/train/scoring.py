@@ -33,9 +33,8 @@ REWARD_INFO = "reward.json"
 
 def reward_scores(model: WithHeads, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     """Reward (B,) of rows x (B, T): the reward head at each row's position `last` (B,), its reply's final token."""
-    _, hidden = model(x)
-    scores = model.score("reward", hidden)  # (B, T)
-    return scores.gather(1, last.unsqueeze(1)).squeeze(1)
+    _, scores = model(x)  # scores["reward"]: (B, T)
+    return scores["reward"].gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 class RewardModel:
