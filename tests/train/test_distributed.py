@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 
 from tests.train import dist_align
 from tests.train.dist_curves import LOOP, config
-from yunque.config import AlignConfig, preset
+from yunque.config import AlignConfig, RewardConfig, preset
 from yunque.model.gpt import GPT
 from yunque.model.heads import HEADS
 from yunque.modeldir import checkpoint_progress, read_metrics
@@ -298,6 +298,22 @@ def test_reward_and_dpo_on_two_processes_with_b_pairs_follow_one_with_2b(align_c
         assert (x["reward.weight"] - y["reward.weight"]).abs().max() <= ALIGN_WEIGHT_TOL
         info = [json.loads((run / REWARD_INFO).read_text()) for run in (a, b)]
         assert info[0]["held_out"] == pytest.approx(info[1]["held_out"], abs=LOSS_TOL) and info[0]["steps"] == 6
+
+
+def test_a_two_process_reward_run_resumes_in_one_process_as_one_process_run_does(align_curves, tmp_path):
+    """The FSDP run's sharded checkpoint (GPT and head) continues in one process without torchrun, at the same
+    global batch, where the one-process run continues from its one-file checkpoint with heads.safetensors."""
+    runs = {}
+    for name in ("reward-fsdp", "reward-one"):
+        runs[name] = out = shutil.copytree(align_curves / name, tmp_path / name)  # resume takes the run's settings
+        reward(RewardConfig(model="", data=(), out=str(out),
+                            loop=dataclasses.replace(dist_align.LOOP, max_steps=8, resume=True, out_dir=str(out))))
+    a, b = runs["reward-fsdp"], runs["reward-one"]
+    assert [r["step"] for r in read_metrics(a / "metrics.jsonl")] == list(range(1, 9))
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= LOSS_TOL
+    assert max_weight_difference(a, b) <= ALIGN_WEIGHT_TOL
+    heads = [load_file(run / HEADS)["reward.weight"] for run in (a, b)]
+    assert (heads[0] - heads[1]).abs().max() <= ALIGN_WEIGHT_TOL
 
 
 def test_ppo_under_ddp_gathers_each_processs_rollout_and_writes_it_once(align_curves):
