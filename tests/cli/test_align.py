@@ -92,3 +92,16 @@ def test_bad_pairs_and_settings_are_one_line(base, prompts, tmp_path, capsys):
     fails(capsys, ["reward", "train", "--model", str(base), "--data", str(prompts), "--out", str(out), *STEPS],
           f"{prompts}:1:", "missing field(s) chosen, rejected")
     assert not out.exists()
+
+
+def test_a_resumed_run_says_the_method_it_ran(base, prompts, reward_module, tmp_path, capsys):
+    (tmp_path / "good_rewards.py").write_text("def short(prompt, completion):\n    return -len(completion)\n",
+                                              encoding="utf-8")
+    out = tmp_path / "grpo"
+    grpo = ["--model", str(base), "--data", str(prompts), "--reward-fn", "good_rewards:short", "--group-size", "2",
+            "--prompts-per-rollout", "2", "--max-new-tokens", "4", "--checkpoint-every", "1"]
+    assert main(["align", "--method", "grpo", *grpo, "--out", str(out), "--no-progress", "--precision", "fp32",
+                 "--max-steps", "1"]) == 0
+    assert "aligned (grpo)" in capsys.readouterr().out
+    assert main(["align", "--out", str(out), "--resume", "--max-steps", "2", "--no-progress"]) == 0
+    assert "aligned (grpo)" in capsys.readouterr().out  # the run's method, not the flag's default (dpo)

@@ -101,7 +101,7 @@ def cmd_align(args) -> int:
         before, after = s.get("before") or {}, s.get("after") or {}
         figures = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" if k in before else f"{k} {after[k]:.3f}"
                             for k in after if k in ("reward", "kl", "loss", "reward_accuracy"))
-        print(f"aligned ({cfg.method}) {s['trainable_parameters']:,} of {s['parameters']:,} parameters for "
+        print(f"aligned ({s['method']}) {s['trainable_parameters']:,} of {s['parameters']:,} parameters for "
               f"{s['steps']} steps{': held out ' + figures if figures else ''} -> {args.out}")
     return 0
 

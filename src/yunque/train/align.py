@@ -76,11 +76,17 @@ def main(cfg: AlignConfig, runtime: Runtime | None = None) -> dict[str, Any]:
     if cfg.reward_fn and not cfg.loop.resume:
         import_reward_fn(cfg.reward_fn)  # one line, before anything is written
     figures: list[dict[str, float]] = []
+    ran: list[AlignConfig] = []  # the run's own config: on --resume, the one in its run.json
+
+    def prepare_run(c: AlignConfig, loop: LoopConfig) -> Prepared:
+        ran.append(c)
+        return prepare(c, loop, figures, runtime)
+
     inputs = lambda c: [c.model, *c.data, *([c.reward] if c.reward else [])]  # noqa: E731
-    summary = run_stage("align", cfg, lambda c, loop: prepare(c, loop, figures, runtime), inputs=inputs,
-                        runtime=runtime)
+    summary = run_stage("align", cfg, prepare_run, inputs=inputs, runtime=runtime)
     fresh = summary["val_loss_before"] is not None
-    return {**summary, "before": figures[0] if fresh and figures else None, "after": figures[-1] if figures else None}
+    return {**summary, "method": (ran[-1] if ran else cfg).method,
+            "before": figures[0] if fresh and figures else None, "after": figures[-1] if figures else None}
 
 
 def prepare(cfg: AlignConfig, loop: LoopConfig, figures: list[dict[str, float]] | None = None,
