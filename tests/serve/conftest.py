@@ -55,10 +55,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, home: Path, *args: str) -> Server:
+def start_server(model_dir: Path, home: Path, *args: str, name: str = MODEL) -> Server:
+    """`yunque serve NAME=MODEL_DIR ARGS...`, answering /health."""
     port = free_port()
     env = {**os.environ, "YUNQUE_HOME": str(home), "OMP_NUM_THREADS": "1", "YUNQUE_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "yunque", "serve", f"{MODEL}={model_dir}", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "yunque", "serve", f"{name}={model_dir}", "--port", str(port),
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Server(f"http://127.0.0.1:{port}", proc, home, model_dir)
     deadline = time.monotonic() + 120

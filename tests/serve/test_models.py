@@ -142,6 +142,9 @@ def test_cli_model_specs(base, tmp_path):
 
     specs = model_specs([f"chat={base}", str(base)])
     assert [s.name for s in specs] == ["chat", base.name] and specs[0].path == base
+    gguf = tmp_path / "Small-1B.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert [s.name for s in model_specs([str(gguf), f"g={gguf}"])] == ["Small-1B.Q4_1", "g"]
     with pytest.raises(ValueError, match="no model dir or catalogue model named nowhere"):
         model_specs(["nowhere"], str(tmp_path))
 
@@ -181,3 +184,20 @@ def test_a_non_streaming_client_that_hangs_up_cancels_its_sequences(base, tmp_pa
     finally:
         gate.set()
         registry.close()
+
+
+def test_a_gguf_file_is_served_and_answers(smollm2_gguf, tmp_path):
+    """The real SmolLM2 GGUF behind `yunque serve NAME=FILE.gguf`, asked through the openai SDK: its own chat
+    template and stop ids come from the file."""
+    openai = pytest.importorskip("openai")
+    from tests.serve.conftest import KEY, start_server, stop_server
+
+    server = start_server(smollm2_gguf, tmp_path, "--preload", name="smol")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["smol"]
+        r = client.chat.completions.create(model="smol", temperature=0, max_tokens=20,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    finally:
+        stop_server(server)

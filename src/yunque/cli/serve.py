@@ -22,9 +22,11 @@ def register(sub) -> None:
                             "Each model loads on its first request (or at start with --preload).",
                 examples="  yunque serve runs/speedrun/chat\n"
                          "  yunque serve chat=runs/speedrun/chat base=runs/speedrun --max-memory 2\n"
+                         "  yunque serve smol=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf\n"
                          "  YUNQUE_API_KEY=secret yunque serve HuggingFaceTB/SmolLM2-135M-Instruct --host 0.0.0.0\n")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="a model dir (yunque or Hugging Face), a catalogue name, or NAME=PATH to choose the name "
+                   help="a model dir (yunque or Hugging Face), a .gguf file, a catalogue name, or NAME=PATH to choose "
+                        "the name "
                         "clients ask for (default: the dir's name)")
     add_catalogue_flag(p)
     add_fields(p, ServeConfig, SERVE_FLAGS, metavars={"api_key": "KEY", "max_memory": "GIB"})
@@ -32,7 +34,8 @@ def register(sub) -> None:
 
 
 def model_specs(models: list[str], catalogue: str | None = None) -> list:
-    """ModelSpecs for the MODEL arguments: NAME=PATH, a path (named by its dir), or a catalogue name."""
+    """ModelSpecs for the MODEL arguments: NAME=PATH, a path (named by its dir, or a file by its name without the
+    extension: SmolLM2-135M-Instruct.Q4_1 for SmolLM2-135M-Instruct.Q4_1.gguf), or a catalogue name."""
     from yunque.serve.models import ModelSpec
 
     specs = []
@@ -41,7 +44,9 @@ def model_specs(models: list[str], catalogue: str | None = None) -> list:
         if not sep:
             name, where = "", arg
         path = model_path(where, catalogue)
-        specs.append(ModelSpec(name or (where if not Path(where).exists() else path.resolve().name), path))
+        if not name:
+            name = where if not Path(where).exists() else path.stem if path.is_file() else path.resolve().name
+        specs.append(ModelSpec(name, path))
     return specs
 
 

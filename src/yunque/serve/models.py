@@ -62,7 +62,7 @@ class ModelLoading(RuntimeError):
 
 
 def load_spec(spec: ModelSpec, cfg: ServeConfig, sched: SchedulerConfig) -> Loaded:
-    """Load a model dir (yunque or Hugging Face) into an engine and start its scheduler."""
+    """Load a model (yunque or Hugging Face dir, GGUF file) into an engine and start its scheduler."""
     from yunque.modeldir import generation_stop_ids, load_model
 
     model, tokenizer = load_model(spec.path, device=cfg.device)
@@ -74,8 +74,10 @@ def load_spec(spec: ModelSpec, cfg: ServeConfig, sched: SchedulerConfig) -> Load
 
 
 def weights_bytes(path: Path) -> int:
-    """What loading a model dir will take, estimated by its weight files' size on disk."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """What loading a model will take, estimated by its weight files' size on disk (a one-file model's, GGUF, by
+    the file's: low for a quantized one, which loads dequantized; `Registry` checks again once it is loaded)."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 class Registry:
