@@ -17,6 +17,7 @@ from yunque.model.lora import (
     lora_state_dict,
     merge_lora,
     save_adapter,
+    with_adapter,
 )
 from yunque.modeldir import WEIGHTS
 from yunque.train.checkpoint import STATE, TRAINABLE
@@ -84,6 +85,25 @@ def test_merged_model_equals_base_plus_adapter(cfg, targets):
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(targets))
     assert set(model.state_dict()) == set(new_model(cfg).state_dict())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("cfg, targets", [(LLAMA, ("qkv", "proj", "up", "down")),
+                                          (GPT2, ("qkv", "proj", "up", "down", "lm_head"))])
+def test_with_adapter_computes_base_plus_adapter_over_the_same_weights(cfg, targets):
+    lora = LoraConfig(rank=4, alpha=8, targets=targets)
+    trained = new_model(cfg)
+    attach_lora(trained, lora)
+    randomize_b(trained)
+    state = lora_state_dict(trained)
+    base = new_model(cfg).eval()
+    adapted = with_adapter(base, state, lora)
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(IDS), trained(IDS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(base(IDS), new_model(cfg)(IDS), atol=0, rtol=0)  # the base is left as it is
+    shared = {p.data_ptr() for p in base.parameters()}
+    assert all(p.data_ptr() in shared for p in adapted.parameters())  # one copy of the base's weights
+    with pytest.raises(ValueError, match="does not fit the model"):
+        with_adapter(new_model(ModelConfig(**{**cfg.__dict__, "d_model": 64})), state, lora)
 
 
 def test_adapter_save_load_round_trip(tmp_path):

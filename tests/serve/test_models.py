@@ -201,3 +201,53 @@ def test_a_gguf_file_is_served_and_answers(smollm2_gguf, tmp_path):
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
     finally:
         stop_server(server)
+
+
+def make_adapter(base, out, *, record=True):
+    """A LoRA adapter dir over `base` whose B is random (trained-looking), and the merged model beside it."""
+    import torch
+
+    from yunque.config import LoraConfig
+    from yunque.model.lora import LoRALinear, attach_lora, merge_lora, save_adapter
+    from yunque.modeldir import load_model, save_model
+
+    model, tok = load_model(base)
+    lora = LoraConfig(rank=4, alpha=8)
+    attach_lora(model, lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * 0.3)
+    save_adapter(out / "adapter", model, lora, base_model=str(base.resolve()) if record else None)
+    save_model(out / "merged", merge_lora(model), tok)
+    return out / "adapter", out / "merged"
+
+
+def test_an_adapter_is_served_as_its_own_model_over_one_copy_of_its_base(base, tmp_path):
+    adapter, merged = make_adapter(base, tmp_path)
+    registry = Registry([ModelSpec("base", base), ModelSpec("tuned", adapter), ModelSpec("merged", merged)])
+    app = create_app(registry, feedback_dir=tmp_path)
+    try:
+        assert registry.specs["tuned"].base == "base"
+        prompt = dict(prompt="def parse(", max_tokens=12)
+        tuned, plain, folded = (ask(app, name, **prompt).json()["choices"][0]["text"]
+                                for name in ("tuned", "base", "merged"))
+        assert tuned != plain and tuned == folded  # the adapter answers as `yunque merge` would, not as the base
+        base_model, tuned_model = registry.loaded["base"], registry.loaded["tuned"]
+        shared = {p.data_ptr() for p in base_model.engine.model.parameters()}
+        assert all(p.data_ptr() in shared for p in tuned_model.engine.model.parameters())
+        assert tuned_model.bytes < base_model.bytes / 4  # its own tensors only
+        registry.unload("base")  # the adapter goes with its base
+        assert set(registry.loaded) == {"merged"}
+        assert ask(app, "tuned", **prompt).json()["choices"][0]["text"] == tuned  # and comes back with it
+    finally:
+        registry.close()
+
+
+def test_an_adapter_whose_base_is_not_served_is_refused(base, tmp_path):
+    adapter, merged = make_adapter(base, tmp_path)
+    with pytest.raises(ValueError, match="which is not served; serve the base too"):
+        Registry([ModelSpec("other", merged), ModelSpec("tuned", adapter)])
+    unrecorded, _ = make_adapter(base, tmp_path / "u", record=False)  # no base recorded: the only model served
+    assert Registry([ModelSpec("b", base), ModelSpec("t", unrecorded)]).specs["t"].base == "b"

@@ -23,10 +23,11 @@ def register(sub) -> None:
                 examples="  yunque serve runs/speedrun/chat\n"
                          "  yunque serve chat=runs/speedrun/chat base=runs/speedrun --max-memory 2\n"
                          "  yunque serve smol=../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+                         "  yunque serve base=runs/speedrun tuned=runs/lora   # an adapter over its base\n"
                          "  YUNQUE_API_KEY=secret yunque serve HuggingFaceTB/SmolLM2-135M-Instruct --host 0.0.0.0\n")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="a model dir (yunque or Hugging Face), a .gguf file, a catalogue name, or NAME=PATH to choose "
-                        "the name "
+                   help="a model dir (yunque or Hugging Face), a .gguf file, a LoRA adapter dir (served over its "
+                        "base, which must be served too), a catalogue name, or NAME=PATH to choose the name "
                         "clients ask for (default: the dir's name)")
     add_catalogue_flag(p)
     add_fields(p, ServeConfig, SERVE_FLAGS, metavars={"api_key": "KEY", "max_memory": "GIB"})

@@ -16,6 +16,7 @@ cache length runs each decode step over a static-shape cache.
 from __future__ import annotations
 
 import codecs
+import copy
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,11 +24,12 @@ from typing import NamedTuple
 
 import torch
 
-from yunque.config import SamplingParams
+from yunque.config import LoraConfig, SamplingParams
 from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
 from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
+from yunque.model.lora import with_adapter
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer
 
 
@@ -253,6 +255,17 @@ class Engine:
         self.model = self._decode = None
         self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
         self._decode = compiled_decode_step() if self.compile else decode_step
+
+    def with_adapter(self, state: dict[str, torch.Tensor], cfg: LoraConfig) -> Engine:
+        """An engine decoding this one's model plus a LoRA adapter (as `load_adapter` returns it), unmerged, that
+        shares every weight with this engine: one copy of the base for any number of adapters (the server's
+        adapter models). Batches and compiled graphs are each engine's own; `load_weights` on this engine later
+        does not reach it."""
+        engine = copy.copy(self)
+        engine.model = with_adapter(self.model, state, cfg)
+        engine.stop_ids = set(self.stop_ids)
+        engine._decode = compiled_decode_step() if self.compile else decode_step
+        return engine
 
     def token_budget(self, prompt_len: int, max_new_tokens: int) -> int:
         """Tokens generated at most after a prompt of prompt_len tokens: max_new_tokens, or fewer if the prompt plus

@@ -8,6 +8,8 @@ tensors keep their state-dict keys and only `<layer>.lora_a` / `<layer>.lora_b` 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 from dataclasses import asdict
@@ -52,6 +54,51 @@ class LoRALinear(nn.Linear):
     def delta(self) -> torch.Tensor:
         """The update to the weight, scale * B @ A, (out, in)."""
         return (self.lora_b @ self.lora_a) * self.scale
+
+
+class LoRAOver(nn.Module):
+    """An adapter beside a layer that stays as it is and may be shared with other models: y = layer(x) +
+    scale * x A^T B^T, unmerged. (LoRALinear owns its base weight, trains and merges into it; this serves several
+    adapters over one copy of the base, whatever the layer is: nn.Linear or the engine's packed one.)"""
+
+    def __init__(self, layer: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("lora_a", lora_a)  # (r, in)
+        self.register_buffer("lora_b", lora_b)  # (out, r)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x)
+        h = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
+        return y + (h * self.scale).to(y.dtype)
+
+
+def with_adapter(model: nn.Module, state: dict[str, torch.Tensor], cfg: LoraConfig) -> nn.Module:
+    """A model computing `model` plus the adapter (state and cfg as `load_adapter` returns them), unmerged, that
+    shares every weight with `model`: new containers (blocks, attention, ...) over the same layers, with a
+    `LoRAOver` on each adapted one. `model` is left as it is. ValueError naming a layer the adapter does not fit."""
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers(), leaves)}
+    out = copy.deepcopy(model, memo)
+    layers = sorted({key.rsplit(".", 1)[0] for key in state})
+    for name in layers:
+        a, b = state.get(f"{name}.lora_a"), state.get(f"{name}.lora_b")
+        try:
+            layer = out.get_submodule(name)
+        except AttributeError:
+            layer = None
+        fits = (a is not None and b is not None and a.dim() == b.dim() == 2 and a.shape[0] == b.shape[1]
+                and getattr(layer, "in_features", None) == a.shape[1]
+                and getattr(layer, "out_features", None) == b.shape[0])
+        if not fits:
+            raise ValueError(f"the adapter's layer {name!r} does not fit the model (no such linear layer, or other "
+                             f"shapes); is the adapter for another base model?")
+        device = next(model.parameters()).device
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent), child,
+                LoRAOver(layer, a.to(device, torch.float32), b.to(device, torch.float32), cfg.scale))
+    return out
 
 
 def linear_names(model: nn.Module) -> list[str]:

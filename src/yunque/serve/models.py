@@ -1,14 +1,20 @@
 """Several models behind one endpoint: each is loaded on its first request (or at start), runs in its own engine and
-scheduler, and the least recently used are unloaded when loading one more would exceed the memory budget."""
+scheduler, and the least recently used are unloaded when loading one more would exceed the memory budget.
+
+A LoRA adapter dir is a model of its own over a served base model (the one its adapter_config.json names): its
+engine shares the base's weights and adds the adapter unmerged (`Engine.with_adapter`), so any number of adapters
+cost one copy of the base and their own few tensors. Loading an adapter loads its base; unloading a base unloads
+its adapters."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,14 +31,18 @@ class ModelSpec:
 
     name: str
     path: Path
+    base: str | None = None
+    """For a LoRA adapter dir: the name of the served model it applies to (see `find_bases`)."""
 
 
 class Loaded:
     """A model in memory: its engine, the scheduler that batches its requests, and its chat format."""
 
-    def __init__(self, spec: ModelSpec, engine: Engine, fmt: ChatFormat, scheduler: Scheduler) -> None:
+    def __init__(self, spec: ModelSpec, engine: Engine, fmt: ChatFormat, scheduler: Scheduler,
+                 size: int | None = None) -> None:
         self.spec, self.engine, self.format, self.scheduler = spec, engine, fmt, scheduler
-        self.bytes = engine_bytes(engine)
+        self.bytes = engine_bytes(engine) if size is None else size
+        """Memory this model holds of its own (an adapter's: its tensors, not the base it shares)."""
         self.last_used = time.monotonic()
         self.created = int(time.time())
 
@@ -73,6 +83,47 @@ def load_spec(spec: ModelSpec, cfg: ServeConfig, sched: SchedulerConfig) -> Load
     return Loaded(spec, engine, fmt, Scheduler(engine, sched))
 
 
+def load_adapter_spec(spec: ModelSpec, base: Loaded, sched: SchedulerConfig) -> Loaded:
+    """An adapter dir over its loaded base: an engine sharing the base's weights (`Engine.with_adapter`), the base's
+    chat format, and a scheduler of its own."""
+    from yunque.model.lora import load_adapter
+
+    state, lora = load_adapter(spec.path)
+    try:
+        engine = base.engine.with_adapter(state, lora)
+    except ValueError as e:
+        raise ValueError(f"{spec.path}: {e}") from None
+    size = sum(t.numel() * 4 for t in state.values())  # kept in fp32
+    return Loaded(spec, engine, base.format, Scheduler(engine, sched), size)
+
+
+def find_bases(specs: list[ModelSpec]) -> list[ModelSpec]:
+    """`specs` with each LoRA adapter dir's `base` set: the served model whose path its adapter_config.json names
+    (or the only one served, when it names none). ValueError when that model is not served."""
+    from yunque.model.lora import ADAPTER_CONFIG
+    from yunque.modeldir import is_adapter_dir
+
+    models = [s for s in specs if not is_adapter_dir(s.path)]
+    out = []
+    for spec in specs:
+        if spec in models:
+            out.append(spec)
+            continue
+        try:
+            recorded = json.loads((spec.path / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{spec.path / ADAPTER_CONFIG}: not a LoRA adapter config ({e})") from None
+        if recorded:
+            base = next((m for m in models if m.path.resolve() == Path(recorded).resolve()), None)
+        else:
+            base = models[0] if len(models) == 1 else None
+        if base is None:
+            raise ValueError(f"the adapter {spec.path} was trained on {recorded or 'a base it does not record'}, "
+                             f"which is not served; serve the base too: yunque serve BASE {spec.name}={spec.path}")
+        out.append(replace(spec, base=base.name))
+    return out
+
+
 def weights_bytes(path: Path) -> int:
     """What loading a model will take, estimated by its weight files' size on disk (a one-file model's, GGUF, by
     the file's: low for a quantized one, which loads dequantized; `Registry` checks again once it is loaded)."""
@@ -89,7 +140,7 @@ class Registry:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"two models are named {dup!r}; name them apart with NAME=PATH")
-        self.specs = {s.name: s for s in specs}
+        self.specs = {s.name: s for s in find_bases(specs)}
         self.cfg, self.sched = cfg or ServeConfig(), sched or SchedulerConfig()
         self.loader = loader or (lambda spec: load_spec(spec, self.cfg, self.sched))
         self.load_wait = load_wait
@@ -127,8 +178,13 @@ class Registry:
     async def _load(self, name: str, future: asyncio.Future) -> None:
         try:
             spec = self.specs[name]
-            self._make_room(weights_bytes(spec.path), name)
-            model = await asyncio.to_thread(self.loader, spec)
+            if spec.base is not None:
+                base = await self.get(spec.base)
+                self._make_room(weights_bytes(spec.path), name)
+                model = await asyncio.to_thread(load_adapter_spec, spec, base, self.sched)
+            else:
+                self._make_room(weights_bytes(spec.path), name)
+                model = await asyncio.to_thread(self.loader, spec)
             self.loaded[name] = model
             self._make_room(0, name)  # the estimate may have been low
             future.set_result(model)
@@ -138,7 +194,7 @@ class Registry:
             del self.loading[name]
 
     def _make_room(self, need: int, keep: str) -> None:
-        """Unload least recently used models until `need` more bytes fit the budget (never `keep`)."""
+        """Unload least recently used models until `need` more bytes fit the budget (never `keep` nor its base)."""
         if self.cfg.max_memory is None:
             return
         budget = int(self.cfg.max_memory * 2**30)
@@ -146,13 +202,16 @@ class Registry:
             raise ValueError(f"the model {keep!r} needs {need / 2**30:.2f} GiB, more than --max-memory "
                              f"{self.cfg.max_memory:g}; raise --max-memory")
         while sum(m.bytes for m in self.loaded.values()) + need > budget:
-            others = [m for n, m in self.loaded.items() if n != keep]
+            others = [m for n, m in self.loaded.items() if n not in (keep, self.specs[keep].base)]
             if not others:
                 return
             self.unload(min(others, key=lambda m: m.last_used).spec.name)
 
     def unload(self, name: str) -> None:
-        """Unload a model: its running requests end (finish_reason "cancelled") and its memory is freed."""
+        """Unload a model (and the adapters over it): its running requests end (finish_reason "cancelled") and its
+        memory is freed."""
+        for adapter in [n for n, m in self.loaded.items() if m.spec.base == name]:
+            self.unload(adapter)
         model = self.loaded.pop(name, None)
         if model is not None:
             model.scheduler.close()
