@@ -83,7 +83,7 @@ class NextTokenModel(GPT):
         super().__init__(preset("tiny", vocab_size=vocab_size, max_seq_len=128))
         self.table = table
 
-    def forward(self, ids, kv_cache=None):  # ids (B, T) -> logits (B, T, V)
+    def forward(self, ids, kv_cache=None, logits_to_keep=0):  # ids (B, T) -> logits (B, T, V), every position
         following = torch.tensor([self.table.get(i, 0) for i in ids.flatten().tolist()]).view(*ids.shape, 1)
         return torch.full((*ids.shape, self.cfg.vocab_size), -1e9).scatter_(-1, following, 0.0)
 

@@ -777,9 +777,13 @@ class SchedulerConfig:
     """Sequences decoding together at most (each choice of a request is one)."""
     max_tokens: int = 2048
     """Most tokens one sequence may generate; a request asking for more is refused."""
-    prefill_tokens: int = 2048
-    """Prompt tokens prefilled between two decode steps at most (at least one prompt is): a burst of new requests
-    delays the running ones by about this many tokens' prefill, not by all of theirs."""
+    prefill_tokens: int = 512
+    """Prompt tokens prefilled between two decode steps at most: a burst of new requests, or one long prompt
+    (prefilled a chunk at a time), delays the running ones by about this many tokens' prefill, not by all of
+    theirs."""
+    prefix_cache_tokens: int = 4096
+    """Prompt tokens whose keys and values are kept to be reused by prompts that begin the same way (a common
+    system prompt is prefilled once); least recently used first out; 0 turns the cache off."""
 
     def __post_init__(self) -> None:
         check(self, self._problems())
@@ -788,6 +792,8 @@ class SchedulerConfig:
         for name in ("max_queue", "max_running", "max_tokens", "prefill_tokens"):
             if getattr(self, name) < 1:
                 yield f"{name} must be >= 1, got {getattr(self, name)}"
+        if self.prefix_cache_tokens < 0:
+            yield f"prefix_cache_tokens must be >= 0 (0 turns the cache off), got {self.prefix_cache_tokens}"
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ class Recorder(nn.Module):
         super().__init__()
         self.model, self.cfg, self.logits = model, model.cfg, []
 
-    def forward(self, ids, kv_cache=None):
-        out = self.model(ids, kv_cache=kv_cache)
+    def forward(self, ids, kv_cache=None, logits_to_keep=0):
+        out = self.model(ids, kv_cache=kv_cache, logits_to_keep=logits_to_keep)
         self.logits.append(out[:, -1].clone())
         return out
 
@@ -51,7 +51,7 @@ class Scripted(nn.Module):
         self.unused = nn.Parameter(torch.zeros(()))  # gives the engine a parameter dtype
         self.script, self.prompt_len, self.after = script, prompt_len, after
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, logits_to_keep=0):  # every position's logits, whatever it keeps
         B, T = ids.shape
         start = kv_cache.pos if kv_cache is not None else 0
         pos = torch.arange(start, start + T).expand(B, T)
@@ -314,6 +314,40 @@ def test_rows_joining_midway_and_leaving_early_equal_each_alone(mode):
             assert row.logprobs is want.logprobs is None
         assert n == (len(want.ids) if row is not b else 1 + 3 + 6)
     assert (a.finish_reason, b.finish_reason, c.finish_reason) == ("length", None, "length")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunked_prefill_equals_adding_whole(mode):
+    # A and C are prefilled 7 tokens at a time (begin/prefill) while B decodes, then join it together; the first
+    # joins of an empty batch likewise. Each row is what `add` makes of its prompt alone.
+    engine = Engine(tiny_gpt(), TOK)
+    engine.stop_ids = set()
+    pa, pb, pc = MODES[mode]
+    batch = engine.new_batch()
+    b = engine.add(batch, B, pb)
+    pending = [engine.begin(A, pa), engine.begin(C, pc)]
+    while not all(p.done for p in pending):
+        for p in pending:
+            if not p.done:
+                left = len(p.prompt) - p.filled
+                assert engine.prefill(p, 7) == min(7, left) and p.filled <= len(p.prompt)
+        engine.step(batch)
+    a, c = engine.join(batch, pending)
+    assert batch.rows == [b, a, c]
+    run_out(engine, batch)
+    empty = engine.new_batch()
+    first = engine.begin(C, pc)
+    while not first.done:
+        engine.prefill(first, 5)
+    (c2,) = engine.join(empty, [first])
+    run_out(engine, empty)
+    for row, prompt, params in ((a, A, pa), (c, C, pc), (c2, C, pc)):
+        want = engine.new_batch()
+        w = engine.add(want, prompt, params)
+        run_out(engine, want)
+        assert (row.ids, row.finish_reason) == (w.ids, w.finish_reason)
+        if params.logprobs:
+            assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
 
 
 def test_removing_a_row_leaves_the_others_unchanged():

@@ -10,6 +10,7 @@ import torch
 
 from yunque.config import SamplingParams, SchedulerConfig, preset
 from yunque.engine import Engine
+from yunque.engine.prefix import PrefixCache
 from yunque.engine.scheduler import QueueFull, Scheduler
 from yunque.engine.scoring import embed, prompt_logprobs
 from yunque.model import GPT
@@ -193,7 +194,7 @@ def test_embeddings_batched_equal_alone_and_are_unit_length(engine, pooling):
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
 
 
-@pytest.mark.parametrize("where", ["add_many", "step"])
+@pytest.mark.parametrize("where", ["prefill", "join", "step"])
 def test_an_engine_fault_fails_the_sequences_and_the_worker_goes_on(engine, monkeypatch, where):
     s = Scheduler(engine)
     real = getattr(engine, where)
@@ -212,3 +213,92 @@ def test_an_engine_fault_fails_the_sequences_and_the_worker_goes_on(engine, monk
         assert s.generate(PROMPTS[0], SamplingParams(max_new_tokens=5, temperature=0))[-1].finish_reason == "length"
     finally:
         s.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
+    # A decodes; B's 100-token prompt takes 13 chunks of 8: A gets a token between every two of them instead of
+    # waiting for the whole prefill.
+    s = Scheduler(engine, SchedulerConfig(prefill_tokens=8))
+    order, started, finished = [], threading.Event(), threading.Event()
+
+    def on(name):
+        def on_event(e):
+            order.append(name)
+            if name == "A":
+                started.set()
+            if name == "B" and e.finish_reason:
+                finished.set()
+        return on_event
+
+    try:
+        s.submit(PROMPTS[0], SamplingParams(max_new_tokens=60, temperature=0), on("A"))
+        assert started.wait(10)
+        s.submit(TOK.encode("y" * 100), SamplingParams(max_new_tokens=3, temperature=0), on("B"))
+        assert finished.wait(30)
+    finally:
+        s.close()
+    b = order.index("B")
+    assert order[b:].count("B") >= 1 and order[:b].count("A") >= 12
+
+
+SYSTEM = TOK.encode("You are a helpful assistant who answers in one short sentence.  ")  # 64 tokens: 4 blocks
+
+
+@pytest.mark.parametrize("mode", ["greedy", "seeded"])
+def test_the_prefix_cache_changes_no_output(engine, mode):
+    # Prompts sharing a 64-token start (four blocks), run one after another and then together: with the prefix
+    # cache the shared blocks are prefilled once, and every output is what it is without the cache.
+    assert len(SYSTEM) == 64
+    prompts = [SYSTEM + TOK.encode(q) for q in ("What is a dict?", "hi", "What is a list? " * 3, "x")]
+    params = [SamplingParams(max_new_tokens=20, temperature=0 if mode == "greedy" else 0.9, seed=i, logprobs=True)
+              for i in range(len(prompts))]
+    plain = Scheduler(engine, SchedulerConfig(prefix_cache_tokens=0))
+    try:
+        want = [fold(plain.generate(p, q)) for p, q in zip(prompts, params)]
+    finally:
+        plain.close()
+    assert plain.stats.cached_tokens == 0
+    cached = Scheduler(engine, SchedulerConfig(max_running=2, prefill_tokens=24))
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = fold(cached.generate(prompts[i], params[i]))
+
+    try:
+        for i in range(len(prompts)):  # one after another: each after the first reuses the system prompt
+            run(i)
+        assert cached.stats.cached_tokens == 3 * 64
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        cached.close()
+    assert cached.stats.cached_tokens >= 7 * 64
+    for g, w in zip(got, want):
+        assert (g[0], g[1], g[4]) == (w[0], w[1], w[4])
+        assert g[2] == pytest.approx(w[2], abs=1e-4)
+
+
+def test_prefix_cache_blocks_lookup_and_eviction(engine):
+    cache = PrefixCache(block=4, max_tokens=12)
+
+    def filled(prompt):
+        pending = engine.begin(prompt, SamplingParams())
+        engine.prefill(pending, len(prompt))
+        return pending.cache
+
+    a = list(range(1, 11))  # two whole blocks and 2 tokens
+    cache.store(a, filled(a))
+    assert cache.tokens == 8 and cache.lookup(a[:8]) is not None and cache.lookup(a[:8])[0][0].shape[2] == 4
+    k, v = cache.lookup(a + [5])  # the longest known prefix, in whole blocks
+    assert k[0].shape[2] == 8 and len(k) == len(v) == engine.model.cfg.n_layer
+    assert torch.equal(k[1], filled(a).k[1][:, :, :8])
+    assert cache.lookup([9, 9, 9, 9, 9]) is None and cache.lookup(a[:4]) is None  # one token must be left to run
+    b = [1, 2, 3, 4, 7, 7, 7, 7, 8]  # shares the first block with a
+    cache.store(b, filled(b))
+    assert cache.tokens == 12
+    c = [5] * 9
+    cache.store(c, filled(c))  # over the budget: a's second block, the least recently used leaf, goes
+    assert cache.tokens == 12 and cache.lookup(a + [1])[0][0].shape[2] == 4 and cache.lookup(c)[0][0].shape[2] == 8

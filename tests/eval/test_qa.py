@@ -25,7 +25,7 @@ class ScriptedModel(GPT):
         super().__init__(preset("tiny", vocab_size=263, max_seq_len=128))
         self.script, self.end_id = list(reply) + [end_id], end_id
 
-    def forward(self, ids, kv_cache=None):
+    def forward(self, ids, kv_cache=None, logits_to_keep=0):  # every position's logits, whatever it keeps
         start = kv_cache.pos if kv_cache is not None else 0
         out = super().forward(ids, kv_cache=kv_cache)
         logits = torch.full_like(out, -1e9)

@@ -11,7 +11,7 @@ from yunque.cli.flags import add_fields, values
 from yunque.config import SchedulerConfig, ServeConfig
 
 SERVE_FLAGS = ["host", "port", "api_key", "preload", "max_memory", "max_body", "timeout", "precision", "device"]
-SCHEDULER_FLAGS = ["max_queue", "max_running", "max_tokens", "prefill_tokens"]
+SCHEDULER_FLAGS = ["max_queue", "max_running", "max_tokens", "prefill_tokens", "prefix_cache_tokens"]
 
 
 def register(sub) -> None:

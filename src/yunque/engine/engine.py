@@ -214,6 +214,31 @@ class Batch:
         return [r for r in self.rows if not r.done]
 
 
+class Prefill:
+    """A prompt being prefilled a chunk at a time (`Engine.begin`, `Engine.prefill`) in a one-row KV cache of its
+    own, until `Engine.join` puts it into a batch."""
+
+    def __init__(self, prompt: list[int], row: Row, cache: KVCache) -> None:
+        self.prompt, self.row, self.cache = prompt, row, cache
+        self.logits: torch.Tensor | None = None
+        """(1, V) at the prompt's last position, once its prefill is done."""
+
+    @property
+    def filled(self) -> int:
+        """Prompt tokens in the cache so far."""
+        return self.cache.pos
+
+    def load_prefix(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Start from keys and values (one (1, K, n, D) tensor per layer each) of the prompt's first n tokens
+        computed before (`PrefixCache.lookup`), which are then not run again; before any `Engine.prefill`."""
+        assert self.filled == 0 and k[0].shape[2] < len(self.prompt), "a prefix of a prompt not started yet"
+        self.cache.load_prefix(k, v)
+
+    @property
+    def done(self) -> bool:
+        return self.cache.pos == len(self.prompt)
+
+
 class Engine:
     """Generates text from a model and its tokenizer: batches of prompts, sampling, stop strings, streaming; and the
     step API under them (`new_batch`, `add`, `step`, `remove`) for schedulers and rollouts."""
@@ -321,20 +346,43 @@ class Engine:
                             static=self.compile)
         else:
             cache = KVCache(cfg, len(prompts), P, device=self.device, dtype=self.cache_dtype, pad=pad)
-        logits = self.model(ids, kv_cache=cache)[:, -1]  # (N, V); prefill runs eagerly: its length varies
+        # prefill runs eagerly (its length varies) and projects only the last position onto the vocabulary
+        logits = self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (N, V)
+        return self._enter(batch, rows, cache, logits)
+
+    # -- chunked prefill: a prompt prefilled a part at a time, between steps of a running batch ---------------------
+
+    def begin(self, prompt: list[int], params: SamplingParams) -> Prefill:
+        """Start prefilling one prompt outside any batch: `prefill` runs it a chunk at a time, `join` puts it into a
+        batch and samples its first token. Checked as `add` (ValueError for a prompt that cannot run)."""
+        prompt = self._prepare([prompt])[0]
+        return Prefill(prompt, self._row(prompt, params),
+                       KVCache(self.model.cfg, 1, len(prompt), device=self.device, dtype=self.cache_dtype))
+
+    @torch.inference_mode()
+    def prefill(self, pending: Prefill, n: int) -> int:
+        """Run the next n (at most) tokens of a `begin`-ed prompt through the model; returns how many it ran."""
+        start = pending.cache.pos
+        ids = torch.tensor([pending.prompt[start:start + n]], device=self.device)  # (1, n)
+        logits = self.model(ids, kv_cache=pending.cache, logits_to_keep=1)[:, -1]  # (1, V)
+        if pending.done:
+            pending.logits = logits
+        return ids.shape[1]
+
+    @torch.inference_mode()
+    def join(self, batch: Batch, pending: list[Prefill]) -> list[Row]:
+        """Put prompts whose prefill is done into `batch` and sample their first tokens; their rows, in order.
+        Each row is then what `add` would have made of its prompt."""
+        assert all(p.done for p in pending), "join prompts whose prefill is done"
+        if not pending:
+            return []
+        cache = pending[0].cache
+        for p in pending[1:]:
+            cache.join(p.cache)  # small caches first: the batch's, the large one, is copied once
         if batch.cache is None:
-            batch.cache = cache
-        else:
-            pos = max(batch.filled, P)
-            steps = max((r.budget - len(r.ids) for r in batch.running), default=0)  # each step fills one slot
-            need = pos + max(steps, max(r.budget for r in rows) - 1)  # a new row's first token needs no step
-            size = batch.cache.max_len if need <= batch.cache.max_len else self._cache_len(need)
-            batch.cache.join(cache, max_len=max(size, pos))
-        batch.filled = max(batch.filled, P)
-        tokens, _ = self._sample(rows, logits)
-        batch.rows += rows
-        batch.tokens = tokens if batch.tokens is None else torch.cat([batch.tokens, tokens])
-        return rows
+            batch.cache = KVCache(self.model.cfg, 0, cache.pos, device=self.device, dtype=self.cache_dtype,
+                                  static=self.compile)
+        return self._enter(batch, [p.row for p in pending], cache, torch.cat([p.logits for p in pending]))
 
     @torch.inference_mode()
     def step(self, batch: Batch) -> list[Sampled]:
@@ -460,6 +508,24 @@ class Engine:
             generator = torch.Generator(self.device).manual_seed(params.seed)
         return Row(prompt, params, seq, generator)
 
+    def _enter(self, batch: Batch, rows: list[Row], cache: KVCache, logits: torch.Tensor) -> list[Row]:
+        """Rows whose prompts are prefilled in `cache` (logits (N, V) of their last positions) join `batch`, in a
+        cache sized for their generation, and sample their first tokens."""
+        P = cache.pos
+        if batch.cache is None:
+            batch.cache = cache
+        else:
+            pos = max(batch.filled, P)
+            steps = max((r.budget - len(r.ids) for r in batch.running), default=0)  # each step fills one slot
+            need = pos + max(steps, max(r.budget for r in rows) - 1)  # a new row's first token needs no step
+            size = batch.cache.max_len if need <= batch.cache.max_len else self._cache_len(need)
+            batch.cache.join(cache, max_len=max(size, pos))
+        batch.filled = max(batch.filled, P)
+        tokens, _ = self._sample(rows, logits)
+        batch.rows += rows
+        batch.tokens = tokens if batch.tokens is None else torch.cat([batch.tokens, tokens])
+        return rows
+
     def _cache_len(self, n: int) -> int:
         """Slots of a cache for n positions: a `cache_bucket`, at most the model's context."""
         return min(self.model.cfg.max_seq_len, cache_bucket(n))
@@ -533,4 +599,4 @@ def _penalized(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["Batch", "Completion", "Engine", "Row", "Sampled", "SamplingParams"]
+__all__ = ["Batch", "Completion", "Engine", "Prefill", "Row", "Sampled", "SamplingParams"]

@@ -4,14 +4,17 @@ decode steps.
 One worker thread owns the engine and its `Batch`; nothing else touches them. Each turn of its loop it
 1. takes out the sequences whose caller cancelled them (or whose time ran out): their KV slots are freed at once;
 2. runs calls queued with `call` (embeddings, prompt scoring: whatever needs the model between two steps);
-3. admits waiting sequences up to `max_running`, prefilling them with one forward (`Engine.add_many`) of at most
-   `prefill_tokens` prompt tokens (at least one prompt), so a burst of new requests delays the running ones by one
-   bounded prefill, not by all of theirs. A single prompt is prefilled whole: the engine's `add` has no partial
-   prefill of a row, so prefill is not chunked within one prompt;
+3. admits waiting sequences up to `max_running` (`Engine.begin`: each in a one-row cache of its own), and spends
+   at most `prefill_tokens` prompt tokens on prefilling them, in order of arrival (`Engine.prefill`): a prompt
+   longer than that is prefilled a chunk at a time over several turns, so the running sequences decode a token
+   between its chunks instead of waiting for its whole prefill. A prompt's first whole blocks may come from the
+   shared-prefix cache (engine/prefix.py: a common system prompt is run once); prompts whose prefill is done
+   join the batch and sample their first token (`Engine.join`), and their blocks are kept in the prefix cache;
 4. decodes one token for every running sequence (`Engine.step`), reports it to its caller and removes the
    sequences that finished.
-Every sequence has its own SamplingParams and generator, so what it generates does not depend on what runs beside
-it (tests/engine/test_scheduler.py runs requests concurrently and alone and compares them).
+Every sequence has its own SamplingParams and generator, and a prefill of its own, so what it generates does not
+depend on what runs beside it nor on the prefix cache (tests/engine/test_scheduler.py runs requests concurrently
+and alone, with and without the cache, and compares them).
 
 Callers are told through a callback run in the worker thread (`submit`); `stream` wraps it in an asyncio queue
 for async callers (the server), and `generate` waits for the whole reply (tests, scripts).
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from yunque.config import SamplingParams, SchedulerConfig
-from yunque.engine.engine import Engine, Row
+from yunque.engine.engine import Engine, Prefill, Row
+from yunque.engine.prefix import PrefixCache
 
 
 class QueueFull(RuntimeError):
@@ -76,6 +80,8 @@ class Sequence:
         self.first_token: float | None = None
         """perf_counter() when its first token came (prefill done)."""
         self.row: Row | None = None
+        self.pending: Prefill | None = None
+        """Its prefill while it runs (before it joins the batch)."""
         self.cancelled = False
         self.finished = False
         self._sent_text = 0
@@ -91,6 +97,8 @@ class Stats:
     finished: dict[str, int] = field(default_factory=dict)
     """Sequences ended, by finish reason."""
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens taken from the shared-prefix cache instead of run through the model."""
     generated_tokens: int = 0
     steps: int = 0
     """Decode steps run."""
@@ -111,6 +119,9 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._running: dict[int, Sequence] = {}  # by id(row)
+        self._prefilling: list[Sequence] = []  # admitted, prefill not done yet, in order of arrival
+        self.prefixes = PrefixCache(max_tokens=self.cfg.prefix_cache_tokens) if self.cfg.prefix_cache_tokens else None
+        """The shared-prefix cache (None when prefix_cache_tokens is 0)."""
         self._wake = False  # something for the worker to look at (a cancel)
         self._closed = False
         self.stats = Stats()
@@ -180,8 +191,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Sequences in the batch now."""
-        return len(self._running)
+        """Sequences admitted now: in the batch, or being prefilled to join it."""
+        return len(self._running) + len(self._prefilling)
 
     def generate(self, prompt: list[int], params: SamplingParams, *, timeout: float | None = None) -> list[Event]:
         """Submit and wait for the whole generation; returns its events (the last one finished)."""
@@ -227,7 +238,8 @@ class Scheduler:
         batch = self.engine.new_batch()
         while True:
             with self._lock:
-                while not (self._closed or self._waiting or self._calls or self._wake or batch.running):
+                while not (self._closed or self._waiting or self._calls or self._wake or batch.running
+                           or self._prefilling):
                     self._lock.wait()
                 if self._closed:
                     break
@@ -243,69 +255,89 @@ class Scheduler:
                             future.set_result(fn())
                         except BaseException as e:  # noqa: B036 - handed to the caller
                             future.set_exception(e)
-                if admitted:
-                    self._prefill(batch, admitted)
+                self._begin(admitted)
+                if self._prefilling:
+                    self._prefill(batch)
                 if batch.running:
                     self._step(batch)
             except Exception as e:  # a fault in the engine: fail what runs, start again with an empty batch
-                for seq in [*self._running.values(), *admitted]:
+                for seq in [*self._running.values(), *self._prefilling, *admitted]:
                     self._end(seq, "error", error=f"{type(e).__name__}: {e}")
                 self._running.clear()
+                self._prefilling.clear()
                 batch = self.engine.new_batch()
-            self.stats.waiting, self.stats.running = len(self._waiting), len(self._running)
+            self.stats.waiting, self.stats.running = len(self._waiting), self.running
         with self._lock:
-            left = list(self._waiting) + list(self._running.values())
+            left = list(self._waiting) + list(self._running.values()) + self._prefilling
             self._waiting.clear()
             for _fn, future in self._calls:
                 future.cancel()
         for seq in left:
             self._end(seq, "cancelled")
         self._running.clear()
+        self._prefilling.clear()
 
     def _admit(self) -> list[Sequence]:
-        """Waiting sequences to prefill now (under the lock): up to max_running in the batch and prefill_tokens of
-        prompt, at least one prompt; cancelled ones are dropped."""
+        """Waiting sequences to start now (under the lock): up to max_running admitted; cancelled ones are dropped."""
         taken: list[Sequence] = []
-        tokens = 0
-        while self._waiting and len(self._running) + len(taken) < self.cfg.max_running:
-            seq = self._waiting[0]
+        while self._waiting and self.running + len(taken) < self.cfg.max_running:
+            seq = self._waiting.popleft()
             if seq.cancelled:
-                self._waiting.popleft()
                 self._end(seq, "cancelled")
-                continue
-            if taken and tokens + len(seq.prompt) > self.cfg.prefill_tokens:
-                break
-            taken.append(self._waiting.popleft())
-            tokens += len(seq.prompt)
+            else:
+                taken.append(seq)
         return taken
 
     def _drop_ended(self, batch) -> None:
-        """Cancelled sequences and those past their deadline leave the batch now."""
+        """Cancelled sequences and those past their deadline leave the batch (or their prefill) now."""
         now = time.perf_counter()
-        ended = [s for s in self._running.values() if s.cancelled or (s.deadline is not None and now > s.deadline)]
+        ended = [s for s in [*self._running.values(), *self._prefilling]
+                 if s.cancelled or (s.deadline is not None and now > s.deadline)]
         if not ended:
             return
-        self.engine.remove(batch, *(s.row for s in ended))
+        self.engine.remove(batch, *(s.row for s in ended if s.pending is None))
         for seq in ended:
-            del self._running[id(seq.row)]
+            if seq.pending is None:
+                del self._running[id(seq.row)]
+            else:
+                self._prefilling.remove(seq)
+                seq.pending = None  # its cache goes with it
             self._end(seq, "cancelled" if seq.cancelled else "length")
 
-    def _prefill(self, batch, admitted: list[Sequence]) -> None:
-        try:
-            rows = self.engine.add_many(batch, [s.prompt for s in admitted], [s.params for s in admitted])
-        except ValueError:  # checked at submit, so not expected; find the culprit by adding one at a time
-            rows = []
-            for seq in admitted:
-                try:
-                    rows.append(self.engine.add(batch, seq.prompt, seq.params))
-                except ValueError as e:
-                    rows.append(None)
-                    self._end(seq, "error", error=str(e))
-        now = time.perf_counter()
-        for seq, row in zip(admitted, rows):
-            if row is None:
+    def _begin(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:
+            try:
+                seq.pending = self.engine.begin(seq.prompt, seq.params)
+            except ValueError as e:  # checked at submit, so not expected
+                self._end(seq, "error", error=str(e))
                 continue
-            seq.row, seq.first_token = row, now
+            self._prefilling.append(seq)
+
+    def _prefill(self, batch) -> None:
+        """Prefill admitted sequences, first come first, up to prefill_tokens prompt tokens in all (a long prompt
+        goes on in the next turns); those done join the batch with their first token."""
+        budget, done = self.cfg.prefill_tokens, []
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            pending = seq.pending
+            if pending.filled == 0 and self.prefixes is not None:
+                prefix = self.prefixes.lookup(pending.prompt)
+                if prefix is not None:
+                    pending.load_prefix(*prefix)
+                    self.stats.cached_tokens += pending.filled
+            budget -= self.engine.prefill(pending, min(budget, len(pending.prompt) - pending.filled))
+            if pending.done:
+                if self.prefixes is not None:
+                    self.prefixes.store(pending.prompt, pending.cache)
+                self._prefilling.remove(seq)
+                done.append(seq)
+        if not done:
+            return
+        rows = self.engine.join(batch, [s.pending for s in done])
+        now = time.perf_counter()
+        for seq, row in zip(done, rows):
+            seq.row, seq.pending, seq.first_token = row, None, now
             self._running[id(row)] = seq
             self.stats.prompt_tokens += row.prompt_tokens
             self.stats.ttft.append(now - seq.submitted)

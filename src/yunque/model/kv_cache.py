@@ -104,6 +104,15 @@ class KVCache:
         else:
             self._pos += n
 
+    def load_prefix(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Fill an empty cache's first n positions with keys and values computed before (one (B, K, n, D) tensor
+        per layer each, as `update` stored them): a prompt's shared prefix, not run again."""
+        assert self.pos == 0 and len(k) == len(v) == len(self.k), "an empty cache, a tensor per layer"
+        n = k[0].shape[2]
+        for mine, theirs in zip(self.k + self.v, k + v):
+            mine[:, :, :n] = theirs
+        self._set_pos(n)
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the given batch rows (e.g. to drop finished sequences)."""
         self.k = [k[rows] for k in self.k]

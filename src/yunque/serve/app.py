@@ -659,6 +659,8 @@ def _prometheus(registry: Registry, http_counts: dict) -> str:
            [({"model": n, "reason": r}, c) for n, m in loaded for r, c in sorted(m.scheduler.stats.finished.items())])
     metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.",
            [({"model": n}, m.scheduler.stats.prompt_tokens) for n, m in loaded])
+    metric("prompt_tokens_cached_total", "counter", "Prompt tokens taken from the shared-prefix cache, not run.",
+           [({"model": n}, m.scheduler.stats.cached_tokens) for n, m in loaded])
     metric("generation_tokens_total", "counter", "Tokens generated.",
            [({"model": n}, m.scheduler.stats.generated_tokens) for n, m in loaded])
     metric("queue_depth", "gauge", "Sequences waiting to start.",
