@@ -94,6 +94,13 @@ def test_frequencies_match_softmax():
     assert torch.allclose(frequencies(probs.log(), 20_000, temperature=2.0), hot, atol=0.02)
 
 
+def test_a_uniform_draw_of_one_never_picks_a_token_of_probability_zero(monkeypatch):
+    # u * total rounding up to the total: the last token of positive probability, not the last of the vocabulary
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(2, 1))
+    logits = torch.tensor([[0.0, 1.0, float("-inf"), float("-inf")], [0.0, 0.0, 0.0, 0.0]])
+    assert sample(logits).tolist() == [1, 3]
+
+
 def test_top_k_2_never_picks_the_third():
     probs = torch.tensor([0.5, 0.2, 0.3])
     freq = frequencies(probs.log(), 5_000, top_k=2)
