@@ -11,10 +11,14 @@ aggregate tokens/s to one client's. Beside it, the scheduler alone (engine/sched
 prompts and lengths, no HTTP): what continuous batching gives before the server's own costs. The CPU, its flags
 and the load average at the start are printed first: on a shared machine, say so beside the figures.
 
-The issue's comparison with llama.cpp's server (llama-cpp-python[server]) is not run here: building it from source
-takes ~10 minutes of both cores, and no wheel installs on this machine.
+Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
+same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
+exported with `yunque export --format gguf` (--gguf-dtype, f16 by default), printed side by side. Both servers get
+the same prompts as text (each a decoded --prompt-token sequence). llama.cpp's streams carry no usage, so its
+tokens are its streamed chunks (one per token). Where it does not import, the reason is printed and it is skipped.
 
     python benchmarks/serve.py [--levels 1 4 16 64] [--requests 2] [--prompt 64] [--new 64] [--json out.json]
+                               [--no-llama-cpp] [--gguf-dtype f16]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -37,7 +42,7 @@ import torch
 
 from yunque.config import ModelConfig
 from yunque.model.gpt import GPT
-from yunque.modeldir import save_model
+from yunque.modeldir import load_model, save_model
 from yunque.precision import cpu_description
 from yunque.tokenizer.bpe import byte_tokenizer, gpt2_tokenizer_from_files
 
@@ -62,17 +67,45 @@ def free_port() -> int:
 
 
 def start(model_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "yunque", "serve", f"bench={model_dir}", "--port", str(port),
-                             "--preload", "--max-running", "64"], stderr=subprocess.DEVNULL)
+    """`yunque serve` with the model preloaded as "bench"."""
+    return ready(subprocess.Popen([sys.executable, "-m", "yunque", "serve", f"bench={model_dir}", "--port", str(port),
+                                   "--preload", "--max-running", "64"], stderr=subprocess.DEVNULL), port)
+
+
+def start_llama_cpp(gguf: Path, port: int, threads: int) -> subprocess.Popen:
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python) on a GGUF file, its model named "bench". It serves
+    one request at a time; by default a new request interrupts the one streaming (--interrupt_requests), which
+    would cut the other clients' replies short: off, they queue."""
+    return ready(subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
+                                   "bench", "--port", str(port), "--n_ctx", "1024", "--n_threads", str(threads),
+                                   "--verbose", "False", "--interrupt_requests", "False"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
+
+def ready(proc: subprocess.Popen, port: int) -> subprocess.Popen:
+    """proc once it answers GET /v1/models on port (within 180 s)."""
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("the server did not start within 180 s")
+    raise SystemExit(f"the server on port {port} did not start within 180 s (exit code {proc.poll()})")
+
+
+def llama_cpp_missing() -> str | None:
+    """Why llama.cpp's server cannot run here, or None when it can."""
+    try:
+        import llama_cpp.server.app  # noqa: F401 - the [server] extra: fastapi, uvicorn, sse-starlette
+    except ImportError as e:
+        return f"llama-cpp-python[server] does not import ({e}); pip install 'llama-cpp-python[server]'"
+    return None
+
+
+def prompt_key(client: int, request: int) -> int:
+    return 1000 * client + request
 
 
 def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
@@ -80,7 +113,9 @@ def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
     return torch.randint(0, min(vocab, 50000), (n,), generator=g).tolist()
 
 
-async def level(url: str, clients: int, args, vocab: int) -> dict:
+async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True) -> dict:
+    """One level of `clients` concurrent streaming clients. texts: the prompt of each (client, request) key
+    (`prompt_key`). usage: the server reports usage in its stream (else tokens are counted as streamed chunks)."""
     ttft, gaps, tokens = [], [], 0
 
     async def one_client(c: openai.AsyncOpenAI, i: int) -> None:
@@ -88,13 +123,15 @@ async def level(url: str, clients: int, args, vocab: int) -> dict:
         for r in range(args.requests):
             start = time.perf_counter()
             last = None
-            stream = await c.completions.create(model="bench", prompt=prompt_ids(1000 * i + r, args.prompt, vocab),
-                                                max_tokens=args.new, temperature=1.0, seed=i, stream=True,
-                                                stream_options={"include_usage": True})
+            extra = {"stream_options": {"include_usage": True}} if usage else {}
+            stream = await c.completions.create(model="bench", prompt=texts[prompt_key(i, r)], max_tokens=args.new,
+                                                temperature=1.0, seed=i, stream=True, **extra)
             async for chunk in stream:
                 if chunk.usage is not None:
                     tokens += chunk.usage.completion_tokens
                 if chunk.choices and chunk.choices[0].text:
+                    if not usage:
+                        tokens += 1
                     now = time.perf_counter()
                     if last is None:
                         ttft.append(now - start)
@@ -126,7 +163,6 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
     from yunque.config import SamplingParams, SchedulerConfig
     from yunque.engine.engine import Engine
     from yunque.engine.scheduler import Scheduler
-    from yunque.modeldir import load_model
 
     model, tok = load_model(model_dir)
     engine = Engine(model, tok)
@@ -136,7 +172,7 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
 
     def client(i: int) -> None:
         for r in range(args.requests):
-            events = scheduler.generate(prompt_ids(1000 * i + r, args.prompt, GPT2_30M.vocab_size),
+            events = scheduler.generate(prompt_ids(prompt_key(i, r), args.prompt, GPT2_30M.vocab_size),
                                         SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=i))
             tokens.append(events[-1].completion_tokens)
 
@@ -159,44 +195,93 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated per request")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's server")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of the GGUF export llama.cpp runs (default: f16)")
     args = p.parse_args()
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
     print(f"model: GPT-2 shape, ~30M parameters (random weights); prompt {args.prompt} tokens, {args.new} new, "
           f"{args.requests} requests per client, streaming completions")
     with tempfile.TemporaryDirectory() as tmp:
-        make_model(Path(tmp) / "model")
-        vocab = GPT2_30M.vocab_size
+        model_dir = Path(tmp) / "model"
+        make_model(model_dir)
+        _, tok = load_model(model_dir)
+        keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in range(args.requests)]
+        texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
         port = free_port()
-        server = start(Path(tmp) / "model", port)
+        server = start(model_dir, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "requests": 1}), vocab))  # warm up
+            asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "requests": 1}), texts))  # warm up
             rows = []
             for n in args.levels:
-                rows.append(asyncio.run(level(url, n, args, vocab)))
+                rows.append(asyncio.run(level(url, n, args, texts)))
                 r = rows[-1]
                 r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
-                alone = scheduler_alone(Path(tmp) / "model", n, args)
+                alone = scheduler_alone(model_dir, n, args)
                 r["scheduler_tokens_per_s"] = alone
                 r["scheduler_ratio"] = alone / rows[0]["scheduler_tokens_per_s"]
-                print(f"{n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one client), "
-                      f"TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
+                print(f"yunque    {n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one "
+                      f"client), TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
                       f"inter-token p50 {r['itl_p50'] * 1000:5.1f} ms p99 {r['itl_p99'] * 1000:6.1f} ms "
                       f"({r['tokens']} tokens in {r['seconds']:.1f} s); scheduler alone {alone:6.1f} tok/s "
                       f"({r['scheduler_ratio']:.2f}x)", flush=True)
         finally:
             server.terminate()
             server.wait(30)
+        llama = llama_cpp_rows(model_dir, Path(tmp), args, texts)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"targets: {TARGETS}")
     by = {r["clients"]: r for r in rows}
     if 16 in by:
         print(f"  16 clients: {by[16]['ratio']:.2f}x one client ({'met' if by[16]['ratio'] >= 6 else 'NOT met'}); "
               f"TTFT p99 {by[16]['ttft_p99']:.2f} s ({'met' if by[16]['ttft_p99'] < 1 else 'NOT met'})")
-    print("llama.cpp's server: not measured (llama-cpp-python builds from source here, ~10 min of both cores)")
+    if llama:
+        print("side by side (aggregate tokens/s; TTFT p99):")
+        for r, q in zip(rows, llama):
+            print(f"  {r['clients']:3d} clients: yunque {r['tokens_per_s']:7.1f} ({r['ttft_p99']:.2f} s), llama.cpp "
+                  f"{q['tokens_per_s']:7.1f} ({q['ttft_p99']:.2f} s): yunque/llama.cpp "
+                  f"{r['tokens_per_s'] / q['tokens_per_s']:.2f}x")
+        if 16 in by:
+            ratio = by[16]["tokens_per_s"] / next(q for q in llama if q["clients"] == 16)["tokens_per_s"]
+            print(f"  16 clients: {ratio:.2f}x llama.cpp's server (target >= 1.5x: "
+                  f"{'met' if ratio >= 1.5 else 'NOT met'})")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"yunque": rows, "llama_cpp": llama}, indent=2))
+
+
+def llama_cpp_rows(model_dir: Path, tmp: Path, args, texts: dict[int, str]) -> list[dict]:
+    """The same levels against llama.cpp's server on the model exported to GGUF; [] (with the reason printed) where
+    it cannot run."""
+    why = "--no-llama-cpp" if args.no_llama_cpp else llama_cpp_missing()
+    if why:
+        print(f"llama.cpp's server: skipped: {why}")
+        return []
+    gguf = tmp / "model.gguf"
+    subprocess.run([sys.executable, "-m", "yunque", "export", str(model_dir), "--format", "gguf", str(gguf),
+                    "--dtype", args.gguf_dtype], check=True, stdout=subprocess.DEVNULL)
+    threads = torch.get_num_threads()
+    print(f"llama.cpp's server (llama-cpp-python {version('llama-cpp-python')}), GGUF {args.gguf_dtype}, "
+          f"{threads} threads:", flush=True)
+    port = free_port()
+    server = start_llama_cpp(gguf, port, threads)
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "requests": 1}), texts, usage=False))
+        for n in args.levels:
+            rows.append(asyncio.run(level(url, n, args, texts, usage=False)))
+            r = rows[-1]
+            r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+            print(f"llama.cpp {n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one "
+                  f"client), TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
+                  f"inter-token p50 {r['itl_p50'] * 1000:5.1f} ms p99 {r['itl_p99'] * 1000:6.1f} ms "
+                  f"({r['tokens']} tokens in {r['seconds']:.1f} s)", flush=True)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return rows
 
 
 if __name__ == "__main__":

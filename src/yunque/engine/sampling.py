@@ -116,7 +116,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     # The first token whose cumulative probability exceeds u times the row's total (which rounding keeps from being
     # exactly 1): never one of probability 0, whose cdf equals the one before it. Should u * total round up to the
     # total, the last token of positive probability (the first to reach the total) is taken.
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()  # (B, 1)
     ids = torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))  # (B, 1)
     return ids.squeeze(1)
 
