@@ -317,6 +317,30 @@ def test_rows_joining_midway_and_leaving_early_equal_each_alone(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_padding_left_by_a_removed_row_goes_and_changes_nothing(mode):
+    # C (the longest prompt) runs 4 steps, B joins padded to C's fill level; C leaves: B's padding, more than a
+    # quarter of the cache's fill, is dropped at once, and B goes on as it would alone.
+    engine = Engine(tiny_gpt(), TOK)
+    engine.stop_ids = set()
+    _, pb, pc = MODES[mode]
+    batch = engine.new_batch()
+    c = engine.add(batch, C, pc)
+    for _ in range(4):
+        engine.step(batch)
+    b = engine.add(batch, B, pb)
+    engine.step(batch)
+    engine.remove(batch, c)
+    assert batch.filled == len(B) + 1 and batch.cache.pad is not None and int(batch.cache.pad.min()) == 0
+    run_out(engine, batch)
+    want = engine.new_batch()
+    w = engine.add(want, B, pb)
+    run_out(engine, want)
+    assert b.ids == w.ids
+    if pb.logprobs:
+        assert b.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_chunked_prefill_equals_adding_whole(mode):
     # A and C are prefilled 7 tokens at a time (begin/prefill) while B decodes, then join it together; the first
     # joins of an empty batch likewise. Each row is what `add` makes of its prompt alone.

@@ -417,9 +417,16 @@ class Engine:
             batch.rows, batch.cache, batch.tokens, batch.filled = [], None, None, 0
             return
         index = torch.tensor(keep, device=self.device)
-        batch.cache.select(index)
+        cache = batch.cache
+        cache.select(index)
         batch.tokens = batch.tokens[index]
         batch.rows = [batch.rows[i] for i in keep]
+        # Rows joining a running batch are left-padded to its fill level, which grows by one a step for as long as
+        # any row runs: under steady arrivals every row would attend over ever more padding. When the rows left
+        # share padding of a quarter of the cache or more, it goes now (one copy) rather than when the cache is full.
+        if cache.pad is not None and 4 * (common := int(cache.pad.min())) >= batch.filled and common:
+            cache.drop_common_padding()
+            batch.filled = cache.pos
 
     # -- whole generations, over the step API ----------------------------------------------------------------------
 
