@@ -23,6 +23,7 @@ from yunque.config import LoraConfig, ModelConfig
 from yunque.formats import ModelFormat
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
 from yunque.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from yunque.model.quant import BITS, describe_quantization, quantization_of, quantize_model
 from yunque.tokenizer.bpe import Tokenizer, load_tokenizer
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
@@ -43,8 +44,10 @@ def weights_of(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_config(model_dir: str | Path, cfg: ModelConfig) -> None:
-    text = json.dumps({"model_type": "yunque", **cfg.to_dict()}, indent=2) + "\n"
+def save_config(model_dir: str | Path, cfg: ModelConfig, quantization: dict[str, Any] | None = None) -> None:
+    """config.json: the architecture, and for a quantized model its scheme ("quantization", see model/quant.py)."""
+    extra = {"quantization": quantization} if quantization else {}
+    text = json.dumps({"model_type": "yunque", **cfg.to_dict(), **extra}, indent=2) + "\n"
     atomic_write(Path(model_dir) / CONFIG, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
@@ -61,12 +64,22 @@ def save_model(model_dir: str | Path, model: GPT, tokenizer: Tokenizer) -> None:
     """Write a complete model dir (config, weights, tokenizer)."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    save_config(model_dir, model.cfg)
+    save_config(model_dir, model.cfg, quantization_of(model))
     tokenizer.save(model_dir)
     save_weights(model_dir, model)
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
+    return _read_config(model_dir)[0]
+
+
+def load_quantization(model_dir: str | Path) -> dict[str, Any] | None:
+    """config.json's "quantization" ({"method": "int8"} or {"method": "int4", "group_size": G}), None for a
+    floating-point model dir."""
+    return _read_config(model_dir)[1]
+
+
+def _read_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any] | None]:
     path = Path(model_dir) / CONFIG
     if not Path(model_dir).is_dir():
         raise ValueError(f"{model_dir}: not a model directory; pass a directory made by `yunque pretrain`")
@@ -80,8 +93,14 @@ def load_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(  # noqa: TRY004 (a ValueError is what the CLI reports as one line)
             f"{path}: holds a JSON {type(d).__name__}, not an object; the model directory is corrupt")
     d.pop("model_type", None)
+    quantization = d.pop("quantization", None)
+    if quantization is not None and not (
+            isinstance(quantization, dict) and quantization.get("method") in BITS
+            and (quantization["method"] == "int8" or isinstance(quantization.get("group_size"), int))):
+        raise ValueError(f"{path}: \"quantization\" is {json.dumps(quantization)[:80]}, not {{\"method\": \"int8\"}} "
+                         f"or {{\"method\": \"int4\", \"group_size\": G}}; the model directory is corrupt")
     try:
-        return ModelConfig.from_dict(d)
+        return ModelConfig.from_dict(d), quantization
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -209,10 +228,15 @@ def load_yunque(model_dir: str | Path, *, device: str | torch.device = "cpu",
     """(model in eval mode, tokenizer) from a yunque model dir: the model is built on the meta device, every
     tensor's shape is checked against the safetensors header, and only then are the weights read and taken as
     its parameters."""
-    cfg = load_config(model_dir)
+    cfg, quantization = _read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     stored, _ = _weights_header(model_dir)
     model = meta_model(cfg)
+    if quantization is not None:  # the frame's target layers become empty QuantLinears (model/quant.py)
+        try:
+            quantize_model(model, quantization["method"], quantization.get("group_size", 0))
+        except ValueError as e:
+            raise ValueError(f"{Path(model_dir) / CONFIG}: {e}") from None
     check_shapes(model, {name: s.shape for name, s in stored.items()}, model_dir)  # before anything is allocated
     state, _ = load_weights(model_dir)
     load_state(model, state, model_dir, assign=True)
@@ -266,9 +290,12 @@ def generation_stop_ids(model_dir: str | Path, vocab_size: int) -> set[int]:
 
 
 def describe_yunque(model_dir: Path) -> dict[str, Any]:
-    cfg, tokenizer = load_config(model_dir), load_tokenizer(model_dir)
+    (cfg, quantization), tokenizer = _read_config(model_dir), load_tokenizer(model_dir)
     weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
-    return model_summary(model_dir, cfg, tokenizer, "yunque", (Path(model_dir) / WEIGHTS).stat().st_size)
+    d = model_summary(model_dir, cfg, tokenizer, "yunque", (Path(model_dir) / WEIGHTS).stat().st_size)
+    if quantization is not None:
+        d["quantization"] = f"{describe_quantization(quantization)}, weight-only, linear layers"
+    return d
 
 
 def model_summary(model_dir: Path, cfg: ModelConfig, tokenizer: Tokenizer, fmt: str, size: int) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Twin tests of the engine's CPU fast path (engine/cpu.py) against the simple one.
 
 oneDNN-packed linear == nn.Linear; compiled decode step == eager, also with rows joining and after new weights;
-bf16 decoding == fp32 decoding on a model that has learned something; the engine's copy of the model leaves the
-caller's alone and shares nothing with it. (The static-shape cache's twin tests are in tests/model/test_kv_cache.py.)
+bf16 decoding == fp32 decoding on a model that has learned something; the int8/int4 kernels == F.linear on the
+dequantized weight, and a quantized model's greedy tokens == its dequantized twin's, with each CPU's kernels; the
+engine's copy of the model leaves the caller's alone and shares nothing with it. (The static-shape cache's twin
+tests are in tests/model/test_kv_cache.py.)
 """
 
 import copy
@@ -11,13 +13,24 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from yunque.config import preset
-from yunque.engine.cpu import SMALL_MODEL, PackedLinear, cache_bucket, decode_model, decode_step
+from yunque.engine.cpu import (
+    SMALL_MODEL,
+    Int4PackedLinear,
+    Int8PackedLinear,
+    PackedLinear,
+    cache_bucket,
+    decode_model,
+    decode_step,
+    quant_kernel,
+)
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
+from yunque.model.quant import QuantLinear, dequantize_model, quantize_model
 from yunque.precision import bf16_supported
 from yunque.tokenizer import byte_tokenizer
 
@@ -200,3 +213,58 @@ def test_compiled_engine_with_joining_rows_and_new_weights_equals_eager(learned)
     new = compiled.generate(prompt, params[0])
     assert new == Engine(model, TOK, precision="fp32").generate(prompt, params[0])
     assert new != old  # the step moved the greedy output, and the compiled engine followed it
+
+
+# ---- weight-only quantized layers: ATen's kernels against F.linear on the dequantized weight ----
+
+@pytest.mark.parametrize("bits, group_size", [(8, 0), (4, 32), (4, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quantized_kernels_equal_f_linear_on_the_dequantized_weight(bits, group_size, bias):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(128, 96, bias=bias), bits, group_size)
+    fast = Int8PackedLinear(layer) if bits == 8 else Int4PackedLinear(layer)
+    w = layer.dequantize()
+    for shape in [(1, 128), (8, 128), (2, 5, 128)]:
+        x = torch.randn(shape)
+        # the kernels take x in bf16 (see quant_kernel), sum in fp32 and return bf16: one bf16 rounding of the
+        # result apart (int4's kernel also computes with the bf16 (scale, zero) in another order)
+        want = F.linear(x.bfloat16().float(), w, layer.bias)
+        got = fast(x)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=1e-3 if bits == 8 else 1e-2)
+        assert fast(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_quant_kernel_follows_what_the_cpu_does():
+    def kernel(bits, native, out_features=96, group_size=32, device=CPU):
+        return quant_kernel(bits, 128, out_features, group_size, native_bf16=native, device=device)
+
+    assert kernel(8, True) == kernel(8, False) == "int8pack"
+    assert kernel(4, True) == "int4pack" and kernel(4, False) == "dequant"
+    assert kernel(4, True, out_features=100) == kernel(4, True, group_size=16) == "dequant"  # what ATen's accepts
+    assert kernel(8, True, device=torch.device("cuda")) == "dequant"
+
+
+@pytest.mark.parametrize("method, group_size", [("int8", 0), ("int4", 32)])
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_quantized_greedy_tokens_equal_the_dequantized_models(learned, method, group_size, native_bf16):
+    """The engine's copy of a quantized model (each CPU's choice of kernels) generates what the dequantized fp32
+    model does, token for token."""
+    quantized = quantize_model(copy.deepcopy(learned), method, group_size)
+    reference = dequantize_model(copy.deepcopy(quantized))
+    prompt = torch.tensor([TOK.encode(TEXT[:20])])
+    runs = []
+    for model, native in ((quantized, native_bf16), (reference, None)):
+        fast = decode_model(model, torch.float32, CPU, pack=False, native_bf16=native)
+        kinds = {type(m).__name__ for m in fast.modules()}
+        cache = KVCache(fast.cfg, 1, 64)
+        logits, tokens = fast(prompt, kv_cache=cache)[:, -1], []
+        for _ in range(12):  # within the 32 positions it learned from
+            tokens.append(int(logits.argmax(-1)))
+            logits = decode_step(fast, logits.argmax(-1), cache)
+        runs.append((tokens, kinds))
+    (got, kinds), (want, _) = runs
+    expected = "Int8PackedLinear" if method == "int8" else "Int4PackedLinear" if native_bf16 else "Linear"
+    assert expected in kinds and "QuantLinear" not in kinds
+    assert got == want
+    assert TOK.decode(want) in TEXT * 3  # the dequantized model still recites what it learned

@@ -18,6 +18,7 @@ from torch import nn
 
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
+from yunque.model.quant import QuantLinear
 from yunque.precision import DTYPES, bf16_supported, resolve_precision
 
 SMALL_MODEL = 4_000_000
@@ -42,9 +43,14 @@ def decode_precision(model: nn.Module, precision: str, device: torch.device) -> 
     return dtype, not (small and dtype == torch.float32)
 
 
-def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True) -> nn.Module:
-    """The engine's own copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, and with
-    `pack` on CPUs with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
+def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True,
+                 native_bf16: bool | None = None) -> nn.Module:
+    """The engine's own copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, every
+    quantized layer (QuantLinear) replaced by the kernel `quant_kernel` picks for the CPU, and with `pack` on CPUs
+    with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
+
+    native_bf16: whether the CPU multiplies bf16 natively, which decides the quantized kernels; None asks
+    `bf16_supported(device)` (tests force either answer to run both choices on one machine).
 
     `model` is left as it is, and no parameter is shared with it (even one already in `dtype` on `device`): the
     engine keeps decoding with the weights it was given while `model` trains on (see `Engine.load_weights`).
@@ -53,6 +59,12 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
     memo = {id(p): nn.Parameter(p.detach().to(device, dtype if p.is_floating_point() else p.dtype, copy=True),
                                 requires_grad=False) for p in model.parameters()}
     model = copy.deepcopy(model, memo).to(device).eval()
+    if native_bf16 is None:
+        native_bf16 = bf16_supported(device)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, QuantLinear):
+                setattr(parent, name, quantized_layer(child, dtype, device, native_bf16=native_bf16))
     if pack and PackedLinear.supported(device, dtype):
         for parent in list(model.modules()):
             for name, child in parent.named_children():
@@ -95,6 +107,93 @@ class PackedLinear(nn.Module):
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return y[..., :self.out_features] if self.padded else y
+
+
+QUANT_KERNELS = ("int8pack", "int4pack", "dequant")
+"""How the engine computes a quantized layer: ATen's weight-only kernels (`Int8PackedLinear`, `Int4PackedLinear`),
+or the weight dequantized once to an ordinary (packed) linear layer in the decode dtype."""
+
+
+def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int, *, native_bf16: bool,
+                 device: torch.device) -> str:
+    """The kernel (one of QUANT_KERNELS) for a quantized layer on `device`, chosen from what benchmarks/quant_kernels.py
+    measured (torch 2.13, a GEMV 576 -> 1536 and others of SmolLM2-135M, one thread; "AVX2" is the same Zen 5 with
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which also turns `bf16_supported` off):
+
+    - ATen's weight-only kernels are fast only with bf16 activations (their fp32-activation variant ran 8-10x
+      slower than fp32 F.linear), and they widen bf16 to fp32 in registers, so they need no native bf16 products:
+      int8 ran ~0.5x the time of fp32 F.linear with AVX-512 BF16, ~0.6-0.9x with AVX2 kernels. So int8 always
+      takes `_weight_int8pack_mm`, its activations rounded to bf16 (the products stay exact and sum in fp32).
+    - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels:
+      without native bf16 an int4 layer is dequantized once to the decode dtype (the speed of fp32, the accuracy
+      of int4, the memory of fp32). It also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
+    - Off the CPU (CUDA), layers are dequantized once to the decode dtype.
+    """
+    if device.type != "cpu":
+        return "dequant"
+    if bits == 8:
+        return "int8pack"
+    fits = out_features % 16 == 0 and group_size in (32, 64, 128, 256)
+    return "int4pack" if native_bf16 and fits else "dequant"
+
+
+def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device, *,
+                    native_bf16: bool) -> nn.Module:
+    """The engine's module for a QuantLinear (see `quant_kernel`): the same function of x, computed fast."""
+    kernel = quant_kernel(layer.bits, layer.in_features, layer.out_features, layer.group_size,
+                          native_bf16=native_bf16, device=device)
+    if kernel == "int8pack":
+        return Int8PackedLinear(layer)
+    if kernel == "int4pack":
+        return Int4PackedLinear(layer)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = nn.Parameter(layer.dequantize().to(device, dtype), requires_grad=False)
+    if layer.bias is not None:
+        linear.bias = nn.Parameter(layer.bias.detach().to(device, dtype), requires_grad=False)
+    return linear  # packed by decode_model like any other nn.Linear
+
+
+class Int8PackedLinear(nn.Module):
+    """An int8 QuantLinear computed by ATen's `_weight_int8pack_mm`: x rounded to bf16, int8 weights widened in
+    registers, fp32 sums, the per-row scales applied in fp32 after."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.register_buffer("qweight", layer.qweight.contiguous())
+        self.register_buffer("scales", layer.scales.float())
+        self.register_buffer("ones", torch.ones(self.out_features, dtype=torch.bfloat16, device=layer.qweight.device))
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), in x's dtype."""
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.ones)
+        y = (y.float() * self.scales).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int4PackedLinear(nn.Module):
+    """An int4 QuantLinear computed by ATen's `_weight_int4pack_mm_for_cpu`: x in bf16, the weights in ATen's own
+    packed layout, (scale, zero) pairs as (K/G, N, 2) in bf16, as the kernel takes them."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        q = layer.int_weight().to(torch.int32)  # (N, K) in [0, 15]
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1)  # (N, K/G, 2)
+        self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), in x's dtype."""
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
+                                              self.group_size, self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def cache_bucket(n: int) -> int:
@@ -195,5 +294,6 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
     modules.clear()
 
 
-__all__ = ["SMALL_MODEL", "PackedLinear", "cache_bucket", "compiled_decode_step", "decode_model", "decode_precision",
+__all__ = ["QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear", "quant_kernel",
+           "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model", "decode_precision",
            "decode_step"]
