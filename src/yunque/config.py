@@ -768,6 +768,26 @@ class SpeedrunConfig:
 
 
 @dataclass(frozen=True)
+class QuantizeConfig:
+    """Weight-only quantization of a model's linear layers (model/quant.py): `--quantize` on generate, chat and
+    serve, `--to` of `yunque quantize`."""
+
+    quantize: Literal["int8", "int4"] | None = None
+    """Compute with the linear layers' weights quantized: int8 (one scale per output channel) or int4 (a scale and
+    zero per group of --group-size inputs); none: as the model stores them."""
+    group_size: int = 32
+    """Inputs per int4 group (it must divide every linear layer's inputs): smaller groups follow the weights more
+    closely and take more room for scales."""
+
+    def __post_init__(self) -> None:
+        check(self, self._problems())
+
+    def _problems(self) -> Iterator[str]:
+        if self.group_size < 2 or self.group_size % 2:
+            yield f"group_size must be an even number >= 2 (two int4 values share a byte), got {self.group_size}"
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Limits of continuous batching (engine/scheduler.py): how many requests wait, run, and how long each is."""
 
@@ -819,6 +839,11 @@ class ServeConfig:
     """Decode precision (auto: bf16 where the CPU multiplies it natively, except for models under 4M parameters)."""
     device: str = "cpu"
     """Where models run: cpu, cuda, cuda:1, ..."""
+    quantize: Literal["int8", "int4"] | None = None
+    """Serve every model with its linear layers' weights quantized (int8 or int4, as `yunque chat --quantize`);
+    none: as the models store them."""
+    group_size: int = 32
+    """Inputs per int4 group with --quantize int4 (it must divide every linear layer's inputs)."""
 
     def __post_init__(self) -> None:
         check(self, self._problems())
@@ -909,4 +934,4 @@ def to_dict(obj: Any) -> dict[str, Any]:
 __all__ = ["ModelConfig", "PRESETS", "preset", "save_json", "load_json", "LoopConfig", "PretrainConfig",
            "LoraConfig", "SFTConfig", "SamplingParams", "SchedulerConfig", "ServeConfig", "SpeedrunConfig",
            "EvalConfig", "from_dict", "to_dict", "PRECISIONS", "DEFAULT_STEPS", "SFT_LOOP", "sft_loop", "AlignConfig",
-           "ALIGN_LOOP", "align_loop", "RewardConfig", "REWARD_LOOP"]
+           "ALIGN_LOOP", "align_loop", "RewardConfig", "REWARD_LOOP", "QuantizeConfig"]

@@ -84,3 +84,35 @@ def test_catalogue_names_work_as_model_args(tmp_path, capsys):
     assert not (cat / "me--tiny").exists()
     assert main(["info", "me/tiny", "--catalogue", str(cat)]) == 1
     assert "yunque pull" in capsys.readouterr().err
+
+
+def test_quantize_writes_a_dir_every_command_loads(run, tmp_path, capsys):
+    out = tmp_path / "int4"
+    assert main(["quantize", str(run), str(out), "--to", "int4", "--group-size", "16"]) == 0
+    assert f"-> {out} (int4 (groups of 16))" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "quantization: int4 (groups of 16), weight-only" in capsys.readouterr().out
+    assert main(["generate", str(out), "ab", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+    # greedy through the quantized dir == greedy with the float model quantized on load (--quantize)
+    assert main(["generate", str(run), "ab", "--max-new-tokens", "8", "--temperature", "0",
+                 "--quantize", "int4", "--group-size", "16"]) == 0
+    on_load = capsys.readouterr().out
+    assert main(["generate", str(out), "ab", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == on_load
+    assert main(["export", str(out), "--format", "gguf", str(tmp_path / "m.gguf")]) == 0
+    capsys.readouterr()
+
+
+def test_quantize_bad_input_is_one_line(run, tmp_path, capsys):
+    quantized = tmp_path / "int8"
+    assert main(["quantize", str(run), str(quantized), "--to", "int8"]) == 0
+    fails(capsys, ["quantize", str(quantized), str(tmp_path / "again"), "--to", "int4"], "quantized already")
+    fails(capsys, ["generate", str(quantized), "ab", "--quantize", "int8"], "quantized already")
+    fails(capsys, ["quantize", str(run), str(tmp_path / "g"), "--to", "int4", "--group-size", "24"],
+          "--group-size 24 does not divide the 64 inputs", "e.g. 32")
+    fails(capsys, ["generate", str(run), "ab", "--quantize", "int4", "--group-size", "24"], "does not divide")
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(run), str(tmp_path / "x"), "--to", "int2"])
+    assert e.value.code == 2 and "invalid choice: 'int2' (choose from 'int8', 'int4')" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()

@@ -100,7 +100,7 @@ def llama3_rope_factors(cfg) -> list[float]:
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_export_reads_back_with_expected_names_shapes_types_and_values(tmp_path, tok, kind, dtype):
     model, path = model_dir(tmp_path, tok, kind)
     cfg = model.cfg
@@ -145,7 +145,7 @@ def test_export_reads_back_with_expected_names_shapes_types_and_values(tmp_path,
         expected["rope_freqs.weight"] = torch.tensor(llama3_rope_factors(cfg))
     tensors = {t.name: t for t in reader.tensors}
     assert tensors.keys() == expected.keys()
-    matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    matrix_type = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[dtype]
     for name, want in expected.items():
         t = tensors[name]
         assert list(t.shape) == list(want.shape)[::-1], name  # GGUF lists dimensions innermost first
@@ -159,8 +159,10 @@ def test_export_reads_back_with_expected_names_shapes_types_and_values(tmp_path,
             assert torch.equal(got, want.half().float()), name
         elif dtype == "bf16":
             assert torch.equal(got, want.bfloat16().float()), name
-        else:  # q8_0: 8-bit values with one scale per 32
+        elif dtype == "q8_0":  # 8-bit values with one scale per 32
             assert (got - want).abs().max() <= want.abs().max() / 127 + 1e-6, name
+        else:  # q4_0: 4-bit values -8..7 with one scale per 32 (the block's largest magnitude is -8 steps)
+            assert (got - want).abs().max() <= want.abs().max() / 7 + 1e-6, name
 
 
 def test_permutation_turns_rotate_half_rope_into_llama_cpp_interleaved_rope():
@@ -222,7 +224,7 @@ def test_transformers_reads_the_gguf_back_with_identical_logits(tmp_path, tok, k
 
 def test_bad_dtype_and_inexpressible_configs_are_refused(tmp_path, tok):
     _, path = model_dir(tmp_path, tok, "llama")
-    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, got 'q4'"):
+    with pytest.raises(ValueError, match="dtype must be one of f32, f16, bf16, q8_0, q4_0, q4_1, got 'q4'"):
         export_gguf(path, tmp_path / "m.gguf", dtype="q4")
     save_model(tmp_path / "mixed", GPT(preset("tiny", vocab_size=tok.vocab_size, pos="learned")), tok)
     with pytest.raises(ValueError, match="mix GPT-2 and Llama parts"):

@@ -251,3 +251,20 @@ def test_an_adapter_whose_base_is_not_served_is_refused(base, tmp_path):
         Registry([ModelSpec("other", merged), ModelSpec("tuned", adapter)])
     unrecorded, _ = make_adapter(base, tmp_path / "u", record=False)  # no base recorded: the only model served
     assert Registry([ModelSpec("b", base), ModelSpec("t", unrecorded)]).specs["t"].base == "b"
+
+
+@pytest.mark.parametrize("quantize, group_size", [("int8", 32), ("int4", 32)])
+def test_serve_quantize_decodes_with_quantized_layers_and_counts_their_bytes(base, quantize, group_size):
+    from yunque.engine.cpu import Int4PackedLinear, Int8PackedLinear
+    from yunque.model.quant import QuantLinear
+
+    plain = load_spec(ModelSpec("a", base), ServeConfig(), SchedulerConfig())
+    loaded = load_spec(ModelSpec("a", base), ServeConfig(quantize=quantize, group_size=group_size), SchedulerConfig())
+    try:
+        kinds = {type(m) for m in loaded.engine.model.modules()}
+        kernels = kinds & {Int8PackedLinear, Int4PackedLinear}
+        assert QuantLinear not in kinds and (kernels or quantize == "int4")  # int4 is dequantized without bf16
+        assert (loaded.bytes < plain.bytes) == bool(kernels)
+    finally:
+        plain.scheduler.close()
+        loaded.scheduler.close()

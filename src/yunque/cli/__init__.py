@@ -2,7 +2,7 @@
 
     train.py     tokenizer train, pretrain, sft, merge
     generate.py  generate, chat, perplexity
-    models.py    info, import, export, pull, models, rm
+    models.py    info, import, export, quantize, pull, models, rm
     speedrun.py  speedrun
     eval.py      eval
     serve.py     serve

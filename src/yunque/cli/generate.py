@@ -7,7 +7,7 @@ import sys
 
 from yunque.cli.common import add_device_flag, add_model_arg, check_device, command, model_path
 from yunque.cli.flags import add_fields
-from yunque.config import SamplingParams
+from yunque.config import QuantizeConfig, SamplingParams
 
 CLI_SAMPLING = SamplingParams(max_new_tokens=200, temperature=0.8)
 """The command line's sampling defaults: longer and a little cooler than the library's."""
@@ -63,12 +63,23 @@ def add_sampling_flags(p) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: 6-10 s more at start (per batch size and cache length), "
                         "then 5-20%% less time per token; pays off for long outputs")
+    add_fields(p, QuantizeConfig, ["quantize", "group_size"])
     add_device_flag(p)
 
 
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def quantized(model, args):
+    """`model` with its linear layers quantized in place as --quantize asks (model/quant.py), or as it is."""
+    if args.quantize:
+        from yunque.model.quant import quantize_model
+
+        QuantizeConfig(args.quantize, args.group_size)  # checks the flags' values
+        quantize_model(model, args.quantize, args.group_size)
+    return model
 
 
 def cmd_generate(args) -> int:
@@ -79,7 +90,7 @@ def cmd_generate(args) -> int:
     device = check_device(args.device)
     path = model_path(args.model, args.catalogue)
     model, tok = load_model(path, device=device)
-    engine = Engine(model, tok, precision=args.precision, compile=args.compile, device=device)
+    engine = Engine(quantized(model, args), tok, precision=args.precision, compile=args.compile, device=device)
     engine.stop_ids |= generation_stop_ids(path, tok.vocab_size)  # imported models name their own
     shown = args.prompt
     if args.few_shot:
@@ -116,7 +127,7 @@ def cmd_chat(args) -> int:
     params = sampling_params(args)
     device = check_device(args.device)
     model, tok, fmt = load_chat_model(model_path(args.model, args.catalogue), args.adapter, device=device)
-    engine = Engine(model, tok, precision=args.precision, compile=args.compile, device=device)
+    engine = Engine(quantized(model, args), tok, precision=args.precision, compile=args.compile, device=device)
     engine.stop_ids |= fmt.stop_ids
     session = ChatSession(engine, params, fmt, system=args.system)  # refuses a model with no chat format at once
 

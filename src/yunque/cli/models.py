@@ -1,10 +1,12 @@
-"""Commands about model dirs and other tools' formats: info, import, export, pull, models, rm."""
+"""Commands about model dirs and other tools' formats: info, import, export, quantize, pull, models, rm."""
 
 from __future__ import annotations
 
 import json
 
 from yunque.cli.common import add_catalogue_flag, add_model_arg, command, model_path
+from yunque.cli.flags import add_fields, choices_of
+from yunque.config import QuantizeConfig
 
 
 def register(sub) -> None:
@@ -28,15 +30,35 @@ def register(sub) -> None:
 
     exp = command(sub, "export", cmd_export, help="write a model as a Hugging Face dir or a GGUF file",
                   description="Export a model dir for transformers (--format hf) or llama.cpp / ollama "
-                              "(--format gguf).",
+                              "(--format gguf). A quantized model (`yunque quantize`) goes to GGUF as Q8_0 (int8) "
+                              "or Q4_0 (int4) unless --dtype says otherwise, requantized by the gguf library from "
+                              "its dequantized weights; to Hugging Face dequantized.",
                   examples="  yunque export runs/speedrun --format hf runs/speedrun-hf\n"
-                           "  yunque export runs/speedrun --format gguf speedrun.gguf --dtype q8_0\n")
+                           "  yunque export runs/speedrun --format gguf speedrun.gguf --dtype q8_0\n"
+                           "  yunque export runs/smol-int4 --format gguf smol-q4_0.gguf\n")
     add_model_arg(exp)
     exp.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: a transformers dir; gguf: one file")
     exp.add_argument("out", metavar="OUT", help="output dir (hf) or .gguf file")
-    exp.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16",
-                     help="GGUF tensor type (default: f16)")
+    exp.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"], default=None,
+                     help="GGUF tensor type of the matrices (default: f16; for a quantized model q8_0 or q4_0)")
     exp.add_argument("--force", action="store_true", help="replace OUT if it holds something")
+
+    quant = command(sub, "quantize", cmd_quantize, help="write a model with int8 or int4 weights as a model dir",
+                    description="Quantize MODEL's linear layers (weight-only: int8 with one scale per output "
+                                "channel, or int4 with a scale and zero per group of inputs) and write the result "
+                                "as a yunque model dir (integers and scales in model.safetensors) that every "
+                                "command loads directly. MODEL may be a model dir, a Hugging Face dir or a GGUF "
+                                "file.",
+                    examples="  yunque quantize runs/speedrun/chat runs/chat-int8 --to int8\n"
+                             "  yunque quantize SmolLM2-135M-Instruct.Q4_1.gguf runs/smol-int4 --to int4 "
+                             "--group-size 64\n")
+    add_model_arg(quant)
+    quant.add_argument("out", metavar="OUT_DIR", help="the quantized model dir to write")
+    quant.add_argument("--to", required=True, choices=choices_of(QuantizeConfig, "quantize"),
+                       help="int8: one scale per output channel; int4: a scale and zero per group of --group-size "
+                            "inputs")
+    add_fields(quant, QuantizeConfig, ["group_size"])
+    quant.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds something")
 
     pull = command(sub, "pull", cmd_pull, help="download a Hugging Face model (safetensors only) into the catalogue",
                    description="Download a model's safetensors, config and tokenizer files from the Hugging Face "
@@ -101,6 +123,17 @@ def cmd_export(args) -> int:
             raise ValueError("GGUF export needs the gguf package; pip install 'yunque[gguf]'") from None
         export_gguf(src, args.out, dtype=args.dtype, force=args.force)
     print(f"exported {src} -> {args.out} ({args.format})")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from yunque.interop.quantize import quantize_dir
+    from yunque.model.quant import describe_quantization
+
+    QuantizeConfig(args.to, args.group_size)  # checks the flags' values
+    src = model_path(args.model, args.catalogue)
+    scheme = quantize_dir(src, args.out, method=args.to, group_size=args.group_size, force=args.force)
+    print(f"quantized {src} -> {args.out} ({describe_quantization(scheme)})")
     return 0
 
 

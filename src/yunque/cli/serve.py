@@ -10,7 +10,8 @@ from yunque.cli.common import add_catalogue_flag, command, model_path
 from yunque.cli.flags import add_fields, values
 from yunque.config import SchedulerConfig, ServeConfig
 
-SERVE_FLAGS = ["host", "port", "api_key", "preload", "max_memory", "max_body", "timeout", "precision", "device"]
+SERVE_FLAGS = ["host", "port", "api_key", "preload", "max_memory", "max_body", "timeout", "precision", "device",
+               "quantize", "group_size"]
 SCHEDULER_FLAGS = ["max_queue", "max_running", "max_tokens", "prefill_tokens", "prefix_cache_tokens"]
 
 

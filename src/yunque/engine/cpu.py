@@ -182,14 +182,14 @@ class Int4PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         q = layer.int_weight().to(torch.int32)  # (N, K) in [0, 15]
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("int4_weight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1)  # (N, K/G, 2)
         self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16))
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.packed,
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.int4_weight,
                                               self.group_size, self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)

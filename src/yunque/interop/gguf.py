@@ -27,12 +27,17 @@ from yunque.config import ModelConfig
 from yunque.interop.hf_config import hf_model_type
 from yunque.interop.hf_tokenizer import chat_template_source, export_tokenizer_config, special_token_ids
 from yunque.model.gpt import GPT, rope_frequencies
+from yunque.model.quant import dequantize_model, quantization_of
 from yunque.modeldir import load_model, weights_of
 from yunque.outputs import check_output
 from yunque.tokenizer.bpe import END_OF_TURN, Tokenizer, is_byte_level
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
-"""Storage types for matrices; norms, biases and rope factors are always f32, as llama.cpp expects."""
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")
+"""Storage types for matrices; norms, biases and rope factors are always f32, as llama.cpp expects. The q types are
+the gguf library's own quantizers: Q8_0 (int8, one f16 scale per 32), Q4_0 (int4, one scale per 32), Q4_1 (int4,
+a scale and a minimum per 32)."""
+QUANTIZED_DTYPE = {"int8": "q8_0", "int4": "q4_0"}
+"""The GGUF type a quantized model dir (`yunque quantize`) is written as unless another is asked for."""
 
 TOP_NAMES = {"tok_emb": "token_embd", "pos_emb": "position_embd", "norm_f": "output_norm", "lm_head": "output"}
 BLOCK_NAMES = {"norm1": "attn_norm", "norm2": "ffn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output",
@@ -93,20 +98,28 @@ def gguf_tensors(model: GPT) -> Iterator[tuple[str, torch.Tensor]]:
         yield "rope_freqs.weight", base / rope_frequencies(cfg)
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f16", force: bool = False) -> None:
-    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype`. An
-    existing file is refused unless `force`; it is replaced only once the new one is complete."""
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str | None = None,
+                force: bool = False) -> None:
+    """Write the model dir as one GGUF file: metadata, byte-level BPE vocabulary, weights stored as `dtype` (None:
+    f16, or for a quantized model dir its GGUF counterpart, QUANTIZED_DTYPE). A quantized model's weights are
+    dequantized and quantized again by the gguf library (an int4 model's groups are not Q4_0's, whose scale is
+    symmetric: expect a little more error than either alone). An existing file is refused unless `force`; it is
+    replaced only once the new one is complete."""
     try:
         import gguf
     except ModuleNotFoundError:
         raise ModuleNotFoundError("GGUF export needs the gguf package; pip install gguf") from None
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir, out_path = Path(model_dir), Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"{out_path} is a directory; name the .gguf file to write")
     check_output(out_path, force=force, sources=(model_dir,))
     model, tokenizer = load_model(model_dir)
+    quantization = quantization_of(model)
+    if quantization is not None:
+        dequantize_model(model)
+    dtype = dtype or (QUANTIZED_DTYPE[quantization["method"]] if quantization else "f16")
     cfg = model.cfg
     arch = hf_model_type(cfg)
     # the same start token, chat template and end of turn as a Hugging Face export (see hf_tokenizer.py)
@@ -134,7 +147,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f1
 
 def _metadata(w: Any, cfg: ModelConfig, arch: str, name: str, dtype: str, gguf: Any) -> None:
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[dtype]
     w.add_name(name)
     w.add_file_type(file_type)
     w.add_context_length(cfg.max_seq_len)
@@ -202,9 +216,9 @@ def _ggml_type(x: torch.Tensor, dtype: str, gguf: Any) -> Any:
     Q = gguf.GGMLQuantizationType
     if x.dim() < 2 or dtype == "f32":
         return Q.F32
-    if dtype == "f16" or (dtype == "q8_0" and x.shape[-1] % 32):  # q8_0 blocks are 32 wide; llama.cpp falls back too
+    if dtype == "f16" or (dtype.startswith("q") and x.shape[-1] % 32):  # q blocks are 32 wide; llama.cpp falls back too
         return Q.F16
-    return Q.BF16 if dtype == "bf16" else Q.Q8_0
+    return {"bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}[dtype]
 
 
 def _storage(x: torch.Tensor, qtype: Any, gguf: Any) -> tuple[tuple[int, ...], np.dtype, int, Any]:
@@ -227,5 +241,5 @@ def _encode(x: torch.Tensor, qtype: Any, gguf: Any) -> np.ndarray:
     return gguf.quants.quantize(a, qtype)
 
 
-__all__ = ["BLOCK_NAMES", "DTYPES", "TOP_NAMES", "export_gguf", "gguf_names", "gguf_tensors", "permute_rope",
-           "unpermute_rope"]
+__all__ = ["BLOCK_NAMES", "DTYPES", "QUANTIZED_DTYPE", "TOP_NAMES", "export_gguf", "gguf_names", "gguf_tensors",
+           "permute_rope", "unpermute_rope"]

@@ -35,6 +35,7 @@ from yunque.interop.hf_tokenizer import (
     stop_token_ids,
 )
 from yunque.model.gpt import GPT, meta_model, rope_frequencies
+from yunque.model.quant import dequantize_model
 from yunque.modeldir import (
     CONFIG,
     TOKENIZER,
@@ -236,6 +237,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, force: bool = False
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_output(out_dir, force=force, sources=(model_dir,))
     model, tokenizer = load_model(model_dir)
+    dequantize_model(model)  # a quantized model dir (`yunque quantize`) goes out with its dequantized weights
     cfg = model.cfg
     state = weights_of(model)
     tensors = {}

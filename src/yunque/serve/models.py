@@ -72,10 +72,15 @@ class ModelLoading(RuntimeError):
 
 
 def load_spec(spec: ModelSpec, cfg: ServeConfig, sched: SchedulerConfig) -> Loaded:
-    """Load a model (yunque or Hugging Face dir, GGUF file) into an engine and start its scheduler."""
+    """Load a model (yunque or Hugging Face dir, GGUF file) into an engine (its linear layers quantized with
+    cfg.quantize) and start its scheduler."""
     from yunque.modeldir import generation_stop_ids, load_model
 
     model, tokenizer = load_model(spec.path, device=cfg.device)
+    if cfg.quantize:
+        from yunque.model.quant import quantize_model
+
+        quantize_model(model, cfg.quantize, cfg.group_size)
     fmt = ChatFormat.of(spec.path, tokenizer)
     engine = Engine(model, tokenizer, device=cfg.device, precision=cfg.precision)
     del model  # the engine decodes with its own copy
