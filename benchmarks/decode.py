@@ -14,7 +14,15 @@ in turn (ours, theirs, ours, ...): on a shared machine the least disturbed run i
 `--compile` adds the engine with `compile=True` (compiling takes ~10 s per batch size and is excluded from its
 figures).
 
-    python benchmarks/decode.py [--threads 2] [--repeats 3] [--compile] [--json out.json]
+Part 3 (`smollm2`), a real model: SmolLM2-135M-Instruct from the shared GGUF (../shared/models, loaded with
+yunque's reader, so "fp32" is its Q4_1 weights dequantized), batch 1, greedy, a Tiny Shakespeare prompt of 128
+tokens and --smol-new new ones: yunque fp32, int8 and int4 (model/quant.py, the kernels this CPU gets), and
+llama.cpp (`llama_cpp`, the llama-cpp-python package, optional: skipped with the reason when absent) on GGUFs that
+yunque exports from the same fp32 weights as f32, Q8_0 and Q4_0; plus how many of yunque fp32's greedy tokens
+llama.cpp f32 produces too (the same weights, so they differ only by summation order and kernels).
+
+    python benchmarks/decode.py [--threads 2] [--repeats 3] [--compile] [--parts sizes,versus,smollm2]
+                                [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ from yunque.config import ModelConfig, preset  # noqa: E402
 from yunque.engine.engine import Engine, SamplingParams  # noqa: E402
 from yunque.model.gpt import GPT  # noqa: E402
 from yunque.model.kv_cache import KVCache  # noqa: E402
-from yunque.precision import bf16_supported  # noqa: E402
+from yunque.precision import bf16_supported, cpu_description  # noqa: E402
 from yunque.tokenizer.bpe import gpt2_tokenizer_from_files  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt2-bpe"
+SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT, NEW = 128, 256
 SIZES = {
     "mini": preset("mini", vocab_size=4096, max_seq_len=512),
@@ -192,6 +201,69 @@ def versus_table(tok, repeats: int, compile: bool, workdir: Path) -> list[dict]:
     return rows
 
 
+def smollm2_table(repeats: int, new: int, workdir: Path) -> dict:
+    """Part 3: SmolLM2-135M batch-1 greedy decode, yunque fp32/int8/int4 against llama.cpp f32/Q8_0/Q4_0."""
+    import copy
+
+    from yunque.interop.gguf import export_gguf
+    from yunque.model.quant import quantize_model
+    from yunque.modeldir import load_model
+
+    fp32, tok = load_model(SMOLLM2)
+    text = (SHARED.parent / "tinyshakespeare.txt").read_text(encoding="utf-8")[:4000]
+    prompt = tok.encode(text, bos=tok.bos_id is not None)[:PROMPT]
+    params = SamplingParams(max_new_tokens=new, temperature=0)
+    runs, engines = {}, {}
+    for name, method, precision in (("yunque fp32", None, "fp32"), ("yunque int8", "int8", "auto"),
+                                    ("yunque int4", "int4", "auto")):
+        model = fp32 if method is None else quantize_model(copy.deepcopy(fp32), method)
+        engine = Engine(model, tok, precision=precision)
+        engine.stop_ids = set()  # exactly `new` tokens
+        engines[name] = engine
+        kernels = sorted({type(m).__name__ for m in engine.model.modules() if "Linear" in type(m).__name__})
+        runs[name] = (lambda e=engine: e.generate([prompt], params)[0], f"{engine.dtype}, {', '.join(kernels)}")
+        del model
+    try:
+        from llama_cpp import Llama
+    except ImportError as e:
+        print(f"llama.cpp rows skipped: {e} (pip install llama-cpp-python)")
+        Llama = None
+    if Llama is not None:
+        for dtype in ("f32", "q8_0", "q4_0"):
+            path = workdir / f"smollm2-{dtype}.gguf"
+            export_gguf(SMOLLM2, path, dtype=dtype)
+            llm = Llama(str(path), n_ctx=PROMPT + new + 16, n_threads=torch.get_num_threads(), verbose=False)
+
+            def theirs(llm=llm):
+                out = []
+                for token in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                    out.append(token)
+                    if len(out) == new:
+                        break
+                return out
+
+            runs[f"llama.cpp {dtype}"] = (theirs, "llama-cpp-python")
+    times = best_runs({name: fn for name, (fn, _) in runs.items()}, repeats)
+    rows = []
+    for name, (_, how) in runs.items():
+        rows.append({"name": name, "tok_s": new / times[name], "how": how})
+        print(f"{name:>15}  {new / times[name]:7.1f} tok/s   ({how})", flush=True)
+    result = {"prompt_tokens": len(prompt), "new_tokens": new, "rows": rows}
+    if "llama.cpp f32" in runs:
+        ours, theirs_ids = runs["yunque fp32"][0](), runs["llama.cpp f32"][0]()
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs_ids)) if a != b), new)
+        result["greedy_agreement_f32"] = same / new
+        print(f"greedy tokens, yunque fp32 vs llama.cpp f32 on the same weights: the first {same} of {new} agree")
+        tok_s = {r["name"]: r["tok_s"] for r in rows}
+        targets = (("yunque fp32", "llama.cpp f32", 1.0), ("yunque int8", "llama.cpp q8_0", 1.0),
+                   ("yunque int4", "llama.cpp q4_0", 0.8))
+        for ours_name, theirs_name, need in targets:
+            ratio = tok_s[ours_name] / tok_s[theirs_name]
+            print(f"{ours_name} / {theirs_name}: {ratio:.2f}x (issue 11's target >= {need}x): "
+                  f"{'met' if ratio >= need else 'NOT met'}")
+    return result
+
+
 def verdicts(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
@@ -211,13 +283,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time Engine(compile=True)")
-    ap.add_argument("--parts", default="sizes,versus", help="which tables: sizes, versus")
+    ap.add_argument("--parts", default="sizes,versus,smollm2", help="which tables: sizes, versus, smollm2")
+    ap.add_argument("--smol-new", type=int, default=128, help="new tokens per SmolLM2 run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     logging.getLogger("torch._inductor").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     tok = gpt2_tokenizer_from_files(SHARED / "gpt2_vocab.json", SHARED / "gpt2_merges.txt")
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "bf16": bf16_supported("cpu")}
+    machine["cpu"] = cpu_description()
+    print(f"CPU: {machine['cpu']}")
     print(f"torch {machine['torch']}, {machine['threads']} threads, bf16 matmul: {machine['bf16']}; "
           f"prompt {PROMPT}, {NEW} new tokens, greedy, best of {args.repeats}")
     result = {"machine": machine, "issue_reference_tok_s": ISSUE, "targets": TARGETS}
@@ -233,6 +308,10 @@ def main() -> None:
         print(f"the issue's figures for this machine kind: {ISSUE}")
         result["verdicts"] = verdicts(result["versus"])
         print("\n".join(result["verdicts"]))
+    if "smollm2" in parts:
+        print(f"\nSmolLM2-135M-Instruct, batch 1, greedy, {args.smol_new} new tokens after a {PROMPT}-token prompt")
+        with tempfile.TemporaryDirectory() as d:
+            result["smollm2"] = smollm2_table(args.repeats, args.smol_new, Path(d))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -1,0 +1,81 @@
+"""Weight-only quantized matrix products on this CPU: what `engine/cpu.py`'s `quant_kernel` chooses from.
+
+For the linear layers of SmolLM2-135M (and its output head), 1 and 8 rows, microseconds per call of:
+fp32 `F.linear` (the simple path) and oneDNN-packed fp32 (`PackedLinear`, what the engine does for float weights);
+ATen's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed fp32 activations, and fed bf16 ones
+(`Int8PackedLinear`, `Int4PackedLinear`: the engine's modules, casts included). The last column is the kernel the
+engine picks here for int8 and int4.
+
+To see what a CPU without native bf16 (AVX2 only) gets, on a machine that has it: ATen and oneDNN then dispatch
+to their AVX2 code and `bf16_supported` says False.
+
+    python benchmarks/quant_kernels.py [--threads 1] [--calls 200]
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/quant_kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from yunque.engine.cpu import Int4PackedLinear, Int8PackedLinear, PackedLinear, quant_kernel
+from yunque.model.quant import QuantLinear
+from yunque.precision import bf16_supported, cpu_description
+
+SHAPES = {"attn.qkv": (576, 960), "attn.proj": (576, 576), "mlp.up": (576, 3072), "mlp.down": (1536, 576),
+          "lm_head": (576, 49152)}
+"""SmolLM2-135M's layers: (in_features, out_features)."""
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(5):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--group-size", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    native = bf16_supported("cpu")
+    print(f"CPU: {cpu_description()}; ATen kernels: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{native}; torch {torch.__version__}, {torch.get_num_threads()} threads; us per call")
+    columns = ["fp32 F.linear", "fp32 packed", "int8 x fp32", "int8 x bf16", "int4 x fp32", "int4 x bf16"]
+    print(f"{'layer':>10} rows " + " ".join(f"{c:>13}" for c in columns) + "   engine: int8, int4")
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    for name, (K, N) in SHAPES.items():
+        linear = nn.Linear(K, N, bias=False)
+        w = linear.weight.detach()
+        int8, int4 = QuantLinear.from_linear(linear, 8), QuantLinear.from_linear(linear, 4, args.group_size)
+        fast8, fast4 = Int8PackedLinear(int8), Int4PackedLinear(int4)
+        packed = PackedLinear(linear)
+        q4 = torch._convert_weight_to_int4pack_for_cpu(int4.int_weight().to(torch.int32), 1)
+        sz = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous().float()
+        choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu) for bits in (8, 4)]
+        for rows in (1, 8):
+            x = torch.randn(rows, K)
+            fns = {"fp32 F.linear": lambda: F.linear(x, w), "fp32 packed": lambda: packed(x),
+                   "int8 x fp32": lambda: torch._weight_int8pack_mm(x, int8.qweight, int8.scales),
+                   "int8 x bf16": lambda: fast8(x),
+                   "int4 x fp32": lambda: torch._weight_int4pack_mm_for_cpu(x, q4, args.group_size, sz),
+                   "int4 x bf16": lambda: fast4(x)}
+            with torch.inference_mode():
+                times = [per_call_us(fns[c], args.calls if "x fp32" not in c else max(10, args.calls // 10))
+                         for c in columns]
+            print(f"{name:>10} {rows:4d} " + " ".join(f"{t:13.0f}" for t in times) + f"   {choice[0]}, {choice[1]}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
