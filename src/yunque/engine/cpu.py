@@ -116,15 +116,17 @@ or the weight dequantized once to an ordinary (packed) linear layer in the decod
 
 def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int, *, native_bf16: bool,
                  device: torch.device) -> str:
-    """The kernel (one of QUANT_KERNELS) for a quantized layer on `device`, chosen from what benchmarks/quant_kernels.py
-    measured (torch 2.13, a GEMV 576 -> 1536 and others of SmolLM2-135M, one thread; "AVX2" is the same Zen 5 with
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which also turns `bf16_supported` off):
+    """The kernel (one of QUANT_KERNELS) for a quantized layer on `device`, chosen from what was measured of
+    SmolLM2-135M's layers at one row (torch 2.13, one thread, a Zen 5 under a load average of ~3; "AVX2" is the same
+    machine with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which also turns `bf16_supported` off); to be
+    confirmed on an idle machine with benchmarks/quant_kernels.py, which prints the choice beside the times:
 
-    - ATen's weight-only kernels are fast only with bf16 activations (their fp32-activation variant ran 8-10x
+    - ATen's weight-only kernels are fast only with bf16 activations (their fp32-activation variant ran 3-12x
       slower than fp32 F.linear), and they widen bf16 to fp32 in registers, so they need no native bf16 products:
       int8 ran ~0.5x the time of fp32 F.linear with AVX-512 BF16, ~0.6-0.9x with AVX2 kernels. So int8 always
       takes `_weight_int8pack_mm`, its activations rounded to bf16 (the products stay exact and sum in fp32).
-    - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels:
+    - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels
+      on the blocks' layers (0.5x on a 49152-row head, which a tied model keeps in floating point anyway):
       without native bf16 an int4 layer is dequantized once to the decode dtype (the speed of fp32, the accuracy
       of int4, the memory of fp32). It also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
     - Off the CPU (CUDA), layers are dequantized once to the decode dtype.
