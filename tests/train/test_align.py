@@ -151,6 +151,7 @@ def test_grpo_raises_the_reward_and_logs_rollouts(base, pairs, rewards, tmp_path
     first, last = sum(r["reward"] for r in log[:3]) / 3, sum(r["reward"] for r in log[-3:]) / 3
     assert last > first + 0.1, log
     assert s["after"]["kl"] > 0 and s["before"]["kl"] == pytest.approx(0, abs=1e-5)
+    assert s["undertrained"] is None  # a surrogate loss that did not fall says nothing of what the policy learned
 
 
 def test_ppo_resumes_exactly_in_the_middle_of_a_rollout(base, pairs, rewards, tmp_path):

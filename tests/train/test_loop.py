@@ -237,6 +237,14 @@ def test_a_run_that_learns_nothing_says_so(tmp_path):
     assert fit(new_model(), batches, loss_fn, loop(tmp_path / "ok", max_steps=30, lr=1e-2))["undertrained"] is None
 
 
+def test_a_loss_that_is_not_a_measure_of_progress_is_not_judged(tmp_path):
+    # a policy-gradient surrogate hovers near 0 whatever the policy learns: a loss that did not fall says nothing
+    judged = fit(new_model(), batches, loss_fn, loop(tmp_path / "a", max_steps=3, lr=1e-7))
+    assert "barely fell" in judged["undertrained"]
+    not_judged = fit(new_model(), batches, loss_fn, loop(tmp_path / "b", max_steps=3, lr=1e-7), loss_falls=False)
+    assert not_judged["undertrained"] is None
+
+
 FAST_CFG = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=16)
 FAST_STREAM = torch.randint(0, 64, (2048,), generator=torch.Generator().manual_seed(0))
 

@@ -429,7 +429,7 @@ def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_
     tokens = rollouts.size // cfg.minibatches * (cfg.max_new_tokens // 2)
     return Prepared(trainee, rollouts.minibatch, rl_loss(cfg), evaluate if held else None,
                     tokens_per_step=tokens * loop.grad_accum, trainable_only=cfg.lora is not None,
-                    fingerprint=fingerprint(fits), info=info)
+                    fingerprint=fingerprint(fits), info=info, loss_falls=False)
 
 
 @torch.no_grad()

@@ -34,11 +34,13 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 def fit(model: torch.nn.Module, batches: Batches, loss_fn: LossFn, cfg: LoopConfig, *,
         evaluate: Callable[[torch.nn.Module], float | None] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
-        runtime: Runtime | None = None) -> dict[str, Any]:
+        runtime: Runtime | None = None, loss_falls: bool = True) -> dict[str, Any]:
     """Train `model` on `batches(i)` (micro-batch i = step * grad_accum + k) with `loss_fn(model, batch)`.
 
     `evaluate(model)` gives the held-out loss every `eval_every` steps and at the end; it may return None to skip
-    a check (a benchmark that looks closely only near its target).
+    a check (a benchmark that looks closely only near its target). `loss_falls=False` says the training loss is
+    not a measure of progress (a policy-gradient surrogate hovers near 0 whatever the policy learns), so a loss
+    that did not fall is no sign of an undertrained model.
 
     Ctrl-C or SIGTERM stops after the current step with a checkpoint, then raises KeyboardInterrupt. Returns a
     summary: steps, final loss, val_loss, tokens seen, wall seconds, precision, whether it compiled, warmup, and
@@ -46,14 +48,16 @@ def fit(model: torch.nn.Module, batches: Batches, loss_fn: LossFn, cfg: LoopConf
     """
     _check_device(cfg.device)
     with num_threads(cfg.threads), _StopSignals() as stop:
-        return _Training(model, batches, loss_fn, cfg, evaluate, optimizer, runtime or Runtime()).run(stop)
+        return _Training(model, batches, loss_fn, cfg, evaluate, optimizer, runtime or Runtime(), loss_falls).run(stop)
 
 
 class _Training:
     """The state of one `fit` call; `run` is the loop, the other methods are its parts."""
 
-    def __init__(self, model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer, runtime: Runtime) -> None:
+    def __init__(self, model, batches, loss_fn, cfg: LoopConfig, evaluate, optimizer, runtime: Runtime,
+                 loss_falls: bool = True) -> None:
         self.batches, self.cfg, self.evaluate, self.runtime = batches, cfg, evaluate, runtime
+        self.loss_falls = loss_falls
         # under torchrun DDP (the same parameters) or FSDP (the same module, its parameters now shards), before the
         # optimizer is made; the optimizer sees the model's own parameter names (Muon picks matrices by name)
         self.model = runtime.wrap(model, cfg)
@@ -173,7 +177,8 @@ class _Training:
     def finish(self, step: int) -> dict[str, Any]:
         self.log.close(self.out)
         warmup = self.budget.warmup(self.cfg.warmup_steps)
-        why = undertrained(step, warmup, self.log.first_loss, self.log.loss) if step > self.start else None
+        losses = (self.log.first_loss, self.log.loss) if self.loss_falls else (None, None)
+        why = undertrained(step, warmup, *losses) if step > self.start else None
         if why:
             self.log.note(f"warning: {why}")
         return {"steps": step, "loss": self.log.loss, "val_loss": self.log.val_loss, "precision": self.precision,

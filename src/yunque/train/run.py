@@ -64,6 +64,9 @@ class Prepared:
     """Figures for the summary (parameters, data counts, ...)."""
     facts: dict[str, Any] = field(default_factory=dict)
     """What a fresh run found out and records in run.json beside its settings (e.g. the tokenizer's real size)."""
+    loss_falls: bool = True
+    """Whether a falling training loss is the sign of learning (not for a policy-gradient surrogate): the loop's
+    undertrained warning looks at the loss only if so."""
 
 
 def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepared], *,
@@ -106,7 +109,8 @@ def run_stage(stage: str, cfg: Any, prepare: Callable[[Any, LoopConfig], Prepare
             before = None
             if run.evaluate is not None and not loop.resume:
                 before = held_out(run.model, run.evaluate, loop)
-            summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime)
+            summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime,
+                          loss_falls=run.loss_falls)
     return {**summary, **run.info, "val_loss_before": before}
 
 
@@ -116,7 +120,8 @@ def _follow(prepare: Callable[[Any, LoopConfig], Prepared], runtime: Runtime) ->
     cfg, loop = runtime.broadcast_object(None)
     loop = dataclasses.replace(loop, device=runtime.device(loop.device), threads=runtime.threads(loop.threads))
     run = prepare(cfg, dataclasses.replace(loop, resume=True))
-    summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime)
+    summary = fit(run.model, run.batches, run.loss, loop, evaluate=run.evaluate, runtime=runtime,
+                  loss_falls=run.loss_falls)
     return {**summary, **run.info, "val_loss_before": None}
 
 
