@@ -514,6 +514,14 @@ class AlignConfig:
     """Train low-rank adapters on a frozen base instead of every weight."""
     beta: float = 0.1
     """DPO: strength of the leash to the reference (larger: stay closer)."""
+    anchor_text: tuple[str, ...] = ()
+    """Ordinary text (files, folders, jsonl, as `pretrain --data` reads them) on which the model is held to the
+    reference: the KL from the reference's next-token distributions there to the model's is added to the loss, so
+    its language outside the chat moves little while its replies change. Empty: no anchor."""
+    anchor_coef: float = 1.0
+    """Weight of the anchor's KL (nats per token) in the loss."""
+    anchor_batch_size: int = 8
+    """Windows of anchor text per micro-batch."""
     kl_coef: float = 0.05
     """GRPO/PPO: weight of the per-token KL penalty to the reference."""
     kl_target: float | None = None
@@ -558,12 +566,15 @@ class AlignConfig:
         check(self, self._problems())
 
     def _problems(self) -> Iterator[str]:
-        for name in ("batch_size", "group_size", "prompts_per_rollout", "max_new_tokens", "epochs", "minibatches"):
+        for name in ("batch_size", "group_size", "prompts_per_rollout", "max_new_tokens", "epochs", "minibatches",
+                     "anchor_batch_size"):
             if getattr(self, name) < 1:
                 yield f"{name} must be at least 1, got {getattr(self, name)}"
         for name in ("beta", "clip"):
             if not getattr(self, name) > 0:
                 yield f"{name} must be positive, got {getattr(self, name)}"
+        if self.anchor_coef < 0:
+            yield f"anchor_coef must be 0 or more, got {self.anchor_coef}"
         if self.kl_coef < 0 or self.value_coef < 0 or self.temperature <= 0:
             yield (f"kl_coef and value_coef must be 0 or more and temperature positive, got kl_coef={self.kl_coef}, "
                    f"value_coef={self.value_coef}, temperature={self.temperature}")

@@ -1,6 +1,7 @@
 """Alignment: DPO against a cached reference, GRPO and PPO rollouts through the engine, their twin tests (rollouts
 equal the policy's own sampling; the first minibatch has ratio 1 and KL 0), exact resume in mid-rollout."""
 
+import dataclasses
 import json
 import sys
 
@@ -11,7 +12,7 @@ import torch
 from yunque.config import AlignConfig, LoopConfig, LoraConfig
 from yunque.engine.engine import Engine
 from yunque.engine.sampling import sample
-from yunque.losses import IGNORE, kl_penalty, ppo_policy_loss, target_logprobs
+from yunque.losses import IGNORE, kl_penalty, ppo_policy_loss, target_logprobs, token_kl
 from yunque.model.heads import HEADS
 from yunque.modeldir import WEIGHTS, load_model
 from yunque.tokenizer.chat import ChatFormat
@@ -81,6 +82,44 @@ def test_dpo_learns_the_preference_against_a_reference_computed_once(base, pairs
     assert torch.equal(run.batches(3)[2], ref)  # unchanged by the policy's change
     logps = target_logprobs(first, y).sum(1)
     torch.testing.assert_close(torch.stack(logps.chunk(2), dim=1), ref)
+
+
+@pytest.fixture(scope="module")
+def ordinary(tmp_path_factory):
+    """Ordinary text, nothing like the pairs: what the anchor holds the model to."""
+    path = tmp_path_factory.mktemp("anchor") / "text.txt"
+    path.write_text(" ".join(f"{a} {b} de la {c}." for a, b, c in zip(WORDS * 8, WORDS[3:] * 9, WORDS[5:] * 9)))
+    return path
+
+
+def anchor_kl(model, reference, windows) -> float:
+    with torch.no_grad():
+        return float(token_kl(reference(windows), model(windows)).mean())
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_the_anchor_holds_the_model_to_the_reference_on_ordinary_text(base, pairs, rewards, ordinary, tmp_path,
+                                                                        method):
+    settings = dict(method="grpo", reward_fn="align_rewards:a_share", group_size=8, prompts_per_rollout=2,
+                    max_new_tokens=8, kl_coef=0.0) if method == "grpo" else dict(batch_size=4)
+    steps, lr = (12, 5e-2) if method == "grpo" else (20, 1e-2)
+    reference, tok = load_model(base)
+    windows = torch.tensor(tok.encode(ordinary.read_text())[:4 * 33]).view(4, 33)[:, :32]
+    drift = {}
+    for coef in (0.0, 3.0):
+        out = tmp_path / f"{method}-{coef}"
+        cfg = AlignConfig(model=str(base), data=(str(pairs),), out=str(out), anchor_text=(str(ordinary),),
+                          anchor_coef=coef, val_fraction=0.25, loop=loop(out, steps, lr=lr), **settings)
+        if coef:  # at the start the policy is the reference: the anchor adds nothing to the loss
+            probe, bare_dir = tmp_path / f"{method}-probe", tmp_path / f"{method}-bare"
+            run = prepare(dataclasses.replace(cfg, out=str(probe)), loop(probe, 1))
+            inner, x = run.batches(0)
+            assert x.shape == (cfg.anchor_batch_size, min(128, reference.cfg.max_seq_len))
+            bare = prepare(dataclasses.replace(cfg, anchor_text=(), out=str(bare_dir)), loop(bare_dir, 1))
+            torch.testing.assert_close(run.loss(run.model, (inner, x)), bare.loss(bare.model, bare.batches(0)))
+        main(cfg)
+        drift[coef] = anchor_kl(load_model(out)[0], reference, windows)
+    assert drift[3.0] < 0.5 * drift[0.0], drift
 
 
 def test_dpo_with_lora_writes_an_adapter_and_ipo_trains(base, pairs, tmp_path):

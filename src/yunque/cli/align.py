@@ -12,7 +12,8 @@ from yunque.cli.flags import add_fields, given, values
 from yunque.cli.train import LOOP_FLAGS, LORA_FLAGS, METAVARS, loop_from, warn_ignored_on_resume
 from yunque.config import ALIGN_LOOP, REWARD_LOOP, AlignConfig, LoraConfig, RewardConfig, align_loop
 
-ALIGN_FLAGS = ["data", "method", "loss", "reward", "reward_fn", "beta", "kl_coef", "kl_target", "group_size",
+ALIGN_FLAGS = ["data", "method", "loss", "reward", "reward_fn", "beta", "anchor_text", "anchor_coef",
+               "anchor_batch_size", "kl_coef", "kl_target", "group_size",
                "prompts_per_rollout", "max_new_tokens", "temperature", "epochs", "minibatches", "clip", "gamma",
                "lam", "value_coef", "batch_size", "max_seq_len", "val_fraction", "eval_batches", "seed", "force"]
 REWARD_FLAGS = ["data", "batch_size", "max_seq_len", "val_fraction", "eval_batches", "seed", "force"]

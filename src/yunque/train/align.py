@@ -9,6 +9,11 @@
            rewards (the KL penalty on every token, the reward on the last), GAE, the clipped objective and the
            clipped value loss (Schulman et al. 2017; Ouyang et al. 2022); the KL coefficient fixed or adaptive
 
+With --anchor-text, every method's loss gains the KL from the reference to the policy on windows of ordinary
+text: the model's language outside the chat is held where it was while its replies change (the reference's
+next-token distributions distilled, in the spirit of InstructGPT's pretraining mix, Ouyang et al. 2022, without
+pulling the model toward that text beyond where the reference stood).
+
 All on the stage skeleton (train/run.py) and the one loop: micro-batch i of a rollout method is a minibatch of
 rollout i // (epochs * minibatches), sampled when its first minibatch is asked for (the loop asks in order) from
 the policy as it is then. Each rollout is saved in the run dir (rollout.pt) when it is made, so a run resumed in
@@ -35,7 +40,10 @@ import torch
 
 from yunque.atomic import atomic_write
 from yunque.config import AlignConfig, LoopConfig, SamplingParams, align_loop
+from yunque.data.loaders import TokenWindows
 from yunque.data.preferences import PairBatches, fingerprint, load_prompts, pair_batches, split
+from yunque.data.sources import fingerprint as text_fingerprint
+from yunque.data.sources import iter_documents
 from yunque.engine.engine import Engine
 from yunque.losses import (
     IGNORE,
@@ -66,6 +74,10 @@ ROLLOUTS_LOG = "rollouts.jsonl"
 """One line per rollout: mean reward, KL to the reference per reply, reply length, KL coefficient."""
 EVAL_PROMPTS = 32
 """Held-out prompts answered (greedily) at each evaluation of a GRPO/PPO run."""
+ANCHOR_WINDOW = 128
+"""Tokens in a window of anchor text (fewer if the run's context is shorter)."""
+ANCHOR_TOKENS = 1_000_000
+"""Anchor text read at most, in tokens: windows for thousands of steps without tokenizing a whole corpus."""
 
 
 def main(cfg: AlignConfig, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -82,7 +94,7 @@ def main(cfg: AlignConfig, runtime: Runtime | None = None) -> dict[str, Any]:
         ran.append(c)
         return prepare(c, loop, figures, runtime)
 
-    inputs = lambda c: [c.model, *c.data, *([c.reward] if c.reward else [])]  # noqa: E731
+    inputs = lambda c: [c.model, *c.data, *c.anchor_text, *([c.reward] if c.reward else [])]  # noqa: E731
     summary = run_stage("align", cfg, prepare_run, inputs=inputs, runtime=runtime)
     fresh = summary["val_loss_before"] is not None
     return {**summary, "method": (ran[-1] if ran else cfg).method,
@@ -105,9 +117,17 @@ def prepare(cfg: AlignConfig, loop: LoopConfig, figures: list[dict[str, float]] 
         raise ValueError(f"max_seq_len={seq_len} is longer than the model's context ({model.cfg.max_seq_len}); "
                          f"pass --max-seq-len {model.cfg.max_seq_len} or less")
     model.float().eval()  # fp32 master weights; the reference is this model as loaded
-    prepare_method = _prepare_dpo if cfg.method == "dpo" else _prepare_rl
-    run = prepare_method(cfg, loop, model, fmt, seq_len, figures if figures is not None else [],
-                         runtime or Runtime())
+    figures = figures if figures is not None else []
+    runtime = runtime or Runtime()
+    # DPO keeps the reference's log-probabilities of its pairs, not the reference, unless the anchor needs it
+    reference = copy.deepcopy(model).requires_grad_(False) if cfg.method != "dpo" or cfg.anchor_text else None
+    if cfg.method == "dpo":
+        run = _prepare_dpo(cfg, loop, model, fmt, seq_len, figures, runtime)
+    else:
+        run = _prepare_rl(cfg, loop, model, reference, fmt, seq_len, figures, runtime)
+    if cfg.anchor_text:
+        window = min(ANCHOR_WINDOW, seq_len)
+        run = anchored(run, cfg, loop, reference, anchor_windows(cfg.anchor_text, tokenizer, window), window)
     if not loop.resume:
         start_model_dir(Path(cfg.out), cfg.model, tokenizer, model.cfg, cfg.lora)
     return run
@@ -401,7 +421,7 @@ def make_reward(cfg: AlignConfig, device: str):
     return reward
 
 
-def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_len: int,
+def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, reference, fmt: ChatFormat, seq_len: int,
                 figures: list[dict[str, float]], runtime: Runtime) -> Prepared:
     prompts = load_prompts(cfg.data)
     fits = [p for p in prompts if len(fmt.prompt(p)) < seq_len]
@@ -412,7 +432,6 @@ def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_
     print(f"{len(prompts)} prompts: {len(train)} to train on, {len(val)} held out"
           + (f", {len(prompts) - len(fits)} left out (they fill the context)" if len(fits) < len(prompts) else ""))
     reward = make_reward(cfg, loop.device)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
     layers = _attach(cfg, model)
     trainee = WithHeads(model, ("value",)).train() if cfg.method == "ppo" else model
     engine = Engine(model, fmt.tokenizer, device=loop.device)
@@ -430,6 +449,44 @@ def _prepare_rl(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq_
     return Prepared(trainee, rollouts.minibatch, rl_loss(cfg), evaluate if held else None,
                     tokens_per_step=tokens * loop.grad_accum, trainable_only=cfg.lora is not None,
                     fingerprint=fingerprint(fits), info=info, loss_falls=False)
+
+
+# ---- the anchor: held to the reference on ordinary text ----
+
+def anchor_windows(paths: tuple[str, ...], tokenizer, window: int) -> TokenWindows:
+    """The anchor text of `paths` as token windows (documents read in order, at most ANCHOR_TOKENS tokens)."""
+    ids: list[int] = []
+    for doc in iter_documents(list(paths)):
+        ids.extend(tokenizer.encode(doc.text, bos=tokenizer.bos_id is not None))
+        if len(ids) >= ANCHOR_TOKENS:
+            break
+    if len(ids) <= window:
+        raise ValueError(f"the anchor text ({', '.join(paths)}) has {len(ids)} tokens, fewer than one window of "
+                         f"{window + 1}; give --anchor-text more ordinary text")
+    return TokenWindows([np.asarray(ids[:ANCHOR_TOKENS], dtype=np.int64)])
+
+
+def anchored(run: Prepared, cfg: AlignConfig, loop: LoopConfig, reference: torch.nn.Module, windows: TokenWindows,
+             window: int) -> Prepared:
+    """`run` held to the reference on anchor text: micro-batch i is run's micro-batch i with anchor windows (a
+    pure function of i), and the loss gains anchor_coef * KL(reference || model), nats per token of the windows."""
+
+    def batches(i: int):
+        x, _ = windows.sample(cfg.anchor_batch_size, window, seed=cfg.seed, step=i)
+        return run.batches(i), x.to(loop.device)
+
+    def loss(m: torch.nn.Module, batch) -> torch.Tensor:
+        inner, x = batch
+        logits = m(x)
+        if isinstance(logits, tuple):  # PPO's policy gives its hidden states too
+            logits = logits[0]
+        with torch.no_grad():
+            ref_logits = reference(x)
+        return run.loss(m, inner) + cfg.anchor_coef * token_kl(ref_logits, logits).mean()
+
+    both = hashlib.sha256(f"{run.fingerprint}:{text_fingerprint(list(cfg.anchor_text))}".encode()).hexdigest()
+    return dataclasses.replace(run, batches=batches, loss=loss, fingerprint=both,
+                               tokens_per_step=run.tokens_per_step + cfg.anchor_batch_size * window * loop.grad_accum)
 
 
 @torch.no_grad()
