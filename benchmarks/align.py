@@ -9,7 +9,8 @@
    trained on them, and GRPO and PPO learn from that reward model.
 3. Before and after each method, on held-out questions (greedy replies): the share that satisfies the rule, the
    reward model's mean score, the KL to the SFT model (nats per sampled reply), and the perplexity of ordinary
-   text (pydoc topics prose); wall time of each run.
+   text (40 pydoc topics, prose); wall time of each run. Every method is anchored (`--anchor-text`) on the other
+   pydoc topics: held to the SFT model's next-token distributions there, never trained on the 40 evaluated.
 4. A verifiable reward: sums of two 2-digit numbers. The chat model is fine-tuned on a few hundred sums, then GRPO
    with reward 1 for the right number; held-out accuracy before -> after.
 
@@ -118,14 +119,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: one per physical core)")
     p.add_argument("--minutes", type=float, default=2.0, help="speedrun pretraining budget")
     p.add_argument("--sft-minutes", type=float, default=1.5, help="speedrun fine-tuning budget")
-    p.add_argument("--questions", type=int, default=300, help="training questions sampled for pairs and prompts")
+    p.add_argument("--questions", type=int, default=600, help="training questions sampled for pairs and prompts")
     p.add_argument("--held", type=int, default=100, help="held-out questions evaluated")
-    p.add_argument("--dpo-steps", type=int, default=120)
+    p.add_argument("--dpo-steps", type=int, default=150)
     p.add_argument("--rl-steps", type=int, default=60)
     p.add_argument("--dpo-lr", type=float, default=1e-4)
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--kl-coef", type=float, default=0.05)
+    p.add_argument("--anchor-coef", type=float, default=1.0, help="weight of the anchor on ordinary text (0: none)")
+    p.add_argument("--rm-steps", type=int, default=150)
     p.add_argument("--lora", action="store_true", help="align LoRA adapters (rank 8) instead of the whole model")
     p.add_argument("--sums-sft-steps", type=int, default=300)
     p.add_argument("--sums-rl-steps", type=int, default=150)
@@ -192,13 +195,17 @@ def main() -> None:
     print(f"rule: {figures['rule']} ({share:.0%} of {len(samples)} sampled replies satisfy it; "
           f"{seconds:.0f} s to sample); {len(pairs)} pairs", flush=True)
     pairs_path = write_jsonl(out / "pairs.jsonl", pairs)
+    evaluated = set(ordinary)  # the anchor: every other pydoc topic
+    anchor_path = write_jsonl(out / "anchor.jsonl", [{"text": d.text} for d in builtin_documents()
+                                                     if d.name.startswith("pydoc:") and d.text not in evaluated])
+    anchor = dict(anchor_text=(str(anchor_path),), anchor_coef=args.anchor_coef) if args.anchor_coef else {}
     prompts_path = write_jsonl(out / "prompts.jsonl", [{"prompt": q, "completion": ""} for q in train_q])
 
     # ---- the reward model, on the pairs alone ----
     rm_dir = out / "rm"
     s, seconds = timed(train_reward, RewardConfig(model=str(chat), data=(str(pairs_path),), out=str(rm_dir),
                                                   batch_size=8, val_fraction=0.15, force=True,
-                                                  loop=loop(rm_dir, 150, 3e-4)))
+                                                  loop=loop(rm_dir, args.rm_steps, 3e-4)))
     figures["reward_model"] = {"held_out_accuracy": s["after"]["accuracy"], "before": s["before"]["accuracy"],
                                "held_out_pairs": s["after"]["pairs"], "steps": s["steps"], "seconds": round(seconds)}
     print(f"reward model: held-out pairwise accuracy {s['before']['accuracy']:.0%} -> {s['after']['accuracy']:.0%} "
@@ -211,12 +218,12 @@ def main() -> None:
           f"{base['perplexity']:.2f}, {base['mean_words']:.1f} words a reply", flush=True)
 
     runs = {
-        "dpo": dict(method="dpo", data=(str(pairs_path),), beta=args.beta, batch_size=8,
+        "dpo": dict(method="dpo", data=(str(pairs_path),), beta=args.beta, batch_size=8, **anchor,
                     loop_args=(args.dpo_steps, args.dpo_lr)),
-        "grpo": dict(method="grpo", data=(str(prompts_path),), reward=str(rm_dir), group_size=8,
+        "grpo": dict(method="grpo", data=(str(prompts_path),), reward=str(rm_dir), group_size=8, **anchor,
                      prompts_per_rollout=4, max_new_tokens=MAX_NEW, kl_coef=args.kl_coef,
                      loop_args=(args.rl_steps, args.rl_lr)),
-        "ppo": dict(method="ppo", data=(str(prompts_path),), reward=str(rm_dir), group_size=4,
+        "ppo": dict(method="ppo", data=(str(prompts_path),), reward=str(rm_dir), group_size=4, **anchor,
                     prompts_per_rollout=8, minibatches=2, max_new_tokens=MAX_NEW, kl_coef=args.kl_coef,
                     kl_target=4.0, loop_args=(args.rl_steps, args.rl_lr)),
     }
@@ -243,9 +250,31 @@ def main() -> None:
                                                           args.sums_rl_steps, args.sums_rl_lr), out, t_all, args)
 
 
+def acceptance(figures: dict) -> list[str]:
+    """The issue's targets against this run's figures, one line each."""
+    lines, base = [], figures.get("sft")
+    for name in ("dpo", "grpo", "ppo"):
+        if base is None or name not in figures:
+            continue
+        after = figures[name]
+        rise = after["perplexity"] / base["perplexity"] - 1
+        met = base["rule"] <= 0.2 and after["rule"] >= 0.8 and rise <= 0.1
+        lines.append(f"{name}: rule {base['rule']:.0%} -> {after['rule']:.0%} (<= 20% -> >= 80%), perplexity "
+                     f"{rise:+.1%} (<= +10%): {'met' if met else 'NOT met'}")
+    if "reward_model" in figures:
+        acc = figures["reward_model"]["held_out_accuracy"]
+        lines.append(f"reward model: held-out accuracy {acc:.0%} (>= 90%): {'met' if acc >= 0.9 else 'NOT met'}")
+    if "sums" in figures:
+        gain = figures["sums"]["after"] - figures["sums"]["before"]
+        lines.append(f"sums: GRPO {gain * 100:+.0f} points (>= +20): {'met' if gain >= 0.2 else 'NOT met'}")
+    return lines
+
+
 def finish(figures: dict, sums_figures: dict | None, out: Path, t_all: float, args) -> None:
     if sums_figures is not None:
         figures["sums"] = sums_figures
+    figures["acceptance"] = acceptance(figures)
+    print("\n".join(["acceptance:", *figures["acceptance"]]), flush=True)
     figures["wall_seconds"] = round(time.perf_counter() - t_all)
     print(f"all in {figures['wall_seconds']} s", flush=True)
     if args.json:
