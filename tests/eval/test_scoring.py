@@ -19,6 +19,16 @@ def model():
     return GPT(preset("tiny", vocab_size=300, max_seq_len=48)).eval()
 
 
+GPT2_STYLE = dict(pos="learned", norm="layernorm", mlp="gelu", bias=True)
+GQA = dict(n_head=4, n_kv_head=2, qk_norm=True)
+
+
+@pytest.mark.parametrize("family", [{}, GPT2_STYLE, GQA], ids=["llama", "gpt2", "gqa-qknorm"])
+def test_batched_scores_equal_one_at_a_time_in_every_family(family):
+    torch.manual_seed(0)
+    test_batched_scores_equal_one_at_a_time(GPT(preset("tiny", vocab_size=300, max_seq_len=48, **family)).eval())
+
+
 def test_batched_scores_equal_one_at_a_time(model):
     rnd = random.Random(0)
     requests = []
@@ -36,6 +46,21 @@ def test_batched_scores_equal_one_at_a_time(model):
             assert ll == pytest.approx(ll1, abs=1e-5)
             assert greedy == greedy1
     assert sum(done) == 3 * (len(requests) - 1)  # the overlong request is not a batch's
+
+
+def test_each_context_and_continuation_token_runs_once(model):
+    """The packed path's arithmetic is that of the distinct tokens: each context once, each continuation's tokens
+    but its last once; here no row is padded (the groups have the same lengths), so nothing else runs."""
+    requests = [([1, 2, 3, 4, 5], [6, 7, 8]), ([1, 2, 3, 4, 5], [9, 10]), ([1, 2, 3, 4, 5], [11]),
+                ([20, 21, 22, 23, 24], [25, 26]), ([20, 21, 22, 23, 24], [27, 28, 29]), ([20, 21, 22, 23, 24], [30])]
+    fed = []
+    hook = model.tok_emb.register_forward_hook(lambda m, args, out: fed.append(args[0].numel()))
+    try:
+        fast = score_batched(model, requests, batch_size=6)
+    finally:
+        hook.remove()
+    assert sum(fed) == 2 * 5 + sum(len(c) - 1 for _, c in requests) and len(fed) == 2  # one batch: two forwards
+    assert [ll for ll, _ in fast] == pytest.approx([score_one(model, r)[0] for r in requests], abs=1e-5)
 
 
 def test_score_one_is_the_sum_of_token_logprobs(model):

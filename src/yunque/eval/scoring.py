@@ -73,10 +73,12 @@ def score_batched(model: GPT, requests: Sequence[Request], *, batch_size: int = 
     """(log-likelihood, is_greedy) of each request, equal to `score_one` of each (to float rounding).
 
     Requests are grouped by context; each group's context runs once. Groups are taken longest first (lm-eval's
-    order: the slowest batch first, padding least), about `batch_size` requests at a time, their contexts as one
-    left-padded batch into a KV cache; the cache's rows are then repeated for each continuation and the
-    continuations run as one right-padded batch over it. Requests that do not fit the model's context go one at a
-    time, cut as lm-eval cuts them. progress(n) is called with the number of requests done after each batch.
+    order: the slowest batch first, padding least), about `batch_size` requests at a time: their contexts run as one
+    left-padded batch into a KV cache, then each context's continuations run packed into one row over its cached
+    keys and values, each continuation seeing its context and its own earlier tokens only (`_PackedCache`). No
+    continuation is padded to another's length and no context is copied per continuation: the arithmetic is that of
+    the distinct tokens. Requests that do not fit the model's context go one at a time, cut as lm-eval cuts them.
+    progress(n) is called with the number of requests done after each batch.
     """
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     L = model.cfg.max_seq_len
@@ -88,53 +90,86 @@ def score_batched(model: GPT, requests: Sequence[Request], *, batch_size: int = 
             out[i] = score_one(model, requests[i])
         else:
             groups.setdefault(tuple(ctx), []).append(i)
-    order = sorted(groups, key=lambda c: -(len(c) + max(len(requests[i][1]) for i in groups[c])))
-    batch: list[tuple[int, ...]] = []
-    P = C = rows = 0
-    for c in order + [None]:  # None flushes the last batch
-        if c is not None:
-            p, n = len(c), max(len(requests[i][1]) for i in groups[c])
-            # a batch's cache spans its longest context and longest continuation: keep that within the window
-            if not batch or (rows + len(groups[c]) <= max(1, batch_size) and max(P, p) + max(C, n) - 1 <= L):
-                batch.append(c)
-                P, C, rows = max(P, p), max(C, n), rows + len(groups[c])
-                continue
-        if batch:
-            _score_groups(model, requests, batch, [groups[b] for b in batch], out)
-            if progress:
-                progress(rows)
-        if c is not None:
-            batch, P, C, rows = [c], len(c), max(len(requests[i][1]) for i in groups[c]), len(groups[c])
+    # a group's tokens: its context once, then every continuation but its last token (predicted, never fed)
+    size = {c: len(c) + sum(len(requests[i][1]) - 1 for i in m) for c, m in groups.items()}
+    order = sorted(groups, key=lambda c: -size[c])
+    start = 0
+    while start < len(order):
+        end, rows = start + 1, len(groups[order[start]])
+        while end < len(order) and rows + len(groups[order[end]]) <= batch_size:
+            rows += len(groups[order[end]])
+            end += 1
+        batch = order[start:end]
+        _score_groups(model, requests, batch, [groups[c] for c in batch], out)
+        if progress:
+            progress(rows)
+        start = end
     return out  # type: ignore[return-value]
+
+
+class _PackedCache(KVCache):
+    """The KV cache of a batch of contexts (left-padded, as KVCache pads), whose next forward is each row's
+    continuations packed one after another: `packed` gives that forward's positions (G, T) and attention mask
+    (G, 1, T, P + T) in place of the ones a cache computes for a plain continuation of every row."""
+
+    packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.packed if self.packed is not None else super().positions_and_mask(T)
 
 
 def _score_groups(model: GPT, requests: Sequence[Request], contexts: list[tuple[int, ...]],
                   members: list[list[int]], out: list) -> None:
     device = _device(model)
-    P = max(len(c) for c in contexts)
+    G, P = len(contexts), max(len(c) for c in contexts)
     pad = [P - len(c) for c in contexts]
     conts = [[requests[i][1] for i in m] for m in members]
-    C = max(len(c) for cs in conts for c in cs)
+    T = max(sum(len(c) - 1 for c in cs) for cs in conts)  # the longest row of packed continuations
     ids = torch.tensor([[0] * n + list(c) for n, c in zip(pad, contexts)], device=device)  # (G, P)
-    cache = KVCache(model.cfg, len(contexts), P + C - 1, device=device, dtype=_dtype(model),
-                    pad=torch.tensor(pad) if any(pad) else None)
+    cache = _PackedCache(model.cfg, G, P + T, device=device, dtype=_dtype(model),
+                         pad=torch.tensor(pad) if any(pad) else None)
     first = model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (G, V): each continuation's first token
-    rows = torch.tensor([g for g, cs in enumerate(conts) for _ in cs], device=device)  # (R,)
-    flat = [c for cs in conts for c in cs]
-    logits = first[rows].unsqueeze(1)  # (R, 1, V)
-    if C > 1:
-        cache.select(rows)  # (R, ...): each context once per continuation
-        x = torch.tensor([c[:-1] + [0] * (C - len(c)) for c in flat], device=device)  # (R, C-1), right-padded
-        logits = torch.cat([logits, model(x, kv_cache=cache)], dim=1)  # (R, C, V)
-    # one log-softmax, gather and argmax for the whole batch: per-row calls cost more than their arithmetic here
-    logp = F.log_softmax(logits.float(), dim=-1)  # (R, C, V)
-    target = torch.tensor([c + [0] * (C - len(c)) for c in flat], device=device)  # (R, C)
-    real = torch.arange(C, device=device) < torch.tensor([len(c) for c in flat], device=device).unsqueeze(1)
-    ll = (logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * real).sum(1)  # (R,)
-    greedy = ((logp.argmax(-1) == target) | ~real).all(1)  # (R,)
+    # which logits predict each continuation token: row g of `first` for its first, then its packed row's positions
+    flat = [c for cs in conts for c in cs]  # (R,) continuations, group by group
+    pick_first = [g for g, cs in enumerate(conts) for _ in cs]
+    pick_rest, x, segment, offset = [], [], [], []
+    for g, cs in enumerate(conts):
+        row: list[int] = []
+        for j, c in enumerate(cs):
+            pick_rest += range(g * T + len(row), g * T + len(row) + len(c) - 1)
+            segment += [j] * (len(c) - 1)
+            offset += range(len(c) - 1)
+            row += c[:-1]
+        x.append(row + [0] * (T - len(row)))
+        segment += [-1] * (T - len(row))
+        offset += [0] * (T - len(row))
+    lengths = torch.tensor([len(c) for c in flat], device=device)  # (R,)
+    owner = torch.repeat_interleave(torch.arange(len(flat), device=device), lengths)  # (N,): each token's request
+    targets = torch.tensor([t for c in flat for t in c], device=device)  # (N,)
+    is_first = torch.zeros(len(targets), dtype=torch.bool, device=device)
+    is_first[lengths.cumsum(0) - lengths] = True
+    logits = first.new_empty(len(targets), first.shape[-1])  # (N, V)
+    logits[is_first] = first[torch.tensor(pick_first, device=device)]
+    if T:
+        seg = torch.tensor(segment, device=device).view(G, T)
+        off = torch.tensor(offset, device=device).view(G, T)
+        n_ctx = torch.tensor([len(c) for c in contexts], device=device)
+        positions = n_ctx.unsqueeze(1) + off  # (G, T): each continuation goes on from its context
+        q = torch.arange(T, device=device)
+        own = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (q.view(1, T, 1) >= q.view(1, 1, T)) & (seg >= 0).unsqueeze(2)
+        own |= torch.eye(T, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax row
+        ctx_keys = (torch.arange(P, device=device).unsqueeze(0) >= torch.tensor(pad, device=device).unsqueeze(1))
+        mask = torch.cat([ctx_keys.unsqueeze(1).expand(G, T, P), own], dim=2).unsqueeze(1)  # (G, 1, T, P + T)
+        cache.packed = (positions, mask)
+        rest = model(torch.tensor(x, device=device), kv_cache=cache).flatten(0, 1)  # (G * T, V)
+        logits[~is_first] = rest[torch.tensor(pick_rest, device=device, dtype=torch.long)]
+    # one log-softmax, gather and argmax for the whole batch: per-request calls cost more than their arithmetic here
+    logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    ll = torch.zeros(len(flat), device=device).index_add_(0, owner, logp.gather(-1, targets.unsqueeze(-1))[:, 0])
+    missed = torch.zeros(len(flat), device=device).index_add_(0, owner, (logp.argmax(-1) != targets).float())
     flat_index = [i for m in members for i in m]
-    for i, a, b in zip(flat_index, ll.tolist(), greedy.tolist()):
-        out[i] = (a, b)
+    for i, a, b in zip(flat_index, ll.tolist(), missed.tolist()):
+        out[i] = (a, b == 0)
 
 def rolling_requests(tokens: list[int], prefix_token: int, max_seq_len: int) -> list[Request]:
     """lm-eval's rolling windows over a document (utils.get_rolling_token_windows with context_len=1, then
