@@ -10,7 +10,7 @@ from yunque.cli.common import add_device_flag, add_model_arg, check_device, comm
 from yunque.cli.flags import add_fields, values
 from yunque.config import EvalConfig
 
-EVAL_FLAGS = ["tasks", "num_fewshot", "limit", "seed", "batch_size", "chat", "out", "base_url", "data_dir",
+EVAL_FLAGS = ["tasks", "num_fewshot", "limit", "seed", "batch_size", "precision", "chat", "out", "base_url", "data_dir",
               "cache_dir", "no_cache"]
 
 
@@ -55,14 +55,16 @@ def cmd_eval(args) -> int:
                 r = evaluate(task, lm, num_fewshot=cfg.num_fewshot, limit=cfg.limit, seed=cfg.seed, chat=cfg.chat,
                              cache=cache, progress=bar.update)
             r["seconds"] = time.perf_counter() - start
+            r["precision"] = getattr(lm, "precision", "the server's")
             results.append(r)
             shown = ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
-            print(f"{lm.name} {task.name} ({r['n']} items, {r['num_fewshot']}-shot, {r['cached']} cached, "
-                  f"{r['seconds']:.1f}s): {shown}", file=sys.stderr)
+            print(f"{lm.name} {task.name} ({r['n']} items, {r['num_fewshot']}-shot, {r['precision']}, {r['cached']} "
+                  f"cached, {r['seconds']:.1f}s): {shown}", file=sys.stderr)
     if cfg.out:
         from yunque.eval.report import write_report
 
-        settings = {"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "seed": cfg.seed, "chat": cfg.chat}
+        settings = {"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "seed": cfg.seed, "chat": cfg.chat,
+                    "precision": "/".join(dict.fromkeys(r["precision"] for r in results))}
         path = write_report(results, cfg.out, settings)
         print(f"report: {path}", file=sys.stderr)
     if args.json:
@@ -114,4 +116,4 @@ def _load(spec: str, cfg: EvalConfig, args):
     fmt = ChatFormat.of(path, tok)
     if cfg.chat and not fmt.is_chat:
         raise ValueError(f"{spec} has no chat format (no chat template or chat tokens); leave out --chat")
-    return LocalLM(model, tok, name=path.name or spec, fmt=fmt, batch_size=cfg.batch_size)
+    return LocalLM(model, tok, name=path.name or spec, fmt=fmt, batch_size=cfg.batch_size, precision=cfg.precision)
