@@ -63,6 +63,25 @@ def test_each_context_and_continuation_token_runs_once(model):
     assert [ll for ll, _ in fast] == pytest.approx([score_one(model, r)[0] for r in requests], abs=1e-5)
 
 
+def test_long_continuations_of_one_context_take_rows_of_their_own(monkeypatch):
+    """Rolling windows share their one-token context: packed together, their row's attention would grow with the
+    square of the document; past PACKED_TOKENS they run in rows of their own, the context again in each."""
+    import yunque.eval.scoring as scoring
+
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=300, max_seq_len=48)).eval()
+    monkeypatch.setattr(scoring, "PACKED_TOKENS", 40)
+    requests = [([0], list(range(10 * k + 1, 10 * k + 21))) for k in range(5)]  # 19 tokens fed each: 2 a row
+    widths = []
+    hook = model.tok_emb.register_forward_hook(lambda m, args, out: widths.append(args[0].shape))
+    try:
+        fast = score_batched(model, requests, batch_size=64)
+    finally:
+        hook.remove()
+    assert widths == [(3, 1), (3, 38)]  # three rows (2 + 2 + 1 windows), each context once per row
+    assert [ll for ll, _ in fast] == pytest.approx([score_one(model, r)[0] for r in requests], rel=1e-6)
+
+
 def test_score_one_is_the_sum_of_token_logprobs(model):
     ids = [1, 2, 3, 4, 5, 6]
     with torch.no_grad():

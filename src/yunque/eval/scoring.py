@@ -21,6 +21,10 @@ from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.tokenizer.bpe import Tokenizer
 
+PACKED_TOKENS = 512
+"""Continuation tokens packed into one row over their context at most (one continuation longer than this gets a row
+of its own): beyond it, the row's attention costs more than running the context again would."""
+
 Request = tuple[list[int], list[int]]
 """(context ids, continuation ids); the continuation is never empty and the context holds at least one id."""
 
@@ -72,13 +76,14 @@ def score_batched(model: GPT, requests: Sequence[Request], *, batch_size: int = 
                   progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each request, equal to `score_one` of each (to float rounding).
 
-    Requests are grouped by context; each group's context runs once. Groups are taken longest first (lm-eval's
-    order: the slowest batch first, padding least), about `batch_size` requests at a time: their contexts run as one
-    left-padded batch into a KV cache, then each context's continuations run packed into one row over its cached
-    keys and values, each continuation seeing its context and its own earlier tokens only (`_PackedCache`). No
-    continuation is padded to another's length and no context is copied per continuation: the arithmetic is that of
-    the distinct tokens. Requests that do not fit the model's context go one at a time, cut as lm-eval cuts them.
-    progress(n) is called with the number of requests done after each batch.
+    Requests are grouped by context; each group's context runs once (once per PACKED_TOKENS of its continuations).
+    Rows are taken longest first (lm-eval's order: the slowest batch first, padding least), about `batch_size`
+    requests at a time: their contexts run as one left-padded batch into a KV cache, then each context's
+    continuations run packed into one row over its cached keys and values, each continuation seeing its context and
+    its own earlier tokens only (`_PackedCache`). No continuation is padded to another's length and no context is
+    copied per continuation: the arithmetic is that of the distinct tokens. Requests that do not fit the model's
+    context go one at a time, cut as lm-eval cuts them. progress(n) is called with the number of requests done
+    after each batch.
     """
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     L = model.cfg.max_seq_len
@@ -90,19 +95,28 @@ def score_batched(model: GPT, requests: Sequence[Request], *, batch_size: int = 
             out[i] = score_one(model, requests[i])
         else:
             groups.setdefault(tuple(ctx), []).append(i)
-    # a group's tokens: its context once, then every continuation but its last token (predicted, never fed)
-    size = {c: len(c) + sum(len(requests[i][1]) - 1 for i in m) for c, m in groups.items()}
-    order = sorted(groups, key=lambda c: -size[c])
+    # a row: a context and those of its continuations that fit PACKED_TOKENS together (the others go to rows of their
+    # own, the context again), so that a row's attention, quadratic in its length, stays small next to its products
+    rows: list[tuple[tuple[int, ...], list[int]]] = []
+    for ctx, members in groups.items():
+        chunk, n = [], 0
+        for i in members:
+            k = len(requests[i][1]) - 1  # the continuation's tokens fed: all but its last (predicted, never fed)
+            if chunk and n + k > PACKED_TOKENS:
+                rows.append((ctx, chunk))
+                chunk, n = [], 0
+            chunk, n = chunk + [i], n + k
+        rows.append((ctx, chunk))
+    rows.sort(key=lambda r: -(len(r[0]) + sum(len(requests[i][1]) - 1 for i in r[1])))
     start = 0
-    while start < len(order):
-        end, rows = start + 1, len(groups[order[start]])
-        while end < len(order) and rows + len(groups[order[end]]) <= batch_size:
-            rows += len(groups[order[end]])
+    while start < len(rows):
+        end, n = start + 1, len(rows[start][1])
+        while end < len(rows) and n + len(rows[end][1]) <= batch_size:
+            n += len(rows[end][1])
             end += 1
-        batch = order[start:end]
-        _score_groups(model, requests, batch, [groups[c] for c in batch], out)
+        _score_groups(model, requests, [c for c, _ in rows[start:end]], [m for _, m in rows[start:end]], out)
         if progress:
-            progress(rows)
+            progress(n)
         start = end
     return out  # type: ignore[return-value]
 
