@@ -10,10 +10,11 @@ from yunque.speedrun import LOW_MFU, main, warnings
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("speedrun")
     r = main(SpeedrunConfig(out=str(out), minutes=0.1, sft_minutes=0.1, align_minutes=0.1, vocab_size=512,
-                            heldout_questions=8, eval_tokens=16384, progress=False))
+                            heldout_questions=8, eval_tokens=16384, benchmark_items=24,
+                            benchmark_data=str(shared_data), progress=False))
     return out, r
 
 
@@ -38,6 +39,30 @@ def test_the_report_tells_a_bad_run_from_a_good_one(report):
         assert 0 <= al[side]["rule"] <= 1 and al[side]["perplexity"] > 1 and al[side]["kl"] >= 0
     assert al["before"]["kl"] < 1e-4 and "## Alignment: a preference stated only by pairs" in md
     assert (out / "aligned" / "model.safetensors").is_file()
+
+
+def test_the_benchmark_section_scores_both_models_on_held_out_text_and_hellaswag(report):
+    out, r = report
+    bench = r["benchmark"]
+    tasks = ["heldout_last_word", "heldout_cloze", "heldout_bpb", "hellaswag"]
+    assert [(x["model"], x["task"]) for x in bench["results"]] == [
+        (m, t) for m in ("pretrained", "fine-tuned") for t in tasks]
+    assert all(x["n"] == 24 for x in bench["results"] if x["task"] != "heldout_bpb")
+    by = {(x["model"], x["task"]): x["metrics"] for x in bench["results"]}
+    # a model trained on the corpus knows its held-out text better than a uniform guess over its vocabulary
+    assert by["pretrained", "heldout_bpb"]["bits_per_byte"] < 9 and 0 <= by["pretrained", "heldout_cloze"]["acc"] <= 1
+    md = (out / "report.md").read_text()
+    assert "## Benchmarks" in md and "### heldout_cloze (24 items, 0-shot)" in md and "| fine-tuned |" in md
+    # the held-out tasks are files `yunque eval` reads as they are
+    from yunque.eval.harness import evaluate
+    from yunque.eval.lm import LocalLM
+    from yunque.eval.task import load_task
+    from yunque.modeldir import load_model
+
+    model, tok = load_model(out)
+    again = evaluate(load_task(str(out / "benchmark" / "heldout_cloze.yaml")),
+                     LocalLM(model, tok, precision=bench["results"][0]["precision"]), limit=24)
+    assert again["metrics"] == by["pretrained", "heldout_cloze"]
 
 
 def test_the_plot_and_the_table_show_the_same_validation_figure(report):

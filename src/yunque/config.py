@@ -749,6 +749,11 @@ class SpeedrunConfig:
     """Peak learning rate of pretraining."""
     eval_tokens: int = 262_144
     """Validation tokens scored at each evaluation and for the final figures (at most)."""
+    benchmark_items: int = 200
+    """Items of each benchmark task in the report (last word, cloze and bits per byte on held-out built-in text,
+    scored as `yunque eval` scores them); 0 leaves the benchmark section out."""
+    benchmark_data: str | None = None
+    """A data dir laid out as ../shared/data (hellaswag/hellaswag_val_full.txt.gz): HellaSwag joins the benchmark."""
     sft_minutes: float = 2.0
     """Fine-tuning budget (the whole model, on standard-library questions and answers)."""
     sft_lr: float = 1e-3
@@ -776,6 +781,8 @@ class SpeedrunConfig:
                 yield f"{name} must be positive, got {getattr(self, name)}"
         if self.align_minutes < 0:
             yield f"align_minutes must be 0 (no alignment) or more, got {self.align_minutes}"
+        if self.benchmark_items < 0:
+            yield f"benchmark_items must be 0 (no benchmark section) or more, got {self.benchmark_items}"
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,14 @@ import torch
 from yunque.config import AlignConfig, LoopConfig, PretrainConfig, SFTConfig, SpeedrunConfig
 from yunque.data.chat_data import ChatBatches, Conversation
 from yunque.data.loaders import TokenWindows
-from yunque.data.shards import load_manifest, open_split
+from yunque.data.shards import held_out, load_manifest, open_split
 from yunque.data.sources import builtin_documents
 from yunque.data.stdlib_qa import split_heldout, stdlib_qa
 from yunque.engine.engine import Engine, SamplingParams
+from yunque.eval.harness import benchmark_section
 from yunque.eval.perplexity import bits_per_byte, text_perplexity, unigram_loss
 from yunque.eval.qa import answer_questions
+from yunque.eval.text_tasks import write_text_tasks
 from yunque.modeldir import load_model
 from yunque.precision import DTYPES, cpu_description, matmul_gflops
 from yunque.tokenizer.chat import ChatFormat
@@ -65,6 +67,7 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
     samples = [{"prompt": p, "completion": engine.complete(p, params)} for p in SAMPLE_PROMPTS]
     assistant = fine_tune(cfg, out, model, tok)
     aligned = align_short_replies(cfg, out) if cfg.align_minutes > 0 else None
+    bench = benchmark(cfg, out, model, tok, manifest) if cfg.benchmark_items else None
     tokens_per_sec = summary["tokens_seen"] / max(summary["wall_seconds"], 1e-9)
     flops = model.cfg.flops_per_token(cfg.seq_len)
     peak = matmul_gflops(DTYPES[summary["precision"]])
@@ -98,6 +101,7 @@ def main(cfg: SpeedrunConfig) -> dict[str, Any]:
         "samples": samples,
         "sft": assistant,
         "align": aligned,
+        "benchmark": bench,
     }
     report["bpb_ratio_to_unigram"] = report["val_bits_per_byte"] / report["unigram_bits_per_byte"]
     report["warnings"] = warnings(report)
@@ -154,6 +158,21 @@ def fine_tune(cfg: SpeedrunConfig, out: Path, model, tok) -> dict[str, Any]:
     after = measure(chat_model)
     return {"train_conversations": len(train_qa), "heldout_questions": len(held), "steps": summary["steps"],
             "seconds": round(time.perf_counter() - t0, 1), "before": before, "after": after}
+
+
+def benchmark(cfg: SpeedrunConfig, out: Path, model, tok, manifest: dict) -> dict[str, Any]:
+    """Zero-shot benchmark of the pretrained and the fine-tuned model, as `yunque eval` scores them: last word,
+    cloze and bits per byte on built-in documents the pretraining held out (task files in out/benchmark), and
+    HellaSwag where cfg.benchmark_data holds it."""
+    docs = [d.text for d in held_out(builtin_documents(), seed=manifest["seed"], val_fraction=manifest["val_fraction"])]
+    tasks = [str(p) for p in write_text_tasks(docs, out / "benchmark", items=cfg.benchmark_items, seed=cfg.seed)]
+    if cfg.benchmark_data:
+        tasks.append("hellaswag")
+    chat_model, _ = load_model(out / "chat")
+    section = benchmark_section({"pretrained": model, "fine-tuned": chat_model}, tok, tasks=tasks,
+                                limit=cfg.benchmark_items, data_dir=cfg.benchmark_data, batch_size=64)
+    section["tasks"] = tasks
+    return section
 
 
 ALIGN_QUESTIONS = 240
@@ -348,6 +367,11 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
             "The aligned model is in `aligned/`.",
             "",
         ]
+    if r.get("benchmark"):
+        lines += [r["benchmark"]["markdown"], "Zero-shot, scored as `yunque eval` scores them "
+                  f"({r['benchmark']['results'][0]['precision']}; "
+                  f"{sum(x['seconds'] for x in r['benchmark']['results']):.0f} s in all); the held-out tasks are "
+                  "files in `benchmark/`: `yunque eval DIR --tasks DIR/benchmark/heldout_cloze.yaml`.", ""]
     lines += ["The fine-tuned model is in `chat/`: `yunque chat DIR/chat`.", "",
               "Reproduce: `yunque speedrun --out DIR --minutes "
               f"{cfg.minutes:g} --sft-minutes {cfg.sft_minutes:g} --align-minutes {cfg.align_minutes:g} "

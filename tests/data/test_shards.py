@@ -86,6 +86,18 @@ def test_split_is_by_document_and_deterministic_for_the_seed(tmp_path, tok):
     assert 0 < len(first) < len(docs)
 
 
+def test_held_out_is_the_validation_split(tmp_path, tok):
+    from yunque.data.shards import held_out
+
+    docs = [Document(f"d{i}", f"text {i}\n" * (1 + i % 7)) for i in range(40)]
+    docs.append(Document("long", "".join(f"line {i}\n" for i in range(400))))  # cut into parts, split like docs
+    val = build_shards(docs, tok, tmp_path, val_fraction=0.3, seed=2, part_chars=512)["splits"]["val"]
+    parts = list(held_out(docs, seed=2, val_fraction=0.3, part_chars=512))
+    assert any(p.name.startswith("long#") for p in parts) and 0 < len(parts) < len(docs)
+    assert (len(parts), sum(len(p.text.encode()) for p in parts)) == (val["documents"], val["bytes"])
+    assert "".join(p.text for p in parts) == "".join(_decoded_docs(tok, tmp_path, "val"))
+
+
 @pytest.mark.parametrize("val_fraction", [0.0, 1.0])
 def test_both_splits_nonempty(tmp_path, tok, val_fraction):
     docs = [Document("x", "first"), Document("y", "second"), Document("z", "third")]

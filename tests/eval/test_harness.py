@@ -190,9 +190,14 @@ def test_benchmark_section_for_the_speedrun(shared_data):
     tok = byte_tokenizer()
     torch.manual_seed(0)
     model = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256)).train()
-    section = benchmark_section(model, tok, tasks=("arc_easy",), limit=5, data_dir=shared_data)
+    other = GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256))
+    section = benchmark_section({"a": model, "b": other}, tok, tasks=("arc_easy", "lambada_shakespeare"), limit=5,
+                                data_dir=shared_data, precision="fp32")
     assert model.training  # left as it was
-    (r,) = section["results"]
-    assert r["n"] == 5 and set(r["metrics"]) == {"acc", "acc_norm"} and r["seconds"] > 0
-    assert section["markdown"].startswith("## Benchmarks") and "## arc_easy (5 items, 0-shot)" in section["markdown"]
+    assert [(r["model"], r["task"]) for r in section["results"]] == [
+        ("a", "arc_easy"), ("a", "lambada_shakespeare"), ("b", "arc_easy"), ("b", "lambada_shakespeare")]
+    r = section["results"][0]
+    assert r["n"] == 5 and set(r["metrics"]) == {"acc", "acc_norm"} and r["seconds"] > 0 and r["precision"] == "fp32"
+    md = section["markdown"]
+    assert md.startswith("## Benchmarks") and "### arc_easy (5 items, 0-shot)" in md and "| b |" in md
     assert r["metrics"] == evaluate(load_task("arc_easy", shared_data), LocalLM(model, tok), limit=5)["metrics"]

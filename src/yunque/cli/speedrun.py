@@ -9,7 +9,8 @@ from yunque.cli.flags import add_fields, values
 from yunque.config import SpeedrunConfig
 
 SPEEDRUN_FLAGS = ["out", "minutes", "sft_minutes", "align_minutes", "preset", "vocab_size", "seq_len", "batch_size",
-                  "lr", "sft_lr", "eval_tokens", "heldout_questions", "seed", "force", "progress"]
+                  "lr", "sft_lr", "eval_tokens", "heldout_questions", "benchmark_items", "benchmark_data", "seed",
+                  "force", "progress"]
 
 
 def register(sub) -> None:
@@ -20,7 +21,7 @@ def register(sub) -> None:
                              "questions about the standard library, then write report.md and report.json.",
                  examples="  yunque speedrun                          # about ten minutes on two CPU cores\n"
                           "  yunque speedrun --minutes 1 --sft-minutes 0.5 --align-minutes 0.5 --out runs/quick\n")
-    add_fields(sr, SpeedrunConfig, SPEEDRUN_FLAGS, metavars={"out": "DIR"})
+    add_fields(sr, SpeedrunConfig, SPEEDRUN_FLAGS, metavars={"out": "DIR", "benchmark_data": "DIR"})
 
 
 def cmd_speedrun(args) -> int:

@@ -205,6 +205,17 @@ def _frame(ids: list[int], bos_id: int | None, eos_id: int | None, *, first: boo
     return list(ids)
 
 
+def held_out(documents: Iterable[Document], *, seed: int, val_fraction: float,
+             part_chars: int = 1 << 16) -> Iterator[Document]:
+    """The documents (parts of long ones) that `build_shards` with this seed and val_fraction puts in the validation
+    split: text that a model trained on the shards' training split has not seen. (Not so where build_shards had
+    to move a document between splits because one came out empty: a corpus of a handful of documents.)"""
+    for doc in documents:
+        for part, _, _ in _parts(doc, part_chars) if doc.text else ():
+            if _in_val(part.name, seed, val_fraction):
+                yield part
+
+
 def _in_val(name: str, seed: int, val_fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction

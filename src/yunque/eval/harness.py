@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,30 +253,31 @@ def _means(per: dict[str, list[float]]) -> tuple[dict, dict]:
     return metrics, stderr
 
 
-def benchmark_section(model, tokenizer, *, tasks: tuple[str, ...] = ("hellaswag", "arc_easy"), limit: int = 200,
-                      data_dir: str | Path | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """Zero-shot scores of a model in memory on a few hundred items of each task, for a run's report (the speedrun's
-    benchmark section): {"results": [evaluate(...) without items, with "seconds"], "markdown": a table}. The
-    model's train/eval mode is restored afterwards; nothing is cached (the weights are about to change)."""
+def benchmark_section(models: dict[str, Any], tokenizer, *, tasks: Sequence[str] = ("hellaswag", "arc_easy"),
+                      limit: int = 200, data_dir: str | Path | None = None, batch_size: int = 16,
+                      precision: str = "auto") -> dict[str, Any]:
+    """Zero-shot scores of models in memory (name -> model, all with `tokenizer`) on at most `limit` items of each
+    task (built-in names or spec files), for a run's report (the speedrun's benchmark section): {"results":
+    [evaluate(...) without items, with "seconds" and "precision"], "markdown": a table per task, a row per model}.
+    The models are left as they are (scoring runs on a copy); nothing is cached (the weights may change)."""
     import time
 
     from yunque.eval.lm import LocalLM
     from yunque.eval.report import markdown
     from yunque.eval.task import load_task
 
-    training = model.training
-    try:
-        lm = LocalLM(model, tokenizer, name="model", batch_size=batch_size, fingerprint="in-memory")
-        results = []
-        for name in tasks:
+    loaded = [load_task(t, data_dir) for t in tasks]
+    results = []
+    for name, model in models.items():
+        lm = LocalLM(model, tokenizer, name=name, batch_size=batch_size, fingerprint="in-memory",
+                     precision=precision)
+        for task in loaded:
             start = time.perf_counter()
-            r = evaluate(load_task(name, data_dir), lm, num_fewshot=0, limit=limit)
-            r["seconds"] = time.perf_counter() - start
+            r = evaluate(task, lm, num_fewshot=0, limit=limit)
+            r["seconds"], r["precision"] = time.perf_counter() - start, lm.precision
             results.append(r)
-    finally:
-        model.train(training)
-    return {"results": [{k: v for k, v in r.items() if k != "items"} for r in results],
-            "markdown": markdown(results).replace("# Evaluation report", "## Benchmarks", 1)}
+    text = markdown(results).replace("\n## ", "\n### ").replace("# Evaluation report", "## Benchmarks", 1)
+    return {"results": [{k: v for k, v in r.items() if k != "items"} for r in results], "markdown": text}
 
 
 __all__ = ["evaluate", "ResultCache", "apply_filters", "exact_match", "benchmark_section"]
