@@ -894,7 +894,7 @@ class EvalConfig:
     precision: Precision = "auto"
     """Log-likelihoods in fp32 (lm-evaluation-harness's figures in fp32, to 1e-4) or bf16 (faster where the CPU
     multiplies bf16 natively, a little less exact: on SmolLM2-135M's HellaSwag items they move 0.15 nats on average
-    and 2% of the items change a prediction); auto: bf16 where it is native, fp32 elsewhere."""
+    and 2-3% of the items change a prediction); auto: bf16 where it is native, fp32 elsewhere."""
     chat: bool = False
     """Evaluate through each model's chat template: examples and the item as conversation turns."""
     out: str | None = None
