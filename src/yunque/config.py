@@ -891,10 +891,10 @@ class EvalConfig:
     """Seed of the few-shot example draw (lm-evaluation-harness's default, so the prompts are its prompts)."""
     batch_size: int = 16
     """Requests scored (or prompts generated) together."""
-    precision: Precision = "auto"
-    """Log-likelihoods in fp32 (lm-evaluation-harness's figures in fp32, to 1e-4) or bf16 (faster where the CPU
-    multiplies bf16 natively, a little less exact: on SmolLM2-135M's HellaSwag items they move 0.15 nats on average
-    and 2-3% of the items change a prediction); auto: bf16 where it is native, fp32 elsewhere."""
+    precision: Precision = "fp32"
+    """Log-likelihoods in fp32 (the default: lm-evaluation-harness's figures, to 1e-4, the same on every CPU) or
+    bf16 (faster where the CPU multiplies bf16 natively, a little less exact: on SmolLM2-135M's HellaSwag items they
+    move 0.15 nats on average and 2-3% of the items change a prediction); auto: bf16 where it is native."""
     chat: bool = False
     """Evaluate through each model's chat template: examples and the item as conversation turns."""
     out: str | None = None
