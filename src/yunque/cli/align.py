@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
-from yunque.cli.common import add_catalogue_flag, command, model_path
-from yunque.cli.flags import add_fields, given, values
-from yunque.cli.train import LOOP_FLAGS, LORA_FLAGS, METAVARS, loop_from, warn_ignored_on_resume
-from yunque.config import ALIGN_LOOP, REWARD_LOOP, AlignConfig, LoraConfig, RewardConfig, align_loop
+from yunque.cli.common import add_catalogue_flag, command
+from yunque.cli.flags import add_fields
+from yunque.cli.train import LOOP_FLAGS, LORA_FLAGS, METAVARS, tuning_config
+from yunque.config import ALIGN_LOOP, LORA_LR, REWARD_LOOP, AlignConfig, LoraConfig, RewardConfig, align_loop
 
 ALIGN_FLAGS = ["data", "method", "loss", "reward", "reward_fn", "beta", "anchor_text", "anchor_coef",
                "anchor_batch_size", "kl_coef", "kl_target", "group_size",
@@ -78,26 +77,12 @@ def register(sub) -> None:
     sc.add_argument("--json", action="store_true", help="one JSON object a line")
 
 
-def _lora(args) -> LoraConfig | None:
-    return LoraConfig(**values(args, LORA_FLAGS, prefix="lora_")) if args.lora else None
-
-
 def cmd_align(args) -> int:
     from yunque.train.align import main
     from yunque.train.distributed import session
 
-    if not args.resume and (not args.model or not args.data):
-        raise ValueError("--model and --data are required (except with --resume)")
-    if args.resume:
-        warn_ignored_on_resume(args, [*ALIGN_FLAGS, *LOOP_FLAGS, "lora"])
-    loop = loop_from(args, ALIGN_LOOP)
-    if "lr" not in given(args):
-        loop = dataclasses.replace(loop, lr=align_loop(args.method, args.lora).lr)
-    fields = values(args, ALIGN_FLAGS)
-    fields["data"] = fields["data"] or ()
-    cfg = AlignConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
-                      lora=_lora(args), loop=loop, **fields)
-    with session("align", loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+    cfg = tuning_config(args, AlignConfig, ALIGN_FLAGS, ALIGN_LOOP, lr=align_loop(args.method, args.lora).lr)
+    with session("align", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
         s = main(cfg, runtime)
         before, after = s.get("before") or {}, s.get("after") or {}
         figures = ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" if k in before else f"{k} {after[k]:.3f}"
@@ -111,18 +96,8 @@ def cmd_reward_train(args) -> int:
     from yunque.train.distributed import session
     from yunque.train.reward import main
 
-    if not args.resume and (not args.model or not args.data):
-        raise ValueError("--model and --data are required (except with --resume)")
-    if args.resume:
-        warn_ignored_on_resume(args, [*REWARD_FLAGS, *LOOP_FLAGS, "lora"])
-    loop = loop_from(args, REWARD_LOOP)
-    if args.lora and "lr" not in given(args):
-        loop = dataclasses.replace(loop, lr=1e-3)
-    fields = values(args, REWARD_FLAGS)
-    fields["data"] = fields["data"] or ()
-    cfg = RewardConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
-                       lora=_lora(args), loop=loop, **fields)
-    with session("reward train", loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
+    cfg = tuning_config(args, RewardConfig, REWARD_FLAGS, REWARD_LOOP, lr=LORA_LR if args.lora else None)
+    with session("reward train", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
         s = main(cfg, runtime)
         b, a = s.get("before") or {}, s.get("after") or {}
         acc = f": held-out pairwise accuracy {b['accuracy']:.1%} -> {a['accuracy']:.1%}" if a and b else ""

@@ -112,6 +112,24 @@ def warn_ignored_on_resume(args, names: list[str]) -> None:
         print(f"note: {flags} ignored with --resume: the run keeps the settings in its run.json", file=sys.stderr)
 
 
+def tuning_config(args, cls, flags: list[str], loop_defaults: LoopConfig, *, lr: float | None):
+    """The config of a stage that tunes a model on data (`sft`, `align`, `reward train`) from its parsed flags:
+    --model and --data required unless --resume (which warns about the flags it ignores), the loop from
+    `loop_defaults` with `lr` as its learning rate where --lr is not given, and LoRA where --lora asks for it."""
+    if not args.resume and (not args.model or not args.data):
+        raise ValueError("--model and --data are required (except with --resume)")
+    if args.resume:
+        warn_ignored_on_resume(args, [*flags, *LOOP_FLAGS, "lora"])
+    loop = loop_from(args, loop_defaults)
+    if lr is not None and "lr" not in given(args):
+        loop = dataclasses.replace(loop, lr=lr)
+    fields = values(args, flags)
+    fields["data"] = fields["data"] or ()
+    lora = LoraConfig(**values(args, LORA_FLAGS, prefix="lora_")) if args.lora else None
+    return cls(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out, lora=lora,
+               loop=loop, **fields)
+
+
 def cmd_tokenizer_train(args) -> int:
     from yunque.data.sources import SkipReport, iter_documents
     from yunque.outputs import staged_dir
@@ -149,18 +167,7 @@ def cmd_sft(args) -> int:
     from yunque.train.distributed import session
     from yunque.train.sft import main
 
-    if not args.resume and (not args.model or not args.data):
-        raise ValueError("--model and --data are required (except with --resume)")
-    if args.resume:
-        warn_ignored_on_resume(args, [*SFT_FLAGS, *LOOP_FLAGS, "lora"])
-    lora = LoraConfig(**values(args, LORA_FLAGS, prefix="lora_")) if args.lora else None
-    loop = loop_from(args, SFT_LOOP)
-    if args.lora and "lr" not in given(args):
-        loop = dataclasses.replace(loop, lr=LORA_LR)
-    fields = values(args, SFT_FLAGS)
-    fields["data"] = fields["data"] or ()
-    cfg = SFTConfig(model=str(model_path(args.model, args.catalogue)) if args.model else "", out=args.out,
-                    lora=lora, loop=loop, **fields)
+    cfg = tuning_config(args, SFTConfig, SFT_FLAGS, SFT_LOOP, lr=LORA_LR if args.lora else None)
     with session("sft", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
         s = main(cfg, runtime)
         before = f"{s['val_loss_before']:.4f} -> " if s.get("val_loss_before") is not None else ""
