@@ -41,6 +41,7 @@ import openai
 import torch
 
 from yunque.config import ModelConfig
+from yunque.engine.scheduler import in_passing_thread
 from yunque.model.gpt import GPT
 from yunque.modeldir import load_model, save_model
 from yunque.precision import cpu_description
@@ -164,8 +165,9 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
     from yunque.engine.engine import Engine
     from yunque.engine.scheduler import Scheduler
 
-    model, tok = load_model(model_dir)
-    engine = Engine(model, tok)
+    # made in a thread that ends: this process's threads must not keep OpenMP teams beside the scheduler's
+    # (engine/scheduler.py)
+    engine = in_passing_thread(lambda: Engine(*load_model(model_dir)))
     engine.stop_ids = set()
     scheduler = Scheduler(engine, SchedulerConfig(max_running=64))
     tokens = []
@@ -205,8 +207,8 @@ def main() -> None:
           f"{args.requests} requests per client, streaming completions")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
-        make_model(model_dir)
-        _, tok = load_model(model_dir)
+        in_passing_thread(make_model, model_dir)
+        _, tok = in_passing_thread(load_model, model_dir)
         keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in range(args.requests)]
         texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
         port = free_port()

@@ -268,3 +268,29 @@ def test_serve_quantize_decodes_with_quantized_layers_and_counts_their_bytes(bas
     finally:
         plain.scheduler.close()
         loaded.scheduler.close()
+
+
+def test_a_model_loads_in_a_thread_that_ends_so_its_openmp_team_ends_too(base, tmp_path):
+    """A thread that ran torch's parallel operations keeps its OpenMP team while it lives, and two live teams on
+    two cores slow the scheduler's products (engine/scheduler.py): loading must not happen in one that lives on."""
+    cfg, where = ServeConfig(), []
+
+    def loader(spec):
+        where.append(threading.current_thread())
+        return load_spec(spec, cfg, SchedulerConfig())
+
+    registry = Registry([ModelSpec("a", base)], cfg, loader=loader)
+    app = create_app(registry, feedback_dir=tmp_path)
+
+    async def main():  # asserted while the event loop (and asyncio's pool of threads) still runs
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/v1/completions", json={"model": "a", "prompt": "hi", "max_tokens": 2})
+        where[0].join(5)
+        return r, where[0].is_alive()
+
+    try:
+        r, alive = asyncio.run(main())
+        assert r.status_code == 200 and len(where) == 1 and where[0] is not threading.main_thread()
+        assert not alive
+    finally:
+        registry.close()

@@ -18,6 +18,13 @@ and alone, with and without the cache, and compares them).
 
 Callers are told through a callback run in the worker thread (`submit`); `stream` wraps it in an asyncio queue
 for async callers (the server), and `generate` waits for the whole reply (tests, scripts).
+
+Threads and OpenMP: every thread that runs a parallel torch operation keeps a team of OpenMP threads for as long
+as it lives. With more such threads than cores, libgomp stops letting a team spin between parallel regions, so
+the worker's team is put to sleep and woken for each of its matrix products: a oneDNN bf16 product of a 30M
+model's layer took 4x as long (126-166 us against 25-37 us; twice the futex calls a decode). So the torch work
+of making an engine (loading, packing weights) is best done `in_passing_thread`, whose team ends with it, and
+not in a thread that lives on (asyncio's pool, a server's main thread).
 """
 
 from __future__ import annotations
@@ -35,6 +42,26 @@ from typing import Any, NamedTuple
 from yunque.config import SamplingParams, SchedulerConfig
 from yunque.engine.engine import Engine, Prefill, Row
 from yunque.engine.prefix import PrefixCache
+
+
+def in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) run in a new thread that ends when it returns (and its OpenMP team with it: see the module
+    doc); its result, or its exception raised here."""
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append((fn(*args), None))
+        except BaseException as e:  # noqa: B036 - raised again in the caller's thread
+            out.append((None, e))
+
+    thread = threading.Thread(target=run, name="yunque-passing")
+    thread.start()
+    thread.join()
+    result, error = out[0]
+    if error is not None:
+        raise error
+    return result
 
 
 class QueueFull(RuntimeError):
@@ -396,4 +423,4 @@ class Scheduler:
             pass
 
 
-__all__ = ["Event", "QueueFull", "Scheduler", "Sequence", "Stats", "Token"]
+__all__ = ["Event", "QueueFull", "Scheduler", "Sequence", "Stats", "Token", "in_passing_thread"]

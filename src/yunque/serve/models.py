@@ -21,7 +21,7 @@ import torch
 
 from yunque.config import SchedulerConfig, ServeConfig
 from yunque.engine.engine import Engine
-from yunque.engine.scheduler import Scheduler
+from yunque.engine.scheduler import Scheduler, in_passing_thread
 from yunque.tokenizer.chat import ChatFormat
 
 
@@ -186,10 +186,11 @@ class Registry:
             if spec.base is not None:
                 base = await self.get(spec.base)
                 self._make_room(weights_bytes(spec.path), name)
-                model = await asyncio.to_thread(load_adapter_spec, spec, base, self.sched)
+                model = await asyncio.to_thread(in_passing_thread, load_adapter_spec, spec, base, self.sched)
             else:
                 self._make_room(weights_bytes(spec.path), name)
-                model = await asyncio.to_thread(self.loader, spec)
+                # the torch work of loading runs in a thread that ends (see engine/scheduler.py)
+                model = await asyncio.to_thread(in_passing_thread, self.loader, spec)
             self.loaded[name] = model
             self._make_room(0, name)  # the estimate may have been low
             future.set_result(model)
