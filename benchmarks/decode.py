@@ -16,7 +16,8 @@ figures).
 
 Part 3 (`smollm2`), a real model: SmolLM2-135M-Instruct from the shared GGUF (../shared/models, loaded with
 yunque's reader, so "fp32" is its Q4_1 weights dequantized), batch 1, greedy, a Tiny Shakespeare prompt of 128
-tokens and --smol-new new ones: yunque fp32, int8 and int4 (model/quant.py, the kernels this CPU gets), and
+tokens and --smol-new new ones: yunque fp32, int8 and int4 (model/quant.py, the kernels this CPU gets; with
+`--compile` each compiled too), `transformers` fp32 on the same weights exported to a Hugging Face dir, and
 llama.cpp (`llama_cpp`, the llama-cpp-python package, optional: skipped with the reason when absent) on GGUFs that
 yunque exports from the same fp32 weights as f32, Q8_0 and Q4_0; plus how many of yunque fp32's greedy tokens
 llama.cpp f32 produces too (the same weights, so they differ only by summation order and kernels).
@@ -201,13 +202,19 @@ def versus_table(tok, repeats: int, compile: bool, workdir: Path) -> list[dict]:
     return rows
 
 
-def smollm2_table(repeats: int, new: int, workdir: Path) -> dict:
-    """Part 3: SmolLM2-135M batch-1 greedy decode, yunque fp32/int8/int4 against llama.cpp f32/Q8_0/Q4_0."""
+def smollm2_table(repeats: int, new: int, workdir: Path, compile: bool = False) -> dict:
+    """Part 3: SmolLM2-135M batch-1 greedy decode, yunque fp32/int8/int4 against transformers fp32 (the same
+    weights, exported to a Hugging Face dir) and llama.cpp f32/Q8_0/Q4_0; with `compile`, yunque's engines compiled
+    too (each compile timed apart and excluded)."""
     import copy
 
+    import transformers
+    from transformers import AutoModelForCausalLM
+
     from yunque.interop.gguf import export_gguf
+    from yunque.interop.hf import export_hf
     from yunque.model.quant import quantize_model
-    from yunque.modeldir import load_model
+    from yunque.modeldir import load_model, save_model
 
     fp32, tok = load_model(SMOLLM2)
     text = (SHARED.parent / "tinyshakespeare.txt").read_text(encoding="utf-8")[:4000]
@@ -222,7 +229,27 @@ def smollm2_table(repeats: int, new: int, workdir: Path) -> dict:
         engines[name] = engine
         kernels = sorted({type(m).__name__ for m in engine.model.modules() if "Linear" in type(m).__name__})
         runs[name] = (lambda e=engine: e.generate([prompt], params)[0], f"{engine.dtype}, {', '.join(kernels)}")
+        if compile:
+            compiled = Engine(model, tok, precision=precision, compile=True)
+            compiled.stop_ids = set()
+            t0 = time.perf_counter()
+            compiled.generate([prompt], params)
+            print(f"{name} compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+            runs[f"{name} compiled"] = (lambda e=compiled: e.generate([prompt], params)[0],
+                                        f"{engine.dtype}, {', '.join(kernels)}, torch.compile")
         del model
+    transformers.logging.set_verbosity_error()
+    save_model(workdir / "smollm2", fp32, tok)
+    export_hf(workdir / "smollm2", workdir / "smollm2-hf")
+    hf = AutoModelForCausalLM.from_pretrained(workdir / "smollm2-hf", dtype=torch.float32).eval()
+    x = torch.tensor([prompt])
+
+    def hf_generate():
+        with torch.inference_mode():
+            return hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+
+    runs["transformers fp32"] = (hf_generate, f"transformers {transformers.__version__}, generate()")
     try:
         from llama_cpp import Llama
     except ImportError as e:
@@ -258,9 +285,14 @@ def smollm2_table(repeats: int, new: int, workdir: Path) -> dict:
         targets = (("yunque fp32", "llama.cpp f32", 1.0), ("yunque int8", "llama.cpp q8_0", 1.0),
                    ("yunque int4", "llama.cpp q4_0", 0.8))
         for ours_name, theirs_name, need in targets:
-            ratio = tok_s[ours_name] / tok_s[theirs_name]
+            ratio = max(tok_s[ours_name], tok_s.get(f"{ours_name} compiled", 0)) / tok_s[theirs_name]
             print(f"{ours_name} / {theirs_name}: {ratio:.2f}x (issue 11's target >= {need}x): "
                   f"{'met' if ratio >= need else 'NOT met'}")
+    tok_s = {r["name"]: r["tok_s"] for r in rows}
+    ratio = max(tok_s["yunque fp32"], tok_s.get("yunque fp32 compiled", 0)) / tok_s["transformers fp32"]
+    result["fp32_vs_transformers"] = ratio
+    print(f"yunque fp32 / transformers fp32: {ratio:.2f}x (issue 11's target >= 3x): "
+          f"{'met' if ratio >= 3 else 'NOT met'}")
     return result
 
 
@@ -311,7 +343,7 @@ def main() -> None:
     if "smollm2" in parts:
         print(f"\nSmolLM2-135M-Instruct, batch 1, greedy, {args.smol_new} new tokens after a {PROMPT}-token prompt")
         with tempfile.TemporaryDirectory() as d:
-            result["smollm2"] = smollm2_table(args.repeats, args.smol_new, Path(d))
+            result["smollm2"] = smollm2_table(args.repeats, args.smol_new, Path(d), args.compile)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
