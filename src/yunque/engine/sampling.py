@@ -93,8 +93,9 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     if temperature == 0:
         return logits.float().argmax(dim=-1)  # on CPU, argmax over bf16 is ~5x slower than over fp32
     logits = logits.float()
-    # the row's best becomes 0 before dividing: the others only grow more negative (to -inf at worst), never NaN
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
+    if temperature != 1:  # at 1 nothing divides, and softmax shifts by the row's best itself
+        # the row's best becomes 0 before dividing: the others only grow more negative (to -inf at worst), never NaN
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, MIN_TEMPERATURE)
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     if top_p is not None and top_p < 1:
