@@ -5,8 +5,9 @@
 2. The preference: short replies, of 1 to N-1 words. N is chosen from the SFT model's own samples so that it does not
    already have it (at most ~15% of its sampled replies to training questions are that short; 20 words if that
    is rare enough). Pairs are made of its own samples: for a training question, one of its short replies (chosen)
-   and one of its long ones (rejected). Nothing else states the preference: DPO reads the pairs, a reward model is
-   trained on them, and GRPO and PPO learn from that reward model.
+   and one of its long ones (rejected); for a quarter of the questions, one of its short replies and an empty
+   reply, which the rule says is not short either. Nothing else states the preference: DPO reads the pairs, a
+   reward model is trained on them, and GRPO and PPO learn from that reward model.
 3. Before and after each method, on held-out questions (greedy replies): the share that satisfies the rule, the
    reward model's mean score, the KL to the SFT model (nats per sampled reply), and the perplexity of ordinary
    text (40 pydoc topics, prose); wall time of each run. Every method is anchored (`--anchor-text`) on the other
@@ -140,13 +141,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:  # before the machine line, which names the threads
+        torch.set_num_threads(args.threads)
+        THREADS[0] = args.threads
     print(machine(), flush=True)
     t_all = time.perf_counter()
     figures: dict = {"machine": machine()}
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        THREADS[0] = args.threads
     if args.sft_model:
         chat = Path(args.sft_model)
     elif args.pretrained:  # the speedrun's fine-tuning, by steps: a busy machine makes its time budget useless
@@ -192,8 +193,10 @@ def main() -> None:
         return 0 < words(text) < limit
 
     figures["pairs"] = len(pairs)
+    figures["pairs_against_empty"] = sum(not p["rejected"] for p in pairs)
     print(f"rule: {figures['rule']} ({share:.0%} of {len(samples)} sampled replies satisfy it; "
-          f"{seconds:.0f} s to sample); {len(pairs)} pairs", flush=True)
+          f"{seconds:.0f} s to sample); {len(pairs)} pairs, {figures['pairs_against_empty']} of them a short reply "
+          f"against an empty one", flush=True)
     pairs_path = write_jsonl(out / "pairs.jsonl", pairs)
     evaluated = set(ordinary)  # the anchor: every other pydoc topic
     anchor_path = write_jsonl(out / "anchor.jsonl", [{"text": d.text} for d in builtin_documents()

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from yunque.config import SpeedrunConfig
-from yunque.speedrun import LOW_MFU, main, warnings
+from yunque.speedrun import LOW_MFU, main, short_reply_pairs, warnings
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,15 @@ def test_warnings_name_a_starved_run_and_a_degenerate_assistant():
     assert "machine was busy" in found[0] and "repeat themselves" in found[1]
     r.update(mfu=0.5, sft={"after": {"repetition_rate": 0.0}})
     assert warnings(r) == []
+
+
+def test_the_short_reply_pairs_also_prefer_a_short_reply_to_an_empty_one():
+    questions = [f"q{i}" for i in range(40)]
+    long = "a reply much longer than the rule allows, " * 4
+    samples = [s for _ in questions for s in ["yes, that one", *[long] * 7]]  # 1 in 8 short: the limit stays 20
+    limit, share, pairs = short_reply_pairs(questions, samples, 8, seed=0, empty_share=0.5)
+    assert (limit, share) == (20, 1 / 8)
+    against_empty = [p for p in pairs if p["rejected"] == ""]
+    assert all(p["chosen"] == "yes, that one" for p in pairs)
+    assert 10 <= len(against_empty) <= 30 and len(pairs) == 40 + len(against_empty)
+    assert all(p["rejected"] for p in short_reply_pairs(questions, samples, 8, seed=0, empty_share=0.0)[2])

@@ -205,10 +205,13 @@ def sample_texts(model, tok, fmt: ChatFormat, questions: list[str], *, temperatu
 
 
 def short_reply_pairs(questions: list[str], samples: list[str], n: int, *, seed: int,
-                      share: float = 0.15) -> tuple[int, float, list[dict]]:
+                      share: float = 0.15, empty_share: float = 0.25) -> tuple[int, float, list[dict]]:
     """A preference the model does not have, stated only by pairs of its own replies: (limit, the share of its
     samples already that short, pairs). The rule is "1 to limit-1 words"; limit is 20, or less if more than
-    `share` of the samples already satisfy it. A pair is a question with one short and one long sampled reply."""
+    `share` of the samples already satisfy it. A pair is a question with one short and one long sampled reply.
+    The rule says too that an empty reply is not a short one, which sampled replies rarely show: for `empty_share`
+    of the questions with a short reply, a second pair prefers one of its short replies to an empty reply (without
+    them a reward model trained on the pairs may score an empty reply above a short one, and RL finds that out)."""
     counts = [words(s) for s in samples]
     shares = {k: sum(0 < c < k for c in counts) / len(counts) for k in range(2, 41)}
     limit = 20 if shares[20] <= share else max((k for k, v in shares.items() if v <= share), default=2)
@@ -220,6 +223,8 @@ def short_reply_pairs(questions: list[str], samples: list[str], n: int, *, seed:
         long = [s for s in mine if not 0 < words(s) < limit]
         if short and long:
             pairs.append({"prompt": q, "chosen": rng.choice(short), "rejected": rng.choice(long)})
+        if short and rng.random() < empty_share:
+            pairs.append({"prompt": q, "chosen": rng.choice(short), "rejected": ""})
     return limit, shares[limit], pairs
 
 
