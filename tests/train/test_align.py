@@ -3,6 +3,7 @@ equal the policy's own sampling; the first minibatch has ratio 1 and KL 0), exac
 
 import dataclasses
 import json
+import math
 import sys
 
 import pytest
@@ -83,6 +84,14 @@ def test_dpo_learns_the_preference_against_a_reference_computed_once(base, pairs
     logps = target_logprobs(first, y).sum(1)
     torch.testing.assert_close(torch.stack(logps.chunk(2), dim=1), ref)
 
+
+
+def test_the_reference_is_computed_in_the_runs_precision_so_dpo_starts_at_zero(base, pairs, tmp_path):
+    out = tmp_path / "dpo-bf16"  # in bf16 a reference computed in fp32 would differ from the policy at step 0
+    s = main(AlignConfig(model=str(base), data=(str(pairs),), out=str(out), batch_size=4, val_fraction=0.25,
+                         loop=dataclasses.replace(loop(out, 1), precision="bf16")))
+    assert s["before"]["reward_accuracy"] == 0.5 and s["before"]["reward_margin"] == 0.0
+    assert s["before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 @pytest.fixture(scope="module")
 def ordinary(tmp_path_factory):

@@ -62,6 +62,7 @@ from yunque.losses import (
 from yunque.model.heads import WithHeads
 from yunque.model.lora import attach_lora
 from yunque.modeldir import load_model
+from yunque.precision import autocast, resolve_precision
 from yunque.tokenizer.bpe import END_OF_TURN
 from yunque.tokenizer.chat import ChatFormat
 from yunque.train.run import Prepared, run_stage, start_model_dir
@@ -158,9 +159,11 @@ def _prepare_dpo(cfg: AlignConfig, loop: LoopConfig, model, fmt: ChatFormat, seq
     mean = cfg.loss == "ipo"  # IPO compares per-token mean log-probabilities
     B, W, device = cfg.batch_size, loop.world_size, loop.device
     # the reference is the model before training: its log-probabilities once, for every pair, then never again
-    # (under torchrun every process computes all of them alike, so any process can train on any pair)
-    ref_train = pair_logprobs(model, train, B, device, mean=mean)
-    ref_val = pair_logprobs(model, val, B, device, mean=mean) if val else None
+    # (under torchrun every process computes all of them alike, so any process can train on any pair), in the
+    # run's precision, as the policy's are, so that the implicit rewards start at exactly 0
+    with autocast(resolve_precision(loop.precision, device), device):
+        ref_train = pair_logprobs(model, train, B, device, mean=mean)
+        ref_val = pair_logprobs(model, val, B, device, mean=mean) if val else None
     layers = _attach(cfg, model)
 
     def batches(i: int):  # the global micro-batch of B x W pairs, process r's B pairs its r-th rows (runtime.shard)
