@@ -12,8 +12,9 @@
    reward model's mean score, the KL to the SFT model (nats per sampled reply), and the perplexity of ordinary
    text (40 pydoc topics, prose); wall time of each run. Every method is anchored (`--anchor-text`) on the other
    pydoc topics: held to the SFT model's next-token distributions there, never trained on the 40 evaluated.
-4. A verifiable reward: sums of two 2-digit numbers. The chat model is fine-tuned on a few hundred sums, then GRPO
-   with reward 1 for the right number; held-out accuracy before -> after.
+4. A verifiable reward: sums of two 2-digit numbers, spelled digit by digit ("What is 4 7 + 1 2?" -> "5 9"). The
+   chat model is fine-tuned on 600 sums, then GRPO on 2,000 others with reward 1 for the right number; held-out
+   accuracy (greedy) before -> after.
 
 Every figure comes from this one run, on this machine; the machine may be shared (the load average is printed).
 
@@ -23,6 +24,7 @@ Every figure comes from this one run, on this machine; the machine may be shared
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -100,14 +102,18 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
-SUM = re.compile(r"What is (\d+) \+ (\d+)\?")
+def spell(n: int) -> str:
+    """A number digit by digit, "47" -> "4 7": one token a digit for the speedrun's tokenizer (which cuts "47" as
+    " 4" "7" but "91" whole), so a sum is a digit-by-digit computation."""
+    return " ".join(str(n))
 
 
 def sum_reward(prompt: str, completion: str) -> float:
-    """1 if the first number of the reply is the sum the question asks for, else 0."""
-    m = SUM.search(prompt)
-    got = re.search(r"-?\d+", completion)
-    return float(bool(m and got and int(got.group()) == int(m.group(1)) + int(m.group(2))))
+    """1 if the digits of the reply, read in order, make the sum the question asks for ("What is 4 7 + 1 2?"
+    answered "5 9", "59" or "it is 5 9"), else 0."""
+    m = re.search(r"What is ([\d ]+) \+ ([\d ]+)\?", prompt)
+    digits = re.findall(r"\d", completion)
+    return float(bool(m and digits) and int("".join(digits)) == sum(int(g.replace(" ", "")) for g in m.groups()))
 
 
 def main() -> None:
@@ -132,8 +138,8 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=150)
     p.add_argument("--lora", action="store_true", help="align LoRA adapters (rank 8) instead of the whole model")
     p.add_argument("--sums-sft-steps", type=int, default=300)
-    p.add_argument("--sums-rl-steps", type=int, default=150)
-    p.add_argument("--sums-rl-lr", type=float, default=1e-4)
+    p.add_argument("--sums-rl-steps", type=int, default=300)
+    p.add_argument("--sums-rl-lr", type=float, default=3e-4)
     p.add_argument("--skip", nargs="*", default=[], choices=["dpo", "grpo", "ppo", "sums"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here too")
@@ -285,19 +291,25 @@ def finish(figures: dict, sums_figures: dict | None, out: Path, t_all: float, ar
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
 
 
+SUMS_PROMPTS = 32
+"""Sums: prompts in a GRPO rollout, 8 replies each: 256 replies a step (fewer were too noisy to learn from)."""
+
+
 def sums(chat: Path, out: Path, seed: int, sft_steps: int, rl_steps: int, rl_lr: float) -> dict:
-    """A verifiable reward: fine-tune on sums of two 2-digit numbers, then GRPO with reward 1 for the right sum."""
+    """A verifiable reward: sums of two 2-digit numbers spelled digit by digit. The chat model is fine-tuned on 600
+    of them, then GRPO on 2,000 other sums with reward 1 for the right sum (`sum_reward`); greedy accuracy on 100
+    held-out sums before -> after, and the share of sampled replies (temperature 1, 8 a sum) that are right."""
+    out = out.resolve()  # the reward function is imported from `out`, as the working directory
     rng = random.Random(seed)
-    problems = {(a, b) for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(3000))}
-    problems = sorted(problems)
+    problems = sorted({(rng.randint(10, 99), rng.randint(10, 99)) for _ in range(6000)})
     rng.shuffle(problems)
     held, rest = problems[:100], problems[100:]
-    sft_rows, rl_rows = rest[:600], rest[600:1400]
+    sft_rows, rl_rows = rest[:600], rest[600:2600]
 
     def ask(a: int, b: int) -> str:
-        return f"What is {a} + {b}?"
+        return f"What is {spell(a)} + {spell(b)}?"
 
-    sft_path = write_jsonl(out / "sums_sft.jsonl", [{"prompt": ask(a, b), "completion": str(a + b)}
+    sft_path = write_jsonl(out / "sums_sft.jsonl", [{"prompt": ask(a, b), "completion": spell(a + b)}
                                                     for a, b in sft_rows])
     rl_path = write_jsonl(out / "sums_prompts.jsonl", [{"prompt": ask(a, b), "completion": ""} for a, b in rl_rows])
     sft_dir = out / "sums_sft"
@@ -306,34 +318,40 @@ def sums(chat: Path, out: Path, seed: int, sft_steps: int, rl_steps: int, rl_lr:
                                     loop=loop(sft_dir, sft_steps, 1e-3, warmup_steps=10)))
     _, tok = load_model(sft_dir)
     fmt = ChatFormat.of(sft_dir, tok)
+    questions = [ask(a, b) for a, b in held]
 
-    def accuracy(model_dir: Path) -> float:
+    def accuracy(model_dir: Path) -> dict:
         m, _ = load_model(model_dir)
-        texts = replies(m.float().eval(), tok, fmt, [ask(a, b) for a, b in held], temperature=0.0, seed=0)
-        return sum(sum_reward(ask(a, b), t) for (a, b), t in zip(held, texts)) / len(held)
+        m.float().eval()
+        greedy = replies(m, tok, fmt, questions, temperature=0.0, seed=0)
+        sampled = replies(m, tok, fmt, questions, temperature=1.0, seed=0, n=8)
+        right = [sum_reward(q, t) for q, t in zip([q for q in questions for _ in range(8)], sampled)]
+        return {"greedy": sum(map(sum_reward, questions, greedy)) / len(held), "sampled": sum(right) / len(right),
+                "pass_at_8": sum(max(right[i:i + 8]) for i in range(0, len(right), 8)) / len(held),
+                "examples": [f"{q} -> {t}" for q, t in zip(questions[:3], greedy)]}
 
     before = accuracy(sft_dir)
-    print(f"sums: fine-tuned on {len(sft_rows)} sums ({t_sft:.0f} s): held-out accuracy {before:.0%}", flush=True)
-    reward_module = out / "sum_rewards.py"
-    reward_module.write_text(f"import re\nSUM = re.compile({SUM.pattern!r})\n\n"
-                             "def correct(prompt, completion):\n"
-                             "    m, got = SUM.search(prompt), re.search(r'-?\\d+', completion)\n"
-                             "    return float(bool(m and got and int(got.group()) == int(m.group(1)) + "
-                             "int(m.group(2))))\n", encoding="utf-8")
+    print(f"sums: fine-tuned on {len(sft_rows)} sums ({t_sft:.0f} s): held-out accuracy {before['greedy']:.0%} "
+          f"(sampled {before['sampled']:.0%}, pass@8 {before['pass_at_8']:.0%})", flush=True)
+    (out / "sum_rewards.py").write_text(f"import re\n\n\n{inspect.getsource(sum_reward)}", encoding="utf-8")
     cwd = Path.cwd()
     os.chdir(out)  # --reward-fn imports from the working directory
     try:
         grpo_dir = out / "sums_grpo"
-        s, t_rl = timed(align, AlignConfig(model=str(sft_dir.resolve()), data=(str(rl_path.resolve()),),
-                                           out=str(grpo_dir.resolve()), method="grpo",
-                                           reward_fn="sum_rewards:correct", group_size=8, prompts_per_rollout=8,
-                                           max_new_tokens=6, kl_coef=0.02, temperature=0.7, force=True,
-                                           val_fraction=0.05, loop=loop(grpo_dir.resolve(), rl_steps, rl_lr)))
+        s, t_rl = timed(align, AlignConfig(model=str(sft_dir), data=(str(rl_path),), out=str(grpo_dir), method="grpo",
+                                           reward_fn="sum_rewards:sum_reward", group_size=8,
+                                           prompts_per_rollout=SUMS_PROMPTS, max_new_tokens=8, kl_coef=0.02,
+                                           temperature=1.0, force=True, val_fraction=0.05,
+                                           loop=loop(grpo_dir, rl_steps, rl_lr)))
     finally:
         os.chdir(cwd)
     after = accuracy(grpo_dir)
-    print(f"sums: GRPO ({s['steps']} steps, {t_rl:.0f} s): held-out accuracy {before:.0%} -> {after:.0%}", flush=True)
-    return {"held_out": len(held), "sft_examples": len(sft_rows), "before": before, "after": after,
+    print(f"sums: GRPO ({s['steps']} steps, {t_rl:.0f} s): held-out accuracy {before['greedy']:.0%} -> "
+          f"{after['greedy']:.0%} (sampled {before['sampled']:.0%} -> {after['sampled']:.0%}, pass@8 "
+          f"{before['pass_at_8']:.0%} -> {after['pass_at_8']:.0%}); e.g. {'; '.join(after['examples'])}", flush=True)
+    return {"held_out": len(held), "sft_examples": len(sft_rows), "rl_prompts": len(rl_rows),
+            "before": before["greedy"], "after": after["greedy"], "sampled": [before["sampled"], after["sampled"]],
+            "pass_at_8": [before["pass_at_8"], after["pass_at_8"]], "examples": after["examples"],
             "steps": s["steps"], "sft_seconds": round(t_sft), "grpo_seconds": round(t_rl)}
 
 
