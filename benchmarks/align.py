@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=150)
     p.add_argument("--lora", action="store_true", help="align LoRA adapters (rank 8) instead of the whole model")
     p.add_argument("--sums-sft-steps", type=int, default=300)
-    p.add_argument("--sums-rl-steps", type=int, default=300)
+    p.add_argument("--sums-rl-steps", type=int, default=500)
     p.add_argument("--sums-rl-lr", type=float, default=3e-4)
     p.add_argument("--skip", nargs="*", default=[], choices=["dpo", "grpo", "ppo", "sums"])
     p.add_argument("--seed", type=int, default=0)
@@ -274,8 +274,8 @@ def acceptance(figures: dict) -> list[str]:
         acc = figures["reward_model"]["held_out_accuracy"]
         lines.append(f"reward model: held-out accuracy {acc:.0%} (>= 90%): {'met' if acc >= 0.9 else 'NOT met'}")
     if "sums" in figures:
-        gain = figures["sums"]["after"] - figures["sums"]["before"]
-        lines.append(f"sums: GRPO {gain * 100:+.0f} points (>= +20): {'met' if gain >= 0.2 else 'NOT met'}")
+        points = round((figures["sums"]["after"] - figures["sums"]["before"]) * 100, 6)  # 0.41 - 0.21 < 0.2
+        lines.append(f"sums: GRPO {points:+.0f} points (>= +20): {'met' if points >= 20 else 'NOT met'}")
     return lines
 
 
