@@ -90,3 +90,14 @@ def test_the_short_reply_pairs_also_prefer_a_short_reply_to_an_empty_one():
     assert all(p["chosen"] == "yes, that one" for p in pairs)
     assert 10 <= len(against_empty) <= 30 and len(pairs) == 40 + len(against_empty)
     assert all(p["rejected"] for p in short_reply_pairs(questions, samples, 8, seed=0, empty_share=0.0)[2])
+
+
+def test_replies_alike_in_length_get_a_longer_limit_that_makes_enough_pairs():
+    questions = [f"q{i}" for i in range(40)]
+    long = " ".join(["word"] * 10)
+    # 5 questions have a 2-word reply (1.6% of samples), the other 35 two 4-word ones (22%): under 4 words only 5
+    # questions have both a short and a long reply, too few; under 5 words every question has
+    samples = [s for i in range(40) for s in (["two words", *[long] * 7] if i < 5 else ["a b c d"] * 2 + [long] * 6)]
+    limit, share, pairs = short_reply_pairs(questions, samples, 8, seed=0, empty_share=0.0)
+    assert (limit, share) == (5, 75 / 320) and len(pairs) == 40
+    assert short_reply_pairs(questions, samples, 8, seed=0, most=0.15, empty_share=0.0)[0] == 4  # 22% is too many

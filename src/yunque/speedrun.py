@@ -205,16 +205,26 @@ def sample_texts(model, tok, fmt: ChatFormat, questions: list[str], *, temperatu
 
 
 def short_reply_pairs(questions: list[str], samples: list[str], n: int, *, seed: int,
-                      share: float = 0.15, empty_share: float = 0.25) -> tuple[int, float, list[dict]]:
+                      share: float = 0.15, most: float = 0.3,
+                      empty_share: float = 0.25) -> tuple[int, float, list[dict]]:
     """A preference the model does not have, stated only by pairs of its own replies: (limit, the share of its
     samples already that short, pairs). The rule is "1 to limit-1 words"; limit is 20, or less if more than
     `share` of the samples already satisfy it. A pair is a question with one short and one long sampled reply.
+    Where the replies are so alike in length that fewer than MIN_PAIRS questions have both at that limit, the
+    least longer limit that gives MIN_PAIRS is taken, as long as at most `most` of the samples meet it.
     The rule says too that an empty reply is not a short one, which sampled replies rarely show: for `empty_share`
     of the questions with a short reply, a second pair prefers one of its short replies to an empty reply (without
     them a reward model trained on the pairs may score an empty reply above a short one, and RL finds that out)."""
     counts = [words(s) for s in samples]
     shares = {k: sum(0 < c < k for c in counts) / len(counts) for k in range(2, 41)}
     limit = 20 if shares[20] <= share else max((k for k, v in shares.items() if v <= share), default=2)
+
+    def both(k: int) -> int:  # questions with a sample under k words and one not
+        return sum(any(0 < c < k for c in mine) and not all(0 < c < k for c in mine)
+                   for mine in (counts[n * i:n * i + n] for i in range(len(questions))))
+
+    if both(limit) < MIN_PAIRS:
+        limit = next((k for k in range(limit + 1, 41) if shares[k] <= most and both(k) >= MIN_PAIRS), limit)
     rng = random.Random(seed)
     pairs = []
     for i, q in enumerate(questions):
@@ -244,8 +254,8 @@ def align_short_replies(cfg: SpeedrunConfig, out: Path) -> dict[str, Any]:
     ordinary = [d.text for d in builtin_documents() if d.name.startswith("pydoc:")][::8][:40]
     samples = sample_texts(model, tok, fmt, questions, temperature=1.0, seed=cfg.seed + 1000, n=SAMPLES)
     limit, share, pairs = short_reply_pairs(questions, samples, SAMPLES, seed=cfg.seed)
-    if len(pairs) < MIN_PAIRS:
-        return {"skipped": f"only {len(pairs)} of {len(questions)} questions had both a short and a long sampled "
+    if (both := sum(p["rejected"] != "" for p in pairs)) < MIN_PAIRS:
+        return {"skipped": f"only {both} of {len(questions)} questions had both a short and a long sampled "
                            f"reply (at least {MIN_PAIRS} needed): the assistant's replies barely vary in length"}
     data = out / "align_data"
     data.mkdir(exist_ok=True)
