@@ -175,7 +175,7 @@ def benchmark(cfg: SpeedrunConfig, out: Path, model, tok, manifest: dict) -> dic
     return section
 
 
-ALIGN_QUESTIONS = 240
+ALIGN_QUESTIONS = 600
 """Training questions whose sampled replies make the alignment stage's pairs."""
 SAMPLES = 6
 """Replies sampled per question for the pairs."""
