@@ -281,6 +281,7 @@ def align_short_replies(cfg: SpeedrunConfig, out: Path) -> dict[str, Any]:
     aligned, _ = load_model(out / "aligned")
     after = measure(aligned.float())
     return {"rule": f"1 to {limit - 1} words", "sampled_share": share, "pairs": len(pairs),
+            "pairs_against_empty": len(pairs) - both,
             "steps": summary["steps"], "seconds": round(time.perf_counter() - t0, 1),
             "reward_accuracy": (summary.get("after") or {}).get("reward_accuracy"), "before": before,
             "after": after}
@@ -365,7 +366,8 @@ def render_report(r: dict[str, Any], cfg: SpeedrunConfig) -> str:
             "",
             f"The assistant does not prefer short replies: {al['sampled_share']:.0%} of its sampled replies to "
             f"training questions have {al['rule']}. {al['pairs']} pairs of its own replies (a short one chosen, a "
-            f"long one rejected) taught it by DPO ({al['steps']} steps, {al['seconds']:.0f} s with sampling and "
+            f"long one rejected; in {al.get('pairs_against_empty', 0)} of them an empty reply rejected, which is not "
+            f"short either) taught it by DPO ({al['steps']} steps, {al['seconds']:.0f} s with sampling and "
             f"evaluation). On the held-out questions, greedy decoding:",
             "",
             "| held-out figure | before | after |",
