@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -45,23 +45,10 @@ from yunque.engine.prefix import PrefixCache
 
 
 def in_passing_thread(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args) run in a new thread that ends when it returns (and its OpenMP team with it: see the module
+    """fn(*args) run in a new thread that has ended when this returns (and its OpenMP team with it: see the module
     doc); its result, or its exception raised here."""
-    out: list = []
-
-    def run() -> None:
-        try:
-            out.append((fn(*args), None))
-        except BaseException as e:  # noqa: B036 - raised again in the caller's thread
-            out.append((None, e))
-
-    thread = threading.Thread(target=run, name="yunque-passing")
-    thread.start()
-    thread.join()
-    result, error = out[0]
-    if error is not None:
-        raise error
-    return result
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="yunque-passing") as pool:
+        return pool.submit(fn, *args).result()  # leaving the block joins the pool's one thread
 
 
 class QueueFull(RuntimeError):
