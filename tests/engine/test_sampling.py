@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from yunque.engine.sampling import (
+    CDF_BLOCK,
     filter_min_p,
     filter_top_k,
     filter_top_p,
+    inverse_cdf,
     penalize,
     sample,
     token_logprobs,
@@ -99,6 +101,36 @@ def test_a_uniform_draw_of_one_never_picks_a_token_of_probability_zero(monkeypat
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(2, 1))
     logits = torch.tensor([[0.0, 1.0, float("-inf"), float("-inf")], [0.0, 0.0, 0.0, 0.0]])
     assert sample(logits).tolist() == [1, 3]
+
+
+def flat_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The simple path: the first token whose cumulative sum over the whole row exceeds u times the total."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+
+
+def test_inverse_cdf_in_blocks_equals_one_cumulative_sum_over_the_row():
+    g = torch.Generator().manual_seed(5)
+    V = 3 * CDF_BLOCK + 17  # a last block that is not whole
+    # probabilities that are multiples of 2^-12: every sum is exact in fp32, so both paths must agree to the token
+    probs = torch.randint(0, 8, (64, V), generator=g).float() / 4096
+    probs[:, CDF_BLOCK - 3:2 * CDF_BLOCK + 5] = 0  # a whole block of zeros, and zeros across two block borders
+    probs[0] = 0
+    probs[0, V - 1] = 1 / 4096  # all the mass in the last, short block
+    probs[1, :3] = 0  # u = 0 must skip them
+    probs[3, :CDF_BLOCK + 2] = 0  # and this row's first block too, at u = 0
+    u = torch.randint(0, 4096, (64, 1), generator=g).float() / 4096
+    u[1], u[2], u[3] = 0.0, 4095 / 4096, 0.0
+    got = inverse_cdf(probs, u)
+    assert torch.equal(got, flat_inverse_cdf(probs, u))
+    assert bool((probs.gather(1, got[:, None]) > 0).all())
+
+
+def test_inverse_cdf_at_the_top_of_a_row_takes_its_last_token_of_positive_probability():
+    probs = torch.zeros(2, 2 * CDF_BLOCK)
+    probs[0, 5], probs[0, CDF_BLOCK + 9] = 0.25, 0.75  # then zeros to the end of the row
+    probs[1, 3] = 1.0
+    assert inverse_cdf(probs, torch.ones(2, 1)).tolist() == [CDF_BLOCK + 9, 3]
 
 
 def test_top_k_2_never_picks_the_third():

@@ -104,22 +104,50 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
         logits = filter_min_p(logits, min_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     B = probs.shape[0]
-    # Inverse transform sampling: one uniform number per row, then one cumsum and one search for the whole batch.
-    # torch.multinomial, row by row for the rows' own generators, draws an exponential per vocabulary entry: ~3 ms a
-    # row at V = 50257, half a 16-row decode step of a 30M model (benchmarks/serve.py's profile).
+    # Inverse transform sampling: one uniform number per row. torch.multinomial, row by row for the rows' own
+    # generators, draws an exponential per vocabulary entry: ~3 ms a row at V = 50257, half a 16-row decode step of
+    # a 30M model (benchmarks/serve.py's profile).
     if generators is None:
         u = torch.rand(B, 1, device=probs.device)
     elif len(generators) != B:
         raise ValueError(f"got {len(generators)} generators for {B} rows of logits; pass one per row")
     else:
         u = torch.stack([torch.rand(1, generator=g, device=probs.device) for g in generators])  # (B, 1)
-    cdf = probs.cumsum(dim=-1)  # (B, V)
-    # The first token whose cumulative probability exceeds u times the row's total (which rounding keeps from being
-    # exactly 1): never one of probability 0, whose cdf equals the one before it. Should u * total round up to the
-    # total, the last token of positive probability (the first to reach the total) is taken.
-    total = cdf[:, -1:].contiguous()  # (B, 1)
-    ids = torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))  # (B, 1)
-    return ids.squeeze(1)
+    return inverse_cdf(probs, u)
+
+
+CDF_BLOCK = 256
+"""Vocabulary entries per block of `inverse_cdf`'s two-level search."""
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """For each row of probs (B, V) (non-negative, not necessarily normalised), the first token whose cumulative
+    probability exceeds u (B, 1) in [0, 1) times the row's total; int64 (B,). Never a token of probability 0.
+
+    In two levels: the sums of blocks of CDF_BLOCK tokens, a cumulative sum and a search over those, then a
+    cumulative sum and a search within the one block found. A cumulative sum over the whole vocabulary runs one
+    element after the other: 355 us for 16 rows of 50257 against 82 us in blocks (1343 against 188 us for 64 rows;
+    torch 2.13, 2 threads).
+    """
+    B, V = probs.shape
+    whole = V // CDF_BLOCK * CDF_BLOCK
+    sums = probs[:, :whole].reshape(B, -1, CDF_BLOCK).sum(-1)  # (B, V // CDF_BLOCK)
+    if whole < V:
+        sums = torch.cat([sums, probs[:, whole:].sum(-1, keepdim=True)], dim=1)
+    cdf = sums.cumsum(dim=-1)  # (B, blocks)
+    total = cdf[:, -1:].contiguous()  # (B, 1): the row's total, which rounding keeps from being exactly 1
+    target = (u * total).contiguous()
+    # the first block whose cumulative sum exceeds the target; should the target round up to the total, the last
+    # block of positive probability (the first to reach the total)
+    block = torch.minimum(torch.searchsorted(cdf, target, right=True), torch.searchsorted(cdf, total))  # (B, 1)
+    before = torch.where(block > 0, cdf.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(target))
+    index = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=probs.device)  # (B, CDF_BLOCK)
+    inside = torch.where(index < V, probs.gather(1, index.clamp(max=V - 1)), 0.0).cumsum(dim=-1)
+    # within the block the same rule; summed in another order, the block's total may fall short of what is left
+    # of the target by a rounding, hence again the first token reaching the block's total as the bound
+    at = torch.minimum(torch.searchsorted(inside, target - before, right=True),
+                       torch.searchsorted(inside, inside[:, -1:].contiguous()))
+    return (block * CDF_BLOCK + at).squeeze(1)
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
