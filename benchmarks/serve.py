@@ -5,11 +5,15 @@ The model is the issue's ~30M GPT-2 shape (6 layers, width 384, 6 heads, vocab 5
 weights with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature
 1 from near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client
 sends --requests completions one after another, each a --prompt-token prompt (different per client) and
---new tokens streamed back. Per level: aggregate generated tokens / wall time (tokens counted by the server's
-usage), time to first token and inter-token latency (gaps between streamed chunks) p50 and p99, and the ratio of
-aggregate tokens/s to one client's. Beside it, the scheduler alone (engine/scheduler.py in this process, the same
-prompts and lengths, no HTTP): what continuous batching gives before the server's own costs. The CPU, its flags
-and the load average at the start are printed first: on a shared machine, say so beside the figures.
+--new tokens streamed back. Before each level is timed, the same number of clients send one request each with
+other prompts (nothing in common with the timed ones, so the shared-prefix cache gains nothing): a server that has
+run a while has seen every batch size, and the first of each size costs oneDNN time to build its kernels (once, a
+16-client level that came first ran at 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated
+tokens / wall time (tokens counted by the server's usage), time to first token and inter-token latency (gaps
+between streamed chunks) p50 and p99, and the ratio of aggregate tokens/s to one client's. Beside it, the
+scheduler alone (engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous
+batching gives before the server's own costs. The CPU, its flags and the load average at the start are printed
+first: on a shared machine, say so beside the figures.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -17,7 +21,7 @@ exported with `yunque export --format gguf` (--gguf-dtype, f16 by default), prin
 the same prompts as text (each a decoded --prompt-token sequence). llama.cpp's streams carry no usage, so its
 tokens are its streamed chunks (one per token). Where it does not import, the reason is printed and it is skipped.
 
-    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 2] [--prompt 64] [--new 64] [--json out.json]
+    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--json out.json]
                                [--no-llama-cpp] [--gguf-dtype f16]
 """
 
@@ -105,6 +109,10 @@ def llama_cpp_missing() -> str | None:
     return None
 
 
+WARM_UP = 500
+"""Request index of the warm-up prompts (`prompt_key`): other prompts than the timed ones."""
+
+
 def prompt_key(client: int, request: int) -> int:
     return 1000 * client + request
 
@@ -114,9 +122,10 @@ def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
     return torch.randint(0, min(vocab, 50000), (n,), generator=g).tolist()
 
 
-async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True) -> dict:
+async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True, first: int = 0) -> dict:
     """One level of `clients` concurrent streaming clients. texts: the prompt of each (client, request) key
-    (`prompt_key`). usage: the server reports usage in its stream (else tokens are counted as streamed chunks)."""
+    (`prompt_key`), requests numbered from `first`. usage: the server reports usage in its stream (else tokens are
+    counted as streamed chunks)."""
     ttft, gaps, tokens = [], [], 0
 
     async def one_client(c: openai.AsyncOpenAI, i: int) -> None:
@@ -125,8 +134,8 @@ async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool
             start = time.perf_counter()
             last = None
             extra = {"stream_options": {"include_usage": True}} if usage else {}
-            stream = await c.completions.create(model="bench", prompt=texts[prompt_key(i, r)], max_tokens=args.new,
-                                                temperature=1.0, seed=i, stream=True, **extra)
+            stream = await c.completions.create(model="bench", prompt=texts[prompt_key(i, first + r)],
+                                                max_tokens=args.new, temperature=1.0, seed=i, stream=True, **extra)
             async for chunk in stream:
                 if chunk.usage is not None:
                     tokens += chunk.usage.completion_tokens
@@ -156,9 +165,14 @@ async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool
             "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99)}
 
 
+def warm_up(url: str, clients: int, args, texts: dict[int, str], usage: bool = True) -> None:
+    """`clients` clients send one request each, with the warm-up prompts: untimed."""
+    asyncio.run(level(url, clients, argparse.Namespace(**{**vars(args), "requests": 1}), texts, usage, WARM_UP))
+
+
 def scheduler_alone(model_dir: Path, clients: int, args) -> float:
     """Aggregate generated tokens/s of `clients` threads each running --requests generations through a Scheduler
-    in this process (no HTTP, no SSE): the batching's own figure."""
+    in this process (no HTTP, no SSE): the batching's own figure, after the same warm-up as the server's."""
     import threading
 
     from yunque.config import SamplingParams, SchedulerConfig
@@ -172,20 +186,25 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
     scheduler = Scheduler(engine, SchedulerConfig(max_running=64))
     tokens = []
 
-    def client(i: int) -> None:
-        for r in range(args.requests):
+    def client(i: int, requests: range) -> None:
+        for r in requests:
             events = scheduler.generate(prompt_ids(prompt_key(i, r), args.prompt, GPT2_30M.vocab_size),
                                         SamplingParams(max_new_tokens=args.new, temperature=1.0, seed=i))
             tokens.append(events[-1].completion_tokens)
 
-    try:
+    def run(requests: range) -> float:
+        tokens.clear()
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        threads = [threading.Thread(target=client, args=(i, requests)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         return sum(tokens) / (time.perf_counter() - t0)
+
+    try:
+        run(range(WARM_UP, WARM_UP + 1))
+        return run(range(args.requests))
     finally:
         scheduler.close()
 
@@ -193,7 +212,7 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated per request")
     p.add_argument("--json", help="also write the rows here")
@@ -209,15 +228,15 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         in_passing_thread(make_model, model_dir)
         _, tok = in_passing_thread(load_model, model_dir)
-        keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in range(args.requests)]
+        keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in [*range(args.requests), WARM_UP]]
         texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
         port = free_port()
         server = start(model_dir, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "requests": 1}), texts))  # warm up
             rows = []
             for n in args.levels:
+                warm_up(url, n, args, texts)
                 rows.append(asyncio.run(level(url, n, args, texts)))
                 r = rows[-1]
                 r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
@@ -271,8 +290,8 @@ def llama_cpp_rows(model_dir: Path, tmp: Path, args, texts: dict[int, str]) -> l
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(level(url, 1, argparse.Namespace(**{**vars(args), "requests": 1}), texts, usage=False))
         for n in args.levels:
+            warm_up(url, n, args, texts, usage=False)
             rows.append(asyncio.run(level(url, n, args, texts, usage=False)))
             r = rows[-1]
             r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
