@@ -63,6 +63,10 @@ RECIPES = {
     "muon": dict(n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=12, lr=2e-3, warmup_steps=50,
                  max_steps=700, min_lr_ratio=0.05, betas=(0.9, 0.99), precision="auto", compile="auto",
                  optimizer="muon"),
+    # the default on a CPU without native bf16 (fp32): train/budget.py's FP32_SHORT_RUN shape and schedule
+    "fast_fp32": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=256, seq_len=64, batch_size=12, lr=2e-3,
+                      warmup_steps=50, max_steps=700, min_lr_ratio=0.05, betas=(0.9, 0.99), precision="auto",
+                      compile="off"),
     "nanogpt": dict(n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=12, lr=1e-3, warmup_steps=100,
                     max_steps=2000, min_lr_ratio=0.1, betas=(0.9, 0.99), precision="fp32", compile="off"),
 }
@@ -97,7 +101,7 @@ def train_to_target(recipe: dict, data: str) -> dict:
     stride = (len(val_ids) - T - 1) // n_check
     check = TokenWindows([val_ids[i * stride: i * stride + T + 1] for i in range(n_check)])
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=r["n_layer"], n_head=r["n_head"], d_model=r["d_model"],
-                      max_seq_len=T)
+                      max_seq_len=T, n_kv_head=r.get("n_kv_head"), d_ff=r.get("d_ff"))
     torch.manual_seed(0)
     model = GPT(cfg)
     curve: list[tuple[int, float, float]] = []  # (step, seconds since process start, whole-split loss)
@@ -130,7 +134,7 @@ def train_to_target(recipe: dict, data: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         loop = LoopConfig(out_dir=out, max_steps=r["max_steps"], lr=r["lr"], warmup_steps=r["warmup_steps"],
                           min_lr_ratio=r["min_lr_ratio"], betas=tuple(r["betas"]), precision=r["precision"],
-                          compile=r["compile"], optimizer=r.get("optimizer", "adamw"),
+                          compile=r["compile"], optimizer=r.get("optimizer", "adamw"), threads=r.get("threads", 0),
                           eval_every=CHECK_EVERY_NEAR, log_every=CHECK_EVERY_NEAR,
                           tokens_per_step=r["batch_size"] * T, progress=False)
         t_train = time.perf_counter()
@@ -165,6 +169,10 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     recipes = {name: dict(r) for name, r in RECIPES.items()}
+    from yunque.precision import bf16_supported  # here, not at the top: the parent's imports are not timed
+
+    if not bf16_supported("cpu"):
+        recipes["fast"] = dict(RECIPES["fast_fp32"])
     for item in args.set:
         key, value = item.split("=", 1)
         name, field = key.split(".", 1)
@@ -186,6 +194,8 @@ def main() -> None:
 
     rows = [("model", lambda r: f"{r['recipe']['n_layer']}L {r['recipe']['d_model']}d "
                                 f"{r['recipe']['n_head']}h ctx {r['recipe']['seq_len']}"),
+            ("d_ff / kv heads", lambda r: f"{r['recipe'].get('d_ff') or 'default'} / "
+                                          f"{r['recipe'].get('n_kv_head') or r['recipe']['n_head']}"),
             ("parameters", lambda r: f"{r['parameters'] / 1e6:.2f}M"),
             ("batch x lr", lambda r: f"{r['recipe']['batch_size']} x {r['recipe']['lr']:g}"),
             ("precision / compile", lambda r: f"{r['precision']} / {r['recipe']['compile']}"),

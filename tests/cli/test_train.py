@@ -237,3 +237,22 @@ def test_resume_says_which_flags_it_ignores(run, tmp_path, capsys):
                  "--checkpoint-every", "5", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "--batch-size, --lr ignored with --resume" in err and "checkpoint-every" not in err
+
+
+def test_a_short_fp32_budget_trains_the_short_run_recipe(text, tmp_path, capsys):
+    out = tmp_path / "R"
+    assert main(["pretrain", "--out", str(out), "--data", str(text), "--tokenizer", "bytes", "--minutes", "0.03",
+                 "--precision", "fp32", "--batch-size", "4", "--no-progress"]) == 0
+    assert "budget in fp32 on this CPU trains with" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["d_ff"], cfg["n_kv_head"], cfg["max_seq_len"], cfg["d_model"]) == (256, 2, 64, 128)
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["batch_size"] == 4 and run["loop"]["lr"] == 2e-3  # the flag given wins; the rest chosen
+
+
+def test_a_bf16_budget_keeps_the_preset(text):
+    from yunque.cli.train import with_short_run_choice
+    from yunque.config import LoopConfig, PretrainConfig
+
+    cfg = PretrainConfig(out="R", data=(str(text),), loop=LoopConfig(minutes=0.3, precision="bf16"))
+    assert with_short_run_choice(cfg, set()) == cfg

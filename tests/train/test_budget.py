@@ -2,7 +2,16 @@
 
 import pytest
 
-from yunque.train.budget import COMPILE_GAIN, COMPILE_SECONDS, StepBudget, compile_pays, undertrained
+from yunque.train.budget import (
+    COMPILE_GAIN,
+    COMPILE_SECONDS,
+    FP32_SHORT_RUN,
+    SHORT_RUN_MINUTES,
+    StepBudget,
+    compile_pays,
+    short_run_choice,
+    undertrained,
+)
 
 
 def test_a_step_count_is_fixed():
@@ -49,3 +58,24 @@ def test_undertrained_runs_are_named():
     assert "inside its 100-step warmup" in undertrained(22, 100, 8.3, 7.9)
     assert "barely fell" in undertrained(500, 50, 5.0, 4.8)
     assert undertrained(500, 50, 5.0, 2.0) is None
+
+
+def test_a_short_fp32_budget_chooses_the_short_run_recipe():
+    choice = short_run_choice(0.3, fp32_cpu=True, given=set())
+    assert choice == FP32_SHORT_RUN
+    assert choice["d_ff"] == 256 and choice["n_kv_head"] == 2 and choice["seq_len"] == 64
+    assert short_run_choice(SHORT_RUN_MINUTES, fp32_cpu=True, given=set()) == FP32_SHORT_RUN
+
+
+def test_bf16_long_budgets_and_step_counts_choose_nothing():
+    assert short_run_choice(0.3, fp32_cpu=False, given=set()) == {}  # bf16 keeps the preset and the defaults
+    assert short_run_choice(SHORT_RUN_MINUTES * 1.5, fp32_cpu=True, given=set()) == {}
+    assert short_run_choice(None, fp32_cpu=True, given=set()) == {}  # --max-steps or the default count
+
+
+def test_flags_given_win_over_the_choice():
+    choice = short_run_choice(0.5, fp32_cpu=True, given={"batch_size", "lr"})
+    assert "batch_size" not in choice and "lr" not in choice and choice["seq_len"] == 64
+    for shape_flag in ("preset", "d_model", "n_head", "d_ff"):  # a shape given keeps its MLP and heads
+        choice = short_run_choice(0.5, fp32_cpu=True, given={shape_flag})
+        assert "d_ff" not in choice and "n_kv_head" not in choice and choice["batch_size"] == 12

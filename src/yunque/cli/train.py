@@ -155,12 +155,34 @@ def cmd_pretrain(args) -> int:
         warn_ignored_on_resume(args, [*PRETRAIN_FLAGS, *OVERRIDES, *LOOP_FLAGS])
     cfg = PretrainConfig(out=args.out, model_overrides=overrides, loop=loop_from(args, LoopConfig()),
                          **values(args, PRETRAIN_FLAGS))
+    if not args.resume:
+        cfg = with_short_run_choice(cfg, given(args))
     with session("pretrain", cfg.loop) as runtime:  # under torchrun: one of many processes, rank 0 prints
         s = main(cfg, runtime)
         val = f", val loss {s['val_loss']:.4f}" if s["val_loss"] is not None else ""
         print(f"trained {s['parameters']:,} parameters for {s['steps']} steps ({s['tokens_seen']:,} tokens, "
               f"{s['precision']}) in {s['wall_seconds']:.0f}s: loss {s['loss']:.4f}{val} -> {args.out}")
     return 0
+
+
+def with_short_run_choice(cfg: PretrainConfig, typed: set[str]) -> PretrainConfig:
+    """`cfg` with what its --minutes budget chooses on this CPU (train/budget.short_run_choice) for the flags not
+    in `typed`."""
+    from yunque.precision import resolve_precision
+    from yunque.train.budget import short_run_choice
+
+    loop = cfg.loop
+    fp32_cpu = loop.device == "cpu" and resolve_precision(loop.precision, loop.device) == "fp32"
+    choice = short_run_choice(loop.minutes, fp32_cpu=fp32_cpu, given=typed)
+    if not choice:
+        return cfg
+    model = {k: choice[k] for k in OVERRIDES if k in choice}
+    data = {k: choice[k] for k in ("batch_size", "seq_len") if k in choice}
+    loop = dataclasses.replace(loop, **{k: v for k, v in choice.items() if k not in model and k not in data})
+    chosen = ", ".join(f"{k}={v}" for k, v in choice.items())
+    print(f"note: a {loop.minutes:g}-minute budget in fp32 on this CPU trains with {chosen} (flags you give win)",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, model_overrides={**cfg.model_overrides, **model}, loop=loop, **data)
 
 
 def cmd_sft(args) -> int:

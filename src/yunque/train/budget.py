@@ -7,6 +7,7 @@ Pure: the loop passes in step numbers and times in seconds, so every decision he
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 WARMUP_SHARE = 0.2
 """Warmup takes at most this share of a run's steps: a run that the budget cuts short still leaves warmup and
@@ -22,6 +23,32 @@ warm inductor cache)."""
 COMPILE_GAIN = 0.25
 """Share of a step's time that the compiled step saves (15-40% measured for bf16 at 1M-50M parameters,
 benchmarks/train.py). Compiling pays when the time left times this exceeds COMPILE_SECONDS: two minutes."""
+
+SHORT_RUN_MINUTES = 2.0
+"""Time budgets up to this many minutes, in fp32 on a CPU, train FP32_SHORT_RUN where not given (measured at
+0.3-1 minute; longer runs keep the preset, whose wider MLP pays back once the tokens are many)."""
+FP32_SHORT_RUN: dict[str, Any] = {"batch_size": 12, "seq_len": 64, "d_ff": 256, "n_kv_head": 2, "lr": 2e-3,
+                                  "warmup_steps": 50, "min_lr_ratio": 0.05, "betas": (0.9, 0.99)}
+"""The mini preset (4 layers, width 128) for the steps a short fp32 budget affords (~0.5M tokens a minute on two
+AVX2 cores). Measured on Tiny Shakespeare bytes (benchmarks/time_to_loss.py, emulated AVX2): on fp32 each token's
+time is the matrix products' (torch.compile saves nothing at this size), so a narrower MLP (d_ff 256, not 384) and
+two key/value heads cut 30% of the time per token for 8% more tokens to validation loss 1.88; batch 12 at context 64
+and lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3, and context 128-256 more time for the same loss."""
+SHAPE_FLAGS = ("preset", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head")
+"""Flags that give the model's shape: with any of them given, a short run keeps the shape it was given."""
+
+
+def short_run_choice(minutes: float | None, *, fp32_cpu: bool, given: set[str] | frozenset[str]) -> dict[str, Any]:
+    """What a `--minutes` run chooses for itself on the CPU it runs on, leaving out the flags in `given`.
+
+    A run in fp32 on a CPU (`fp32_cpu`: one without native bf16, or --precision fp32) with a budget of at most
+    SHORT_RUN_MINUTES takes FP32_SHORT_RUN: its batch, context, schedule and (unless a shape flag is given) d_ff
+    and n_kv_head. Other runs take nothing: the preset and the flags' defaults, tuned for bf16.
+    """
+    if minutes is None or not fp32_cpu or minutes > SHORT_RUN_MINUTES:
+        return {}
+    shape = {"d_ff", "n_kv_head"} if set(given) & set(SHAPE_FLAGS) else set()
+    return {k: v for k, v in FP32_SHORT_RUN.items() if k not in given and k not in shape}
 
 
 @dataclass
@@ -104,4 +131,5 @@ def undertrained(step: int, warmup: int, first_loss: float | None, last_loss: fl
     return None
 
 
-__all__ = ["StepBudget", "compile_pays", "undertrained", "WARMUP_SHARE", "COMPILE_SECONDS", "COMPILE_GAIN"]
+__all__ = ["StepBudget", "compile_pays", "undertrained", "short_run_choice", "FP32_SHORT_RUN", "SHORT_RUN_MINUTES",
+           "WARMUP_SHARE", "COMPILE_SECONDS", "COMPILE_GAIN"]
