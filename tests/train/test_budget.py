@@ -61,21 +61,22 @@ def test_undertrained_runs_are_named():
 
 
 def test_a_short_fp32_budget_chooses_the_short_run_recipe():
-    choice = short_run_choice(0.3, fp32_cpu=True, given=set())
+    choice = short_run_choice(0.3, fp32_cpu=True, preset="mini", given=set())
     assert choice == FP32_SHORT_RUN
     assert choice["d_ff"] == 256 and choice["n_kv_head"] == 2 and choice["seq_len"] == 64
-    assert short_run_choice(SHORT_RUN_MINUTES, fp32_cpu=True, given=set()) == FP32_SHORT_RUN
+    assert short_run_choice(SHORT_RUN_MINUTES, fp32_cpu=True, preset="mini", given={"preset"}) == FP32_SHORT_RUN
 
 
-def test_bf16_long_budgets_and_step_counts_choose_nothing():
-    assert short_run_choice(0.3, fp32_cpu=False, given=set()) == {}  # bf16 keeps the preset and the defaults
-    assert short_run_choice(SHORT_RUN_MINUTES * 1.5, fp32_cpu=True, given=set()) == {}
-    assert short_run_choice(None, fp32_cpu=True, given=set()) == {}  # --max-steps or the default count
+def test_bf16_long_budgets_step_counts_and_other_shapes_choose_nothing():
+    assert short_run_choice(0.3, fp32_cpu=False, preset="mini", given=set()) == {}  # bf16: preset and defaults
+    assert short_run_choice(SHORT_RUN_MINUTES * 1.5, fp32_cpu=True, preset="mini", given=set()) == {}
+    assert short_run_choice(None, fp32_cpu=True, preset="mini", given=set()) == {}  # --max-steps or the default
+    assert short_run_choice(0.3, fp32_cpu=True, preset="small", given={"preset"}) == {}  # tuned for mini only
+    for shape_flag in ("d_model", "n_layer", "n_head", "d_ff", "n_kv_head"):
+        assert short_run_choice(0.3, fp32_cpu=True, preset="mini", given={shape_flag}) == {}
 
 
 def test_flags_given_win_over_the_choice():
-    choice = short_run_choice(0.5, fp32_cpu=True, given={"batch_size", "lr"})
-    assert "batch_size" not in choice and "lr" not in choice and choice["seq_len"] == 64
-    for shape_flag in ("preset", "d_model", "n_head", "d_ff"):  # a shape given keeps its MLP and heads
-        choice = short_run_choice(0.5, fp32_cpu=True, given={shape_flag})
-        assert "d_ff" not in choice and "n_kv_head" not in choice and choice["batch_size"] == 12
+    choice = short_run_choice(0.5, fp32_cpu=True, preset="mini", given={"batch_size", "lr"})
+    assert "batch_size" not in choice and "lr" not in choice
+    assert choice == {k: v for k, v in FP32_SHORT_RUN.items() if k not in ("batch_size", "lr")}

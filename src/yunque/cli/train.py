@@ -173,7 +173,7 @@ def with_short_run_choice(cfg: PretrainConfig, typed: set[str]) -> PretrainConfi
 
     loop = cfg.loop
     fp32_cpu = loop.device == "cpu" and resolve_precision(loop.precision, loop.device) == "fp32"
-    choice = short_run_choice(loop.minutes, fp32_cpu=fp32_cpu, given=typed)
+    choice = short_run_choice(loop.minutes, fp32_cpu=fp32_cpu, preset=cfg.preset, given=typed)
     if not choice:
         return cfg
     model = {k: choice[k] for k in OVERRIDES if k in choice}

@@ -29,26 +29,30 @@ SHORT_RUN_MINUTES = 2.0
 0.3-1 minute; longer runs keep the preset, whose wider MLP pays back once the tokens are many)."""
 FP32_SHORT_RUN: dict[str, Any] = {"batch_size": 12, "seq_len": 64, "d_ff": 256, "n_kv_head": 2, "lr": 2e-3,
                                   "warmup_steps": 50, "min_lr_ratio": 0.05, "betas": (0.9, 0.99)}
-"""The mini preset (4 layers, width 128) for the steps a short fp32 budget affords (~0.5M tokens a minute on two
-AVX2 cores). Measured on Tiny Shakespeare bytes (benchmarks/time_to_loss.py, emulated AVX2): on fp32 each token's
-time is the matrix products' (torch.compile saves nothing at this size), so a narrower MLP (d_ff 256, not 384) and
-two key/value heads cut 30% of the time per token for 8% more tokens to validation loss 1.88; batch 12 at context 64
-and lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3, and context 128-256 more time for the same loss."""
-SHAPE_FLAGS = ("preset", "n_layer", "n_head", "d_model", "d_ff", "n_kv_head")
-"""Flags that give the model's shape: with any of them given, a short run keeps the shape it was given."""
+"""The mini preset (4 layers, width 128) for the steps a short fp32 budget affords (~0.4M tokens in 20 s on two
+AVX2 cores). Measured on Tiny Shakespeare bytes with AVX2 emulated on a Zen 5 (benchmarks/time_to_loss.py): the
+time is the matrix products' (at the CPU's peak) and attention's; torch.compile saved nothing measurable at this
+size in fp32. A narrower MLP (d_ff 256, not 384) and two key/value heads give 1.1-1.3x the tokens/s for 8% more
+tokens to validation loss 1.88; batch 12 at context 64 and lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3,
+and context 128-256 costs more time for the same loss. `yunque pretrain --minutes 0.35` on the first 90% of Tiny
+Shakespeare: held-out loss 1.93 with this, 2.81 with the preset's defaults (76 steps at context 256)."""
+SHAPE_FLAGS = ("n_layer", "n_head", "d_model", "d_ff", "n_kv_head")
+"""Flags that change the preset's shape: FP32_SHORT_RUN is tuned for the mini preset as it is."""
 
 
-def short_run_choice(minutes: float | None, *, fp32_cpu: bool, given: set[str] | frozenset[str]) -> dict[str, Any]:
+def short_run_choice(minutes: float | None, *, fp32_cpu: bool, preset: str,
+                     given: set[str] | frozenset[str]) -> dict[str, Any]:
     """What a `--minutes` run chooses for itself on the CPU it runs on, leaving out the flags in `given`.
 
-    A run in fp32 on a CPU (`fp32_cpu`: one without native bf16, or --precision fp32) with a budget of at most
-    SHORT_RUN_MINUTES takes FP32_SHORT_RUN: its batch, context, schedule and (unless a shape flag is given) d_ff
-    and n_kv_head. Other runs take nothing: the preset and the flags' defaults, tuned for bf16.
+    A run of the mini preset in fp32 on a CPU (`fp32_cpu`: one without native bf16, or --precision fp32) with a
+    budget of at most SHORT_RUN_MINUTES takes FP32_SHORT_RUN but for the flags given. Other runs (bf16, longer
+    budgets, step counts, another preset or shape) take nothing: the preset and the flags' defaults.
     """
     if minutes is None or not fp32_cpu or minutes > SHORT_RUN_MINUTES:
         return {}
-    shape = {"d_ff", "n_kv_head"} if set(given) & set(SHAPE_FLAGS) else set()
-    return {k: v for k, v in FP32_SHORT_RUN.items() if k not in given and k not in shape}
+    if preset != "mini" or set(given) & set(SHAPE_FLAGS):
+        return {}
+    return {k: v for k, v in FP32_SHORT_RUN.items() if k not in given}
 
 
 @dataclass
