@@ -52,6 +52,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
+from yunque.train.budget import FP32_SHORT_RUN  # noqa: E402 - pure, no torch
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TARGET = 1.88
 TARGET_SECONDS = {"fast": 25.0, "nanogpt": 73.0}
@@ -68,10 +70,9 @@ RECIPES = {
     "muon": dict(n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=12, lr=2e-3, warmup_steps=50,
                  max_steps=700, min_lr_ratio=0.05, betas=(0.9, 0.99), precision="auto", compile="auto",
                  optimizer="muon"),
-    # the default on a CPU without native bf16 (fp32): train/budget.py's FP32_SHORT_RUN shape and schedule
-    "fast_fp32": dict(n_layer=4, n_head=4, n_kv_head=2, d_model=128, d_ff=256, seq_len=64, batch_size=12, lr=2e-3,
-                      warmup_steps=50, max_steps=750, min_lr_ratio=0.05, betas=(0.9, 0.99), precision="auto",
-                      compile="off"),
+    # the default on a CPU without native bf16 (fp32): what `pretrain --minutes` chooses there, on the mini preset
+    "fast_fp32": dict(n_layer=4, n_head=4, d_model=128, max_steps=750, precision="auto", compile="off",
+                      **FP32_SHORT_RUN),
     "nanogpt": dict(n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=12, lr=1e-3, warmup_steps=100,
                     max_steps=2000, min_lr_ratio=0.1, betas=(0.9, 0.99), precision="fp32", compile="off"),
 }
