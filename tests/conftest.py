@@ -7,6 +7,7 @@ import torch
 from tokenizers import AddedToken
 
 from yunque.config import preset
+from yunque.engine.native import native_kernels
 from yunque.model.gpt import GPT
 from yunque.modeldir import save_model
 from yunque.tokenizer.bpe import Tokenizer, byte_tokenizer
@@ -38,6 +39,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kernels_built():
+    """The engine's C++ kernels compile once per machine (~30 s): here, before a test that runs `yunque` in a
+    subprocess under a time limit could be the one to pay for it."""
+    native_kernels()
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

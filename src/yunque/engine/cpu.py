@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from yunque.model.gpt import GPT
+from yunque.engine.native import native_kernels
+from yunque.model.gpt import GPT, Attention
 from yunque.model.kv_cache import KVCache
 from yunque.model.quant import QuantLinear
 from yunque.precision import DTYPES, bf16_supported, resolve_precision
@@ -44,10 +45,11 @@ def decode_precision(model: nn.Module, precision: str, device: torch.device) -> 
 
 
 def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True,
-                 native_bf16: bool | None = None) -> nn.Module:
+                 native_bf16: bool | None = None, native: bool = True) -> nn.Module:
     """The engine's own copy of `model`, in eval mode on `device`: floating-point parameters in `dtype`, every
-    quantized layer (QuantLinear) replaced by the kernel `quant_kernel` picks for the CPU, and with `pack` on CPUs
-    with oneDNN, every plain nn.Linear replaced by a `PackedLinear`.
+    quantized layer (QuantLinear) replaced by the kernel `quant_kernel` picks for the CPU, with `pack` on CPUs
+    with oneDNN, every plain nn.Linear replaced by a `PackedLinear`, and with `native` on CPUs where the engine's
+    C++ kernels build, attention by `DecodeAttention` (see there).
 
     native_bf16: whether the CPU multiplies bf16 natively, which decides the quantized kernels; None asks
     `bf16_supported(device)` (tests force either answer to run both choices on one machine).
@@ -70,7 +72,41 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
             for name, child in parent.named_children():
                 if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
                     setattr(parent, name, PackedLinear(child))
+    if native and DecodeAttention.supported(model, device):
+        for module in model.modules():
+            if type(module) is Attention:
+                module.__class__ = DecodeAttention  # same parameters and forward; only `attend` differs
     return model
+
+
+class DecodeAttention(Attention):
+    """Attention whose one-token decode step over a (dynamic) KV cache runs the engine's C++ kernel
+    (kernels.cpp, `decode_attention`); everything else is Attention's. Same results as SDPA up to summation order.
+
+    `python benchmarks/decode_attention.py` (torch 2.13, Zen 5, 2 threads): one layer of 6 heads of 64 over an
+    fp32 cache not in the CPU's caches, 16 rows x 128 positions, SDPA 479 us, the kernel 173 us (2.8x), over a
+    bf16 cache 144 us; whole decode steps of the 30M GPT-2 shape 1.2x faster at 1 and at 16 rows. Where the
+    kernel decodes, the engine keeps a bf16 model's cache in bf16 (Engine.cache_dtype).
+    """
+
+    HEAD_SIZES = (16, 32, 48, 64, 80, 96, 128)
+    """Head sizes the kernel is compiled for (a template each); other models keep SDPA."""
+
+    @classmethod
+    def supported(cls, model: nn.Module, device: torch.device) -> bool:
+        cfg = getattr(model, "cfg", None)
+        return (device.type == "cpu" and cfg is not None and cfg.dim_head in cls.HEAD_SIZES
+                and native_kernels() is not None)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, H, T, D = q.shape
+        if kv_cache is None or T != 1 or kv_cache.static:  # prefill, training, the compiled step: SDPA
+            return super().attend(q, k, v, mask, kv_cache, layer)
+        k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
+        # the mask of a one-token step over a dynamic cache hides exactly each row's left padding
+        y = native_kernels().decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, D ** -0.5)  # (B, H, D)
+        return y.view(B, H, 1, D)
 
 
 class PackedLinear(nn.Module):

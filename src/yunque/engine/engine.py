@@ -25,7 +25,14 @@ from typing import NamedTuple
 import torch
 
 from yunque.config import LoraConfig, SamplingParams
-from yunque.engine.cpu import cache_bucket, compiled_decode_step, decode_model, decode_precision, decode_step
+from yunque.engine.cpu import (
+    DecodeAttention,
+    cache_bucket,
+    compiled_decode_step,
+    decode_model,
+    decode_precision,
+    decode_step,
+)
 from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
@@ -256,9 +263,11 @@ class Engine:
         self.device = torch.device(device)
         self.dtype, self._pack = decode_precision(model, precision, self.device)
         self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
-        # On CPU, one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13), while
-        # the cache is small next to the weights: keep it in fp32.
-        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
+        # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
+        # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
+        kernel = not compile and any(isinstance(m, DecodeAttention) for m in self.model.modules())
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" and not kernel else self.dtype
         self.tokenizer = tokenizer
         ends = {tokenizer.eos_id, tokenizer.special_ids.get(END_OF_TURN)}
         self.stop_ids: set[int] = {i for i in ends if i is not None}

@@ -108,6 +108,14 @@ class Attention(nn.Module):
             if rope is not None:
                 qk = apply_rope(qk, *rope)  # queries and keys in one go: half the small ops of a decode step
             q, k = qk.split([H, K], dim=1)  # (B, H, T, D), (B, K, T, D)
+        y = self.attend(q, k, v, mask, kv_cache, layer)  # (B, H, T, D)
+        return self.proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, H * D))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               kv_cache: KVCache | None, layer: int) -> torch.Tensor:
+        """Queries (B, H, T, D) over the new keys/values (B, K, T, D) and, with a cache, those before them: the
+        attention output (B, H, T, D). The engine's CPU copy replaces this for one-token decode (engine/cpu.py)."""
+        H, K, T = q.shape[1], k.shape[1], q.shape[2]
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, K, S, D), in the cache's dtype
             q = q.to(k.dtype)  # a bf16 model may keep an fp32 cache: see Engine.cache_dtype
@@ -115,12 +123,10 @@ class Attention(nn.Module):
         if causal and self.training and q.dtype == torch.bfloat16 and q.device.type == "cpu" and T <= 1024:
             if K != H:
                 k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, T, D)
-            y = causal_attention_bf16(q, k, v, self.dropout)  # the training fast path; twin test in tests/train
-        else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=K != H)  # (B, H, T, D)
-        return self.proj(y.to(x.dtype).transpose(1, 2).reshape(B, T, H * D))
+            return causal_attention_bf16(q, k, v, self.dropout)  # the training fast path; twin test in tests/train
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=K != H)
 
 
 class MLP(nn.Module):

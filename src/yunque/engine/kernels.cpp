@@ -1,0 +1,129 @@
+// The engine's own CPU kernels, compiled on first use for the CPU at hand (engine/native.py builds this file with
+// -march=native) and used only where measurement showed PyTorch's own kernels slower (figures in engine/cpu.py).
+//
+// decode_attention: one query per (row, head) over a KV cache, the decode step's attention. PyTorch's SDPA on CPU
+// runs a flash kernel meant for long queries; for a query of one token its per-block bookkeeping costs more than
+// the arithmetic. Here each (row, head) is one pass over its keys (scores), one softmax, one pass over its values.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+inline float to_float(uint16_t bf16) {  // bfloat16 is the top half of a float32
+  const uint32_t bits = uint32_t(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// q (B, H, D) contiguous; k, v: element [b, g, s, d] at b * kb + g * kh + s * ks + d; each row b sees its keys
+// [first[b], S); out (B, H, D). Query head h reads key/value head h / (H / K) (grouped-query attention).
+template <typename T, int D>
+void one_query(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B, int64_t H,
+               int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
+               float scale) {
+  const int64_t group = H / K;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (S * D));  // small work: no threads woken
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, g = (i % H) / group;
+      const int64_t start = first ? std::min<int64_t>(std::max<int64_t>(first[b], 0), S - 1) : 0;
+      const int64_t n = S - start;
+      const T* kp = k + b * kb + g * kh + start * ks;
+      const T* vp = v + b * vb + g * vh + start * vs;
+      float qs[D];
+      for (int d = 0; d < D; ++d) qs[d] = q[i * D + d] * scale;
+      float* ps = p.data();
+      for (int64_t j = 0; j < n; ++j) {
+        const T* kj = kp + j * ks;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int d = 0; d < D; ++d) s += qs[d] * to_float(kj[d]);
+        ps[j] = s;
+      }
+      float m = ps[0];
+      for (int64_t j = 1; j < n; ++j) m = ps[j] > m ? ps[j] : m;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) {
+        ps[j] = std::exp(ps[j] - m);
+        sum += ps[j];
+      }
+      float acc[D] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        const T* vj = vp + j * vs;
+        const float w = ps[j];
+#pragma omp simd
+        for (int d = 0; d < D; ++d) acc[d] += w * to_float(vj[d]);
+      }
+      float* o = out + i * D;
+      const float inv = 1.f / sum;
+      for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+    }
+  });
+}
+
+template <typename T>
+void dispatch_head_size(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const int64_t* first, torch::Tensor& out, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = k.size(1), S = k.size(2);
+  const T* kp = reinterpret_cast<const T*>(k.data_ptr());
+  const T* vp = reinterpret_cast<const T*>(v.data_ptr());
+#define YUNQUE_CALL(DD)                                                                                              \
+  one_query<T, DD>(q.data_ptr<float>(), kp, vp, first, out.data_ptr<float>(), B, H, K, S, k.stride(0), k.stride(1), \
+                   k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale))
+  switch (D) {
+    case 16: YUNQUE_CALL(16); break;
+    case 32: YUNQUE_CALL(32); break;
+    case 48: YUNQUE_CALL(48); break;
+    case 64: YUNQUE_CALL(64); break;
+    case 80: YUNQUE_CALL(80); break;
+    case 96: YUNQUE_CALL(96); break;
+    case 128: YUNQUE_CALL(128); break;
+    default: TORCH_CHECK(false, "decode_attention: head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128");
+  }
+#undef YUNQUE_CALL
+}
+
+}  // namespace
+
+// Attention of one query per row and head: q (B, H, D), k and v (B, K, S, D) float32 or bfloat16 with unit stride
+// on D (views of a larger cache are fine), pad (B,) int64 or None: row b attends to keys [pad[b], S).
+// Returns (B, H, D) float32: softmax(q k^T * scale) v.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& pad, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (B, H, D), k/v (B, K, S, D)");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0 && k.size(2) > 0,
+              "decode_attention: q ", q.sizes(), " does not match k ", k.sizes());
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.dtype() == v.dtype(), "decode_attention: k, v of one dtype, "
+              "unit stride on D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
+  const torch::Tensor qc = q.to(torch::kFloat32).contiguous();
+  torch::Tensor out = torch::empty(qc.sizes(), qc.options());
+  torch::Tensor first;
+  if (pad.has_value()) {
+    first = pad->to(torch::kInt64).contiguous();
+    TORCH_CHECK(first.numel() == q.size(0), "decode_attention: pad needs one entry per row");
+  }
+  const int64_t* fp = first.defined() ? first.data_ptr<int64_t>() : nullptr;
+  if (k.dtype() == torch::kFloat32) {
+    dispatch_head_size<float>(qc, k, v, fp, out, scale);
+  } else {
+    TORCH_CHECK(k.dtype() == torch::kBFloat16, "decode_attention: k, v float32 or bfloat16, not ", k.dtype());
+    dispatch_head_size<uint16_t>(qc, k, v, fp, out, scale);
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "one-query attention over a KV cache (the decode step)");
+}

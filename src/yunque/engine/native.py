@@ -1,0 +1,88 @@
+"""The engine's C++ kernels (kernels.cpp), compiled once per machine with PyTorch's extension builder.
+
+They are built on first use with -march=native, so the compiler picks the CPU's own vector instructions (AVX2,
+AVX-512, ...): what the fast path does follows the CPU it runs on. The build goes under PyTorch's extension
+directory (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions) in a folder named by a digest of the source, the
+flags, torch's and Python's versions and the CPU's feature flags: a home directory shared by two machines never
+loads a build made for the other's CPU. Later processes import the built library directly (no compiler run).
+
+Without a C++ compiler or Python's headers, or if the build fails, `native_kernels()` returns None and says why
+in one line; the engine then keeps PyTorch's own kernels, which give the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+"""-ffast-math lets `#pragma omp simd` use glibc's vector exp; it is a compile flag only, so the library is not
+linked with the startup code that would flush denormals to zero for the whole process."""
+LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the one torch has already loaded, so one OpenMP thread pool
+
+
+def cpu_flags() -> str:
+    """The CPU's model and feature flags, as the kernels' build depends on them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))]
+    return "\n".join(dict.fromkeys(wanted))  # one copy per distinct line, not one per core
+
+
+def build_name() -> str:
+    """The extension's name: `yunque_kernels_` and a digest of everything the binary depends on."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, sys.version, cpu_flags()):
+        h.update(part.encode())
+    return f"yunque_kernels_{h.hexdigest()[:12]}"
+
+
+@functools.cache
+def native_kernels() -> types.ModuleType | None:
+    """The compiled kernels module, built on the first call of a machine's life (~30 s); None, said once on
+    stderr, where they cannot be built."""
+    try:
+        return _load()
+    except Exception as e:  # no compiler, no headers, a failed build: PyTorch's kernels do the work instead
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"yunque: the engine's C++ kernels are unavailable ({reason}); decoding with PyTorch's own",
+              file=sys.stderr)
+        return None
+
+
+def _load() -> types.ModuleType:
+    from torch.utils import cpp_extension
+
+    name = build_name()
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    built = directory / f"{name}.so"
+    if built.is_file():
+        try:
+            spec = importlib.util.spec_from_file_location(name, built)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        except ImportError:
+            pass  # a build cut short: build it again below
+    compiler = shutil.which(cpp_extension.get_cxx_compiler())
+    if compiler is None:
+        raise RuntimeError(f"no C++ compiler ({cpp_extension.get_cxx_compiler()}) on PATH; install g++ to get them")
+    if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
+        raise RuntimeError("Python's C headers are missing; install your Python's -dev package to get them")
+    print("yunque: compiling the engine's C++ kernels for this CPU (once, ~30 s)", file=sys.stderr)
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                              build_directory=str(directory))

@@ -1,0 +1,117 @@
+"""Twin tests of the engine's C++ kernels (engine/kernels.cpp, built by engine/native.py) against PyTorch.
+
+decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
+a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
+step, rows joining with padding; without a compiler the engine says so in one line and keeps SDPA.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from yunque.config import preset
+from yunque.engine import native
+from yunque.engine.cpu import DecodeAttention, decode_model, decode_step
+from yunque.engine.engine import Engine, SamplingParams
+from yunque.model.gpt import GPT, Attention
+from yunque.model.kv_cache import KVCache
+from yunque.tokenizer import byte_tokenizer
+
+CPU = torch.device("cpu")
+TOK = byte_tokenizer()
+kernels = native.native_kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="the engine's C++ kernels did not build here "
+                                   "(no C++ compiler or Python headers); the engine uses SDPA")
+
+
+def sdpa_step(q, k, v, pad):
+    """The model's own path: SDPA with the mask KVCache gives a one-token step. q (B, H, 1, D), k/v (B, K, S, D)."""
+    S = k.shape[2]
+    mask = None
+    if pad is not None:
+        mask = torch.arange(S).view(1, 1, 1, S) >= pad.view(-1, 1, 1, 1)
+        mask = mask | (torch.arange(S) == S - 1)  # the query's own position, as KVCache's mask
+    return F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("D", DecodeAttention.HEAD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("S", [1, 37])
+def test_decode_attention_equals_sdpa(D, dtype, H, K, S):
+    g = torch.Generator().manual_seed(D + S)
+    B, slots = 5, S + 7  # views of the first S of more slots, as the cache hands them out
+    q = torch.randn(B, H, 1, D, generator=g)
+    k = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
+    v = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
+    pad = torch.tensor([0, S - 1, S // 2, 3 % S, 0])
+    for p in (None, pad):
+        got = kernels.decode_attention(q.view(B, H, D), k, v, p, D ** -0.5)
+        want = sdpa_step(q, k, v, p).view(B, H, D)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+def test_decode_attention_refuses_what_it_cannot_run():
+    q, k = torch.randn(2, 4, 24), torch.randn(2, 4, 9, 24)
+    with pytest.raises(RuntimeError, match="head size 24"):
+        kernels.decode_attention(q, k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.decode_attention(torch.randn(3, 4, 24), k, k, None, 1.0)
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(preset("tiny", vocab_size=TOK.vocab_size, **overrides)).eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2, "d_model": 128}])
+def test_a_model_decoding_with_the_kernel_equals_sdpa(overrides):
+    """Prefill two prompts of different lengths (left padding), then decode 12 steps with each path: same logits."""
+    model = tiny(**overrides)
+    prompts = [TOK.encode("a stitch in time"), TOK.encode("hello")]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    pad = torch.tensor([P - len(p) for p in prompts])
+    outs = {}
+    for use in (False, True):
+        m = decode_model(model, torch.float32, CPU, pack=False, native=use)
+        assert any(type(a) is DecodeAttention for a in m.modules()) == use
+        cache = KVCache(model.cfg, 2, P + 12, pad=pad)
+        with torch.inference_mode():
+            logits = [m(ids, kv_cache=cache)[:, -1]]
+            for _ in range(12):
+                logits.append(decode_step(m, logits[-1].argmax(-1), cache))
+        outs[use] = torch.stack(logits)
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_the_engine_decodes_with_the_kernel_and_batched_equals_alone():
+    engine = Engine(tiny(), TOK)
+    assert all(type(m) is not Attention for m in engine.model.modules())
+    prompts = [TOK.encode(t) for t in ("once upon", "a", "the quick brown fox")]
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, seed=3)
+    together = engine.generate(prompts, params)
+    alone = [engine.generate([p], SamplingParams(max_new_tokens=16, temperature=0.8, seed=3 + i))[0]
+             for i, p in enumerate(prompts)]
+    assert together == alone
+
+
+def test_without_a_compiler_one_line_says_so_and_sdpa_decodes(monkeypatch, capsys, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing is built there
+    monkeypatch.setattr(cpp_extension, "get_cxx_compiler", lambda: "no-such-c++")
+    native.native_kernels.cache_clear()
+    try:
+        assert native.native_kernels() is None
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no C++ compiler (no-such-c++)" in err[0] and "install g++" in err[0]
+        engine = Engine(tiny(), TOK)
+        assert not any(type(m) is DecodeAttention for m in engine.model.modules())
+        assert len(engine.generate([TOK.encode("hi")], SamplingParams(max_new_tokens=4, temperature=0))[0]) == 4
+    finally:
+        native.native_kernels.cache_clear()
