@@ -77,6 +77,40 @@ def test_concurrent_sequences_equal_each_alone(engine):
     assert got[4][4] == "stop" and got[4][0].startswith("rrr\f\f") and "6" not in got[4][0]
 
 
+def test_prompts_that_wait_together_are_prefilled_in_one_forward_and_equal_each_alone(engine, monkeypatch):
+    alone = Scheduler(engine)
+    try:
+        want = [fold(alone.generate(p, q)) for p, q in zip(PROMPTS, PARAMS)]
+    finally:
+        alone.close()
+    sizes, prefill_many = [], Engine.prefill_many
+    monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
+                                                                        prefill_many(self, pending))[1])
+    together, gate = Scheduler(engine), threading.Event()
+    busy = together.call(gate.wait)  # the worker waits while all five requests queue up
+    got = [None] * len(PROMPTS)
+
+    def run(i):
+        got[i] = fold(together.generate(PROMPTS[i], PARAMS[i]))
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        while together.waiting < len(PROMPTS):
+            threading.Event().wait(0.001)
+        gate.set()
+        busy.result()
+        for t in threads:
+            t.join()
+    finally:
+        together.close()
+    assert sizes == [len(PROMPTS)]  # five prompts of 1-41 tokens, left-padded into one forward
+    for g, w in zip(got, want):
+        assert g[0:2] == w[0:2] and g[4:] == w[4:]
+        assert g[2] == pytest.approx(w[2], abs=1e-4)
+
+
 def test_events_equal_the_engine_generating_alone(engine):
     s = Scheduler(engine)
     try:

@@ -379,6 +379,25 @@ class Engine:
         return ids.shape[1]
 
     @torch.inference_mode()
+    def prefill_many(self, pending: list[Prefill]) -> None:
+        """Prefill the whole prompts of several `begin`-ed prompts not started yet in one forward (left-padded):
+        the weights are read once for all of them. Each ends as `prefill` over its whole prompt leaves it: its
+        keys and values in its own cache, its last position's logits."""
+        assert all(p.filled == 0 for p in pending), "prompts whose prefill has not started"
+        if not pending:
+            return
+        P = max(len(p.prompt) for p in pending)
+        pad = [P - len(p.prompt) for p in pending]
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids = torch.tensor([[pad_id] * n + p.prompt for n, p in zip(pad, pending)], device=self.device)  # (N, P)
+        cache = KVCache(self.model.cfg, len(pending), P, device=self.device, dtype=self.cache_dtype,
+                        pad=torch.tensor(pad) if any(pad) else None)
+        logits = self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (N, V)
+        for i, (p, n) in enumerate(zip(pending, pad)):
+            p.cache.load_prefix([k[i:i + 1, :, n:] for k in cache.k], [v[i:i + 1, :, n:] for v in cache.v])
+            p.logits = logits[i:i + 1]
+
+    @torch.inference_mode()
     def join(self, batch: Batch, pending: list[Prefill]) -> list[Row]:
         """Put prompts whose prefill is done into `batch` and sample their first tokens; their rows, in order.
         Each row is then what `add` would have made of its prompt."""

@@ -330,7 +330,7 @@ class Scheduler:
     def _prefill(self, batch) -> None:
         """Prefill admitted sequences, first come first, up to prefill_tokens prompt tokens in all (a long prompt
         goes on in the next turns); those done join the batch with their first token."""
-        budget, done = self.cfg.prefill_tokens, []
+        budget, whole, ran = self.cfg.prefill_tokens, [], []
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
@@ -340,12 +340,21 @@ class Scheduler:
                 if prefix is not None:
                     pending.load_prefix(*prefix)
                     self.stats.cached_tokens += pending.filled
-            budget -= self.engine.prefill(pending, min(budget, len(pending.prompt) - pending.filled))
-            if pending.done:
-                if self.prefixes is not None:
-                    self.prefixes.store(pending.prompt, pending.cache)
-                self._prefilling.remove(seq)
-                done.append(seq)
+            if pending.filled == 0 and len(pending.prompt) <= budget:
+                whole.append(seq)  # prefilled together below, in one forward
+                budget -= len(pending.prompt)
+            else:
+                budget -= self.engine.prefill(pending, min(budget, len(pending.prompt) - pending.filled))
+            ran.append(seq)
+        if len(whole) > 1:
+            self.engine.prefill_many([seq.pending for seq in whole])
+        elif whole:
+            self.engine.prefill(whole[0].pending, len(whole[0].pending.prompt))
+        done = [seq for seq in ran if seq.pending.done]
+        for seq in done:
+            if self.prefixes is not None:
+                self.prefixes.store(seq.pending.prompt, seq.pending.cache)
+            self._prefilling.remove(seq)
         if not done:
             return
         rows = self.engine.join(batch, [s.pending for s in done])
