@@ -43,28 +43,41 @@ def fold(events):
             [t.top for t in tokens], events[-1].finish_reason, events[-1].completion_tokens)
 
 
-def test_concurrent_sequences_equal_each_alone(engine):
-    # Alone: one at a time on a scheduler of its own. Together: submitted from threads at staggered moments into a
-    # batch of at most 3 rows, so sequences wait, join a running batch (shorter and longer than it) and leave it.
+def each_alone(engine):
+    """fold() of each of PROMPTS with its PARAMS, one at a time on a scheduler of its own."""
     alone = Scheduler(engine)
     try:
-        want = [fold(alone.generate(p, q)) for p, q in zip(PROMPTS, PARAMS)]
+        return [fold(alone.generate(p, q)) for p, q in zip(PROMPTS, PARAMS)]
     finally:
         alone.close()
-    together = Scheduler(engine, SchedulerConfig(max_running=3, prefill_tokens=16))
+
+
+def each_from_a_thread(scheduler, started=lambda: None):
+    """fold() of each of PROMPTS with its PARAMS, all submitted at once from threads of their own; started() runs
+    once the threads are started. Closes the scheduler."""
     got = [None] * len(PROMPTS)
 
     def run(i):
-        got[i] = fold(together.generate(PROMPTS[i], PARAMS[i]))
+        got[i] = fold(scheduler.generate(PROMPTS[i], PARAMS[i]))
 
     try:
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
         for t in threads:
             t.start()
+        started()
         for t in threads:
             t.join()
     finally:
-        together.close()
+        scheduler.close()
+    return got
+
+
+def test_concurrent_sequences_equal_each_alone(engine):
+    # Together: submitted from threads at staggered moments into a batch of at most 3 rows, so sequences wait, join
+    # a running batch (shorter and longer than it) and leave it.
+    want = each_alone(engine)
+    together = Scheduler(engine, SchedulerConfig(max_running=3, prefill_tokens=16))
+    got = each_from_a_thread(together)
     assert together.stats.steps > 0 and together.stats.step_rows > together.stats.steps  # they did share steps
     for g, w, params in zip(got, want, PARAMS):
         text, ids, logprobs, tops, reason, n = g
@@ -78,33 +91,20 @@ def test_concurrent_sequences_equal_each_alone(engine):
 
 
 def test_prompts_that_wait_together_are_prefilled_in_one_forward_and_equal_each_alone(engine, monkeypatch):
-    alone = Scheduler(engine)
-    try:
-        want = [fold(alone.generate(p, q)) for p, q in zip(PROMPTS, PARAMS)]
-    finally:
-        alone.close()
+    want = each_alone(engine)
     sizes, prefill_many = [], Engine.prefill_many
     monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
                                                                         prefill_many(self, pending))[1])
     together, gate = Scheduler(engine), threading.Event()
     busy = together.call(gate.wait)  # the worker waits while all five requests queue up
-    got = [None] * len(PROMPTS)
 
-    def run(i):
-        got[i] = fold(together.generate(PROMPTS[i], PARAMS[i]))
-
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-        for t in threads:
-            t.start()
+    def release():
         while together.waiting < len(PROMPTS):
             threading.Event().wait(0.001)
         gate.set()
         busy.result()
-        for t in threads:
-            t.join()
-    finally:
-        together.close()
+
+    got = each_from_a_thread(together, release)
     assert sizes == [len(PROMPTS)]  # five prompts of 1-41 tokens, left-padded into one forward
     for g, w in zip(got, want):
         assert g[0:2] == w[0:2] and g[4:] == w[4:]

@@ -5,11 +5,13 @@ One worker thread owns the engine and its `Batch`; nothing else touches them. Ea
 1. takes out the sequences whose caller cancelled them (or whose time ran out): their KV slots are freed at once;
 2. runs calls queued with `call` (embeddings, prompt scoring: whatever needs the model between two steps);
 3. admits waiting sequences up to `max_running` (`Engine.begin`: each in a one-row cache of its own), and spends
-   at most `prefill_tokens` prompt tokens on prefilling them, in order of arrival (`Engine.prefill`): a prompt
-   longer than that is prefilled a chunk at a time over several turns, so the running sequences decode a token
-   between its chunks instead of waiting for its whole prefill. A prompt's first whole blocks may come from the
-   shared-prefix cache (engine/prefix.py: a common system prompt is run once); prompts whose prefill is done
-   join the batch and sample their first token (`Engine.join`), and their blocks are kept in the prefix cache;
+   at most `prefill_tokens` prompt tokens on prefilling them, in order of arrival (`Engine.prefill`; the whole
+   prompts that fit go through one forward together, `Engine.prefill_many`, which reads the weights once for
+   all of them): a prompt longer than that is prefilled a chunk at a time over several turns, so the running
+   sequences decode a token between its chunks instead of waiting for its whole prefill. A prompt's first whole
+   blocks may come from the shared-prefix cache (engine/prefix.py: a common system prompt is run once); prompts
+   whose prefill is done join the batch and sample their first token (`Engine.join`), and their blocks are kept
+   in the prefix cache;
 4. decodes one token for every running sequence (`Engine.step`), reports it to its caller and removes the
    sequences that finished.
 Every sequence has its own SamplingParams and generator, and a prefill of its own, so what it generates does not
