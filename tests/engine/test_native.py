@@ -2,7 +2,8 @@
 
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
-step, rows joining with padding; without a compiler the engine says so in one line and keeps SDPA.
+step, rows joining with padding; int8_linear == F.linear on the dequantized weight, also compiled, and the engine's
+int8 layer uses it for one row; without a compiler the engine says so in one line and keeps SDPA.
 """
 
 import pytest
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 from yunque.config import preset
 from yunque.engine import native
-from yunque.engine.cpu import DecodeAttention, decode_model, decode_step
+from yunque.engine.cpu import NATIVE_ROWS, DecodeAttention, Int8PackedLinear, decode_model, decode_step
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT, Attention
 from yunque.model.kv_cache import KVCache
+from yunque.model.quant import QuantLinear
 from yunque.tokenizer import byte_tokenizer
 
 CPU = torch.device("cpu")
@@ -59,6 +61,39 @@ def test_decode_attention_refuses_what_it_cannot_run():
         kernels.decode_attention(q, k, k, None, 1.0)
     with pytest.raises(RuntimeError, match="does not match"):
         kernels.decode_attention(torch.randn(3, 4, 24), k, k, None, 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("K, N", [(576, 960), (64, 7), (1536, 576)])
+def test_int8_linear_equals_f_linear_on_the_dequantized_weight(K, N):
+    torch.manual_seed(K)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 8)
+    for shape in [(1, K), (3, K), (2, 1, K)]:
+        x = torch.randn(shape)
+        want = F.linear(x, layer.dequantize())
+        torch.testing.assert_close(torch.ops.yunque.int8_linear(x, layer.qweight, layer.scales), want,
+                                   atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(lambda x: torch.ops.yunque.int8_linear(x, layer.qweight, layer.scales) * 2,
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(x), 2 * want, atol=2e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_the_engine_int8_layer_runs_the_kernel_for_one_row_and_aten_for_more(monkeypatch):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 96, bias=True), 8)
+    calls = []
+    kernel = torch.ops.yunque.int8_linear
+    monkeypatch.setattr(torch.ops.yunque, "int8_linear", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    fast, aten = Int8PackedLinear(layer, native=True), Int8PackedLinear(layer)
+    for rows in (1, NATIVE_ROWS + 3):
+        x = torch.randn(rows, 64)
+        exact = rows <= NATIVE_ROWS  # the kernel sums x in fp32; ATen's rounds x to bf16 first
+        got = fast(x)
+        torch.testing.assert_close(got, F.linear(x, layer.dequantize(), layer.bias),
+                                   atol=1e-5 if exact else 0.05, rtol=1e-5 if exact else 0.02)
+        torch.testing.assert_close(got, aten(x), atol=0.05, rtol=0.02)
+    assert calls == [torch.Size([1, 64])]
 
 
 def tiny(**overrides) -> GPT:

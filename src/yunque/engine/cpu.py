@@ -66,7 +66,8 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, QuantLinear):
-                setattr(parent, name, quantized_layer(child, dtype, device, native_bf16=native_bf16))
+                setattr(parent, name, quantized_layer(child, dtype, device, native_bf16=native_bf16,
+                                                      native=native and native_kernels() is not None))
     if pack and PackedLinear.supported(device, dtype):
         for parent in list(model.modules()):
             for name, child in parent.named_children():
@@ -176,12 +177,13 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
 
 
 def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device, *,
-                    native_bf16: bool) -> nn.Module:
-    """The engine's module for a QuantLinear (see `quant_kernel`): the same function of x, computed fast."""
+                    native_bf16: bool, native: bool = False) -> nn.Module:
+    """The engine's module for a QuantLinear (see `quant_kernel`): the same function of x, computed fast.
+    native: an int8 layer computes one-row products with the engine's C++ kernel."""
     kernel = quant_kernel(layer.bits, layer.in_features, layer.out_features, layer.group_size,
                           native_bf16=native_bf16, device=device)
     if kernel == "int8pack":
-        return Int8PackedLinear(layer)
+        return Int8PackedLinear(layer, native=native)
     if kernel == "int4pack":
         return Int4PackedLinear(layer)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -191,12 +193,19 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     return linear  # packed by decode_model like any other nn.Linear
 
 
+NATIVE_ROWS = 1
+"""Rows of x up to which an int8 layer runs the engine's C++ kernel (torch.ops.yunque.int8_linear) rather than
+ATen's: one, a decode step of one sequence (benchmarks/quant_kernels.py: at 4 rows ATen's is faster)."""
+
+
 class Int8PackedLinear(nn.Module):
     """An int8 QuantLinear computed by ATen's `_weight_int8pack_mm`: x rounded to bf16, int8 weights widened in
-    registers, fp32 sums, the per-row scales applied in fp32 after."""
+    registers, fp32 sums, the per-row scales applied in fp32 after. With `native`, up to NATIVE_ROWS rows of x
+    go through the engine's C++ kernel instead: x in fp32, the same sums."""
 
-    def __init__(self, layer: QuantLinear) -> None:
+    def __init__(self, layer: QuantLinear, *, native: bool = False) -> None:
         super().__init__()
+        self.native = native
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.register_buffer("qweight", layer.qweight.contiguous())
         self.register_buffer("scales", layer.scales.float())
@@ -205,8 +214,11 @@ class Int8PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.ones)
-        y = (y.float() * self.scales).to(x.dtype)
+        if self.native and x.numel() <= NATIVE_ROWS * self.in_features:
+            y = torch.ops.yunque.int8_linear(x.reshape(-1, self.in_features), self.qweight, self.scales).to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.ones)
+            y = (y.float() * self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -27,10 +27,10 @@ import torch
 import torch._appdirs  # torch's own per-user cache directories (what cpp_extension uses)
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
 """-ffast-math lets `#pragma omp simd` use glibc's vector exp; it is a compile flag only, so the library is not
 linked with the startup code that would flush denormals to zero for the whole process."""
-LDFLAGS = ["-fopenmp"]  # libgomp.so.1: the one torch has already loaded, so one OpenMP thread pool
+LDFLAGS = ("-fopenmp",)  # libgomp.so.1: the one torch has already loaded, so one OpenMP thread pool
 
 
 def cpu_flags() -> str:
@@ -64,7 +64,23 @@ def native_kernels() -> types.ModuleType | None:
         return None
 
 
+@functools.cache
+def _register_shapes() -> None:
+    """What torch.ops.yunque.int8_linear returns, for tracing a compiled step (the kernel itself is registered by
+    the library when it loads). Once per process, even if the library is loaded again."""
+
+    @torch.library.register_fake("yunque::int8_linear")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+
 def _load() -> types.ModuleType:
+    module = _build_or_import()
+    _register_shapes()
+    return module
+
+
+def _build_or_import() -> types.ModuleType:
     name = build_name()
     # torch's extension root (cpp_extension.get_default_build_root), without importing cpp_extension: it imports
     # setuptools, 0.17 s of every start-up
@@ -88,5 +104,6 @@ def _load() -> types.ModuleType:
         raise RuntimeError("Python's C headers are missing; install your Python's -dev package to get them")
     print("yunque: compiling the engine's C++ kernels for this CPU (once, ~30 s)", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+    # lists of our own: load() appends torch's flags to the ones it is given
+    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                               build_directory=str(directory))
