@@ -3,6 +3,7 @@ timeouts and limits; the asyncio stream."""
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -95,13 +96,16 @@ def test_prompts_that_wait_together_are_prefilled_in_one_forward_and_equal_each_
     sizes, prefill_many = [], Engine.prefill_many
     monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
                                                                         prefill_many(self, pending))[1])
-    together, gate = Scheduler(engine), threading.Event()
-    busy = together.call(gate.wait)  # the worker waits while all five requests queue up
+    together, inside, gate = Scheduler(engine), threading.Event(), threading.Event()
+    busy = together.call(lambda: (inside.set(), gate.wait()))  # the worker waits while all five requests queue up
+    inside.wait()  # before any request is submitted: none is admitted in the turn that runs the call
 
     def release():
-        while together.waiting < len(PROMPTS):
+        deadline = time.monotonic() + 30
+        while together.waiting < len(PROMPTS) and time.monotonic() < deadline:
             threading.Event().wait(0.001)
         gate.set()
+        assert together.waiting == len(PROMPTS), "the requests did not all queue behind the busy worker"
         busy.result()
 
     got = each_from_a_thread(together, release)
