@@ -67,7 +67,8 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
         for name, child in parent.named_children():
             if isinstance(child, QuantLinear):
                 setattr(parent, name, quantized_layer(child, dtype, device, native_bf16=native_bf16,
-                                                      native=native and native_kernels() is not None))
+                                                      native=native and device.type == "cpu"
+                                                      and native_kernels() is not None))
     if pack and PackedLinear.supported(device, dtype):
         for parent in list(model.modules()):
             for name, child in parent.named_children():
