@@ -150,3 +150,20 @@ def test_without_a_compiler_one_line_says_so_and_sdpa_decodes(monkeypatch, capsy
         assert len(engine.generate([TOK.encode("hi")], SamplingParams(max_new_tokens=4, temperature=0))[0]) == 4
     finally:
         native.native_kernels.cache_clear()
+
+
+@needs_kernels
+def test_engines_made_at_once_all_get_the_kernels():
+    import threading
+
+    native.native_kernels.cache_clear()  # as in a fresh process: the first calls load the library
+    try:
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(native.native_kernels())) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 4 and all(m is not None and hasattr(m, "decode_attention") for m in got)
+    finally:
+        native.native_kernels.cache_clear()

@@ -20,6 +20,7 @@ import platform
 import shutil
 import sys
 import sysconfig
+import threading
 import types
 from pathlib import Path
 
@@ -51,12 +52,16 @@ def build_name() -> str:
     return f"yunque_kernels_{h.hexdigest()[:12]}"
 
 
+_LOADING = threading.Lock()
+
+
 @functools.cache
 def native_kernels() -> types.ModuleType | None:
     """The compiled kernels module, built on the first call of a machine's life (~30 s); None, said once on
     stderr, where they cannot be built."""
     try:
-        return _load()
+        with _LOADING:  # the server may make two engines at once; one loads, the other then finds it loaded
+            return _load()
     except Exception as e:  # no compiler, no headers, a failed build: PyTorch's kernels do the work instead
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"yunque: the engine's C++ kernels are unavailable ({reason}); decoding with PyTorch's own",
