@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 
 from yunque.config import ModelConfig
 from yunque.engine.cpu import DecodeAttention
@@ -37,12 +38,9 @@ GPT2_30M = dict(n_layer=6, n_head=6, d_model=384, max_seq_len=1024, pos="learned
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    """Mean microseconds per call of fn() over `calls` calls (torch.utils.benchmark, this process's threads)."""
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean * 1e6
 
 
 def one_layer(rows: int, S: int, dtype: torch.dtype, calls: int) -> tuple[float, float, float]:

@@ -17,10 +17,10 @@ to their AVX2 code and `bf16_supported` says False.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as benchmark
 from torch import nn
 
 from yunque.engine.cpu import Int4PackedLinear, Int8PackedLinear, PackedLinear, quant_kernel
@@ -34,12 +34,9 @@ SHAPES = {"attn.qkv": (576, 960), "attn.proj": (576, 576), "mlp.up": (576, 3072)
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(5):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    """Mean microseconds per call of fn() over `calls` calls (torch.utils.benchmark, this process's threads)."""
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean * 1e6
 
 
 def main() -> None:

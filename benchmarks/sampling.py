@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
+import torch.utils.benchmark as benchmark
 
 from yunque.engine.sampling import inverse_cdf, sample
 from yunque.precision import cpu_description
@@ -28,12 +28,9 @@ def one_cumulative_sum(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def per_call_us(fn, calls: int) -> float:
-    for _ in range(5):
-        fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e6
+    """Mean microseconds per call of fn() over `calls` calls (torch.utils.benchmark, this process's threads)."""
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(calls).mean * 1e6
 
 
 def main() -> None:

@@ -63,18 +63,18 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
     model = copy.deepcopy(model, memo).to(device).eval()
     if native_bf16 is None:
         native_bf16 = bf16_supported(device)
+    native = native and device.type == "cpu" and native_kernels() is not None
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             if isinstance(child, QuantLinear):
                 setattr(parent, name, quantized_layer(child, dtype, device, native_bf16=native_bf16,
-                                                      native=native and device.type == "cpu"
-                                                      and native_kernels() is not None))
+                                                      native=native))
     if pack and PackedLinear.supported(device, dtype):
         for parent in list(model.modules()):
             for name, child in parent.named_children():
                 if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
                     setattr(parent, name, PackedLinear(child))
-    if native and DecodeAttention.supported(model, device):
+    if native and model.cfg.dim_head in DecodeAttention.HEAD_SIZES:
         for module in model.modules():
             if type(module) is Attention:
                 module.__class__ = DecodeAttention  # same parameters and forward; only `attend` differs
@@ -93,12 +93,6 @@ class DecodeAttention(Attention):
 
     HEAD_SIZES = (16, 32, 48, 64, 80, 96, 128)
     """Head sizes the kernel is compiled for (a template each); other models keep SDPA."""
-
-    @classmethod
-    def supported(cls, model: nn.Module, device: torch.device) -> bool:
-        cfg = getattr(model, "cfg", None)
-        return (device.type == "cpu" and cfg is not None and cfg.dim_head in cls.HEAD_SIZES
-                and native_kernels() is not None)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                kv_cache: KVCache | None, layer: int) -> torch.Tensor:

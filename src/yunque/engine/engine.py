@@ -341,11 +341,9 @@ class Engine:
         if not prompts:
             return []
         rows = [self._row(p, q) for p, q in zip(prompts, params)]
-        cfg, P = self.model.cfg, max(len(p) for p in prompts)
-        pad = [P - len(p) for p in prompts]
-        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        ids = torch.tensor([[pad_id] * n + p for n, p in zip(pad, prompts)], device=self.device)  # (N, P)
-        pad = torch.tensor(pad) if any(pad) else None
+        cfg = self.model.cfg
+        ids, pad = self._left_padded(prompts)  # (N, P)
+        P = ids.shape[1]
         if batch.cache is None:
             size = min(cfg.max_seq_len, P + max(r.budget for r in rows) - 1)
             # eager, exactly that: with 256 slots for a 12-token prompt and 1 new token, the first token of
@@ -380,20 +378,20 @@ class Engine:
 
     @torch.inference_mode()
     def prefill_many(self, pending: list[Prefill]) -> None:
-        """Prefill the whole prompts of several `begin`-ed prompts not started yet in one forward (left-padded):
-        the weights are read once for all of them. Each ends as `prefill` over its whole prompt leaves it: its
-        keys and values in its own cache, its last position's logits."""
+        """Prefill the whole prompts of `begin`-ed prompts not started yet in one forward (left-padded): the
+        weights are read once for all of them. Each ends as `prefill` over its whole prompt leaves it: its keys
+        and values in its own cache, its last position's logits. One prompt runs in its own cache directly."""
         assert all(p.filled == 0 for p in pending), "prompts whose prefill has not started"
-        if not pending:
+        if len(pending) <= 1:
+            for p in pending:  # one prompt: in its own cache directly, no copy
+                self.prefill(p, len(p.prompt))
             return
-        P = max(len(p.prompt) for p in pending)
-        pad = [P - len(p.prompt) for p in pending]
-        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        ids = torch.tensor([[pad_id] * n + p.prompt for n, p in zip(pad, pending)], device=self.device)  # (N, P)
-        cache = KVCache(self.model.cfg, len(pending), P, device=self.device, dtype=self.cache_dtype,
-                        pad=torch.tensor(pad) if any(pad) else None)
+        ids, pad = self._left_padded([p.prompt for p in pending])  # (N, P)
+        cache = KVCache(self.model.cfg, len(pending), ids.shape[1], device=self.device, dtype=self.cache_dtype,
+                        pad=pad)
         logits = self.model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]  # (N, V)
-        for i, (p, n) in enumerate(zip(pending, pad)):
+        for i, p in enumerate(pending):
+            n = ids.shape[1] - len(p.prompt)  # its padding
             p.cache.load_prefix([k[i:i + 1, :, n:] for k in cache.k], [v[i:i + 1, :, n:] for v in cache.v])
             p.logits = logits[i:i + 1]
 
@@ -533,6 +531,15 @@ class Engine:
                                  f"vocabulary [0, {V}); encode with the tokenizer that belongs to this model")
             out.append(list(p))
         return out
+
+    def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts as one batch of ids (N, P), each left-padded to the longest, and each one's padding (N,) (None
+        when none is padded), as KVCache takes it."""
+        P = max(len(p) for p in prompts)
+        pad = [P - len(p) for p in prompts]
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        ids = torch.tensor([[pad_id] * n + p for n, p in zip(pad, prompts)], device=self.device)
+        return ids, (torch.tensor(pad) if any(pad) else None)
 
     def _row(self, prompt: list[int], params: SamplingParams) -> Row:
         seq = _Sequence(self.tokenizer, budget=self.token_budget(len(prompt), params.max_new_tokens),

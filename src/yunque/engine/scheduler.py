@@ -348,10 +348,7 @@ class Scheduler:
             else:
                 budget -= self.engine.prefill(pending, min(budget, len(pending.prompt) - pending.filled))
             ran.append(seq)
-        if len(whole) > 1:
-            self.engine.prefill_many([seq.pending for seq in whole])
-        elif whole:
-            self.engine.prefill(whole[0].pending, len(whole[0].pending.prompt))
+        self.engine.prefill_many([seq.pending for seq in whole])
         done = [seq for seq in ran if seq.pending.done]
         for seq in done:
             if self.prefixes is not None:
