@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from yunque import formats
 from yunque.atomic import atomic_write
@@ -74,8 +75,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 
 def load_quantization(model_dir: str | Path) -> dict[str, Any] | None:
-    """config.json's "quantization" ({"method": "int8"} or {"method": "int4", "group_size": G}), None for a
-    floating-point model dir."""
+    """config.json's "quantization" ({"method": "int8"} or {"method": "int4", "group_size": G}, with "tied_head":
+    true where a tied output head is quantized too), None for a floating-point model dir."""
     return _read_config(model_dir)[1]
 
 
@@ -96,7 +97,8 @@ def _read_config(model_dir: str | Path) -> tuple[ModelConfig, dict[str, Any] | N
     quantization = d.pop("quantization", None)
     if quantization is not None and not (
             isinstance(quantization, dict) and quantization.get("method") in BITS
-            and (quantization["method"] == "int8" or isinstance(quantization.get("group_size"), int))):
+            and (quantization["method"] == "int8" or isinstance(quantization.get("group_size"), int))
+            and isinstance(quantization.get("tied_head", False), bool)):
         raise ValueError(f"{path}: \"quantization\" is {json.dumps(quantization)[:80]}, not {{\"method\": \"int8\"}} "
                          f"or {{\"method\": \"int4\", \"group_size\": G}}; the model directory is corrupt")
     try:
@@ -234,7 +236,8 @@ def load_yunque(model_dir: str | Path, *, device: str | torch.device = "cpu",
     model = meta_model(cfg)
     if quantization is not None:  # the frame's target layers become empty QuantLinears (model/quant.py)
         try:
-            quantize_model(model, quantization["method"], quantization.get("group_size", 0))
+            quantize_model(model, quantization["method"], quantization.get("group_size", 0),
+                           tied_head=quantization.get("tied_head", False))
         except ValueError as e:
             raise ValueError(f"{Path(model_dir) / CONFIG}: {e}") from None
     check_shapes(model, {name: s.shape for name, s in stored.items()}, model_dir)  # before anything is allocated
@@ -266,7 +269,7 @@ def load_state(model: GPT, state: dict[str, torch.Tensor], source: str | Path, *
     unexpected or mis-shaped tensors."""
     check_shapes(model, {name: tuple(t.shape) for name, t in state.items()}, source)
     model.load_state_dict(state, strict=False, assign=assign)
-    if model.cfg.tie_embeddings:
+    if model.cfg.tie_embeddings and type(model.lm_head) is nn.Linear:  # not a quantized copy (model/quant.py)
         model.lm_head.weight = model.tok_emb.weight
 
 
@@ -294,7 +297,8 @@ def describe_yunque(model_dir: Path) -> dict[str, Any]:
     weights_metadata(model_dir)  # a missing or truncated file is an error here too, not a size to report
     d = model_summary(model_dir, cfg, tokenizer, "yunque", (Path(model_dir) / WEIGHTS).stat().st_size)
     if quantization is not None:
-        d["quantization"] = f"{describe_quantization(quantization)}, weight-only, linear layers"
+        head = " (the tied output head as a copy; the embedding in float)" if quantization.get("tied_head") else ""
+        d["quantization"] = f"{describe_quantization(quantization)}, weight-only, linear layers{head}"
     return d
 
 

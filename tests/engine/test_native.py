@@ -2,8 +2,9 @@
 
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
-step, rows joining with padding; int8_linear == F.linear on the dequantized weight, also compiled, and the engine's
-int8 layer uses it for one row; without a compiler the engine says so in one line and keeps SDPA.
+step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
+compiled, and the engine's float and int8 layers use it for one row; without a compiler the engine says so in one
+line and keeps SDPA.
 """
 
 import pytest
@@ -12,7 +13,14 @@ import torch.nn.functional as F
 
 from yunque.config import preset
 from yunque.engine import native
-from yunque.engine.cpu import NATIVE_ROWS, DecodeAttention, Int8PackedLinear, decode_model, decode_step
+from yunque.engine.cpu import (
+    NATIVE_ROWS,
+    DecodeAttention,
+    Int8PackedLinear,
+    PackedLinear,
+    decode_model,
+    decode_step,
+)
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT, Attention
 from yunque.model.kv_cache import KVCache
@@ -64,27 +72,40 @@ def test_decode_attention_refuses_what_it_cannot_run():
 
 
 @needs_kernels
-@pytest.mark.parametrize("K, N", [(576, 960), (64, 7), (1536, 576)])
-def test_int8_linear_equals_f_linear_on_the_dequantized_weight(K, N):
+@pytest.mark.parametrize("K, N", [(576, 960), (60, 7), (1536, 576)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_rows_linear_equals_f_linear(K, N, dtype):
     torch.manual_seed(K)
-    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 8)
+    linear = torch.nn.Linear(K, N, bias=False)
+    if dtype == torch.int8:
+        layer = QuantLinear.from_linear(linear, 8)
+        weight, scales, exact = layer.qweight, layer.scales, layer.dequantize()
+    else:
+        weight, scales = linear.weight.detach().to(dtype), None
+        exact = weight.float()
     for shape in [(1, K), (3, K), (2, 1, K)]:
         x = torch.randn(shape)
-        want = F.linear(x, layer.dequantize())
-        torch.testing.assert_close(torch.ops.yunque.int8_linear(x, layer.qweight, layer.scales), want,
-                                   atol=1e-5, rtol=1e-5)
-    compiled = torch.compile(lambda x: torch.ops.yunque.int8_linear(x, layer.qweight, layer.scales) * 2,
-                             fullgraph=True)
+        want = F.linear(x, exact)
+        torch.testing.assert_close(torch.ops.yunque.rows_linear(x, weight, scales), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.ops.yunque.rows_linear(x.bfloat16(), weight, scales),
+                                   F.linear(x.bfloat16().float(), exact), atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(lambda x: torch.ops.yunque.rows_linear(x, weight, scales) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x), 2 * want, atol=2e-5, rtol=1e-5)
+
+
+def counting_kernel(monkeypatch) -> list[torch.Size]:
+    """The shapes of x that torch.ops.yunque.rows_linear is called with from now on."""
+    calls = []
+    kernel = torch.ops.yunque.rows_linear
+    monkeypatch.setattr(torch.ops.yunque, "rows_linear", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    return calls
 
 
 @needs_kernels
 def test_the_engine_int8_layer_runs_the_kernel_for_one_row_and_aten_for_more(monkeypatch):
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 96, bias=True), 8)
-    calls = []
-    kernel = torch.ops.yunque.int8_linear
-    monkeypatch.setattr(torch.ops.yunque, "int8_linear", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    calls = counting_kernel(monkeypatch)
     fast, aten = Int8PackedLinear(layer, native=True), Int8PackedLinear(layer)
     for rows in (1, NATIVE_ROWS + 3):
         x = torch.randn(rows, 64)
@@ -94,6 +115,26 @@ def test_the_engine_int8_layer_runs_the_kernel_for_one_row_and_aten_for_more(mon
                                    atol=1e-5 if exact else 0.05, rtol=1e-5 if exact else 0.02)
         torch.testing.assert_close(got, aten(x), atol=0.05, rtol=0.02)
     assert calls == [torch.Size([1, 64])]
+
+
+@needs_kernels
+@pytest.mark.skipif(not PackedLinear.supported(CPU, torch.float32), reason="PyTorch was built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_engine_float_layer_runs_the_kernel_for_one_row_and_onednn_for_more(monkeypatch, dtype):
+    if not PackedLinear.supported(CPU, dtype):
+        pytest.skip("this CPU has no native bf16 products, so the engine decodes in fp32 and never packs bf16")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 100, bias=True).to(dtype)  # 100 rows: oneDNN's copy is padded to 128
+    calls = counting_kernel(monkeypatch)
+    fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for shape in [(1, 64), (1, 1, 64), (NATIVE_ROWS + 3, 64)]:
+        x = torch.randn(shape).to(dtype)
+        got = fast(x)
+        assert got.shape == (*shape[:-1], 100) and got.dtype == dtype
+        torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), **tol)
+        torch.testing.assert_close(got, onednn(x), **tol)
+    assert calls == [torch.Size([1, 64]), torch.Size([1, 1, 64])]
 
 
 def tiny(**overrides) -> GPT:

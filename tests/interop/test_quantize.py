@@ -42,6 +42,27 @@ def test_a_quantized_dir_loads_back_as_the_same_model(tmp_path, float_dir, metho
     assert int_bytes < (float_dir / "model.safetensors").stat().st_size * (0.5 if method == "int8" else 0.35)
 
 
+def test_a_tied_model_quantizes_its_head_as_a_copy_and_an_older_dir_without_it_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=64)).eval()  # tied
+    save_model(tmp_path / "float", model, TOK)
+    assert quantize_dir(tmp_path / "float", tmp_path / "q", method="int8") == {"method": "int8", "tied_head": True}
+    back, _ = load_model(tmp_path / "q")
+    assert type(back.lm_head) is QuantLinear and quantization_of(back) == {"method": "int8", "tied_head": True}
+    torch.testing.assert_close(back.tok_emb.weight, model.tok_emb.weight, rtol=0, atol=0)
+    ids = torch.randint(0, TOK.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), quantize_model(model, "int8")(ids), rtol=0, atol=0)
+    # a dir written before tied heads were quantized: its config has no "tied_head", its file no lm_head
+    older = quantize_model(load_model(tmp_path / "float")[0], "int8", tied_head=False)
+    save_model(tmp_path / "older", older, TOK)
+    assert "tied_head" not in json.loads((tmp_path / "older" / "config.json").read_text())["quantization"]
+    again, _ = load_model(tmp_path / "older")
+    assert again.lm_head.weight is again.tok_emb.weight
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), older(ids), rtol=0, atol=0)
+
+
 def test_quantizing_twice_or_with_a_bad_group_is_refused_and_writes_nothing(tmp_path, float_dir):
     quantize_dir(float_dir, tmp_path / "q", method="int8")
     with pytest.raises(ValueError, match=r"is quantized already \(int8 \(per output channel\)\); quantize its "

@@ -73,15 +73,23 @@ def test_quant_linear_is_f_linear_on_its_dequantized_weight(bits, group_size, bi
         torch.testing.assert_close(layer(x), F.linear(x, w, linear.bias), rtol=0, atol=0)
 
 
-def test_the_blocks_linears_are_quantized_and_a_tied_head_is_not():
+def test_the_blocks_linears_and_the_head_are_quantized_a_tied_head_as_a_copy():
     tied, untied = tiny(), tiny(tie_embeddings=False)
-    assert [name for name, *_ in quant_targets(tied)] == [
-        f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")]
-    assert [name for name, *_ in quant_targets(untied)][-1] == "lm_head"
+    blocks = [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")]
+    assert [name for name, *_ in quant_targets(tied)] == [*blocks, "lm_head"]
+    assert [name for name, *_ in quant_targets(tied, tied_head=False)] == blocks
+    assert [name for name, *_ in quant_targets(untied, tied_head=False)][-1] == "lm_head"
+    embedding = tied.tok_emb.weight.detach().clone()
     quantize_model(tied, "int4", 32)
-    assert quantization_of(tied) == {"method": "int4", "group_size": 32}
-    assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.tok_emb.weight
+    assert quantization_of(tied) == {"method": "int4", "group_size": 32, "tied_head": True}
+    assert type(tied.lm_head) is QuantLinear and type(tied.tok_emb.weight) is nn.Parameter
+    torch.testing.assert_close(tied.tok_emb.weight, embedding, rtol=0, atol=0)  # the lookup stays in float
+    assert (tied.lm_head.dequantize() - embedding).abs().max() > 0  # the head is the quantized copy
     assert all(type(layer) is QuantLinear for *_, layer in quant_targets(tied))
+    assert quantization_of(quantize_model(untied, "int8")) == {"method": "int8"}  # no tie: nothing to say
+    old = quantize_model(tiny(), "int4", 32, tied_head=False)  # as quantized before tied heads were
+    assert quantization_of(old) == {"method": "int4", "group_size": 32}
+    assert type(old.lm_head) is nn.Linear and old.lm_head.weight is old.tok_emb.weight
 
 
 def test_dequantized_model_gives_the_quantized_models_logits():

@@ -294,3 +294,28 @@ def test_a_model_loads_in_a_thread_that_ends_so_its_openmp_team_ends_too(base, t
         assert not alive
     finally:
         registry.close()
+
+
+def test_engine_bytes_counts_packed_and_plain_weights_and_a_tied_heads_plain_one_once():
+    import torch
+
+    from yunque.config import preset
+    from yunque.engine.cpu import PackedLinear, decode_model
+    from yunque.engine.engine import Engine
+    from yunque.engine.native import native_kernels
+    from yunque.model.gpt import GPT
+    from yunque.serve.models import engine_bytes
+    from yunque.tokenizer import byte_tokenizer
+
+    if native_kernels() is None or not PackedLinear.supported(torch.device("cpu"), torch.float32):
+        pytest.skip("no C++ kernels or no oneDNN here: PackedLinear keeps no plain weight")
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=256)).eval()  # tied
+    engine = Engine(model, byte_tokenizer(), precision="fp32")
+    engine.model = decode_model(model, torch.float32, torch.device("cpu"), pack=True)
+    layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    head = engine.model.lm_head
+    assert head in layers and head.plain.data_ptr() == engine.model.tok_emb.weight.data_ptr()
+    own = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
+    packed = sum(m.in_features * m.out_features * 4 for m in layers)
+    assert engine_bytes(engine) == own + packed + sum(m.plain.numel() * 4 for m in layers if m is not head)

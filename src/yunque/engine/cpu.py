@@ -73,7 +73,7 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
         for parent in list(model.modules()):
             for name, child in parent.named_children():
                 if type(child) is nn.Linear:  # not subclasses such as LoRA layers, whose forward adds more
-                    setattr(parent, name, PackedLinear(child))
+                    setattr(parent, name, PackedLinear(child, native=native))
     if native and model.cfg.dim_head in DecodeAttention.HEAD_SIZES:
         for module in model.modules():
             if type(module) is Attention:
@@ -105,20 +105,40 @@ class DecodeAttention(Attention):
         return y.view(B, H, 1, D)
 
 
+NATIVE_ROWS = 1
+"""Rows of x up to which a float or int8 layer runs the engine's C++ product (torch.ops.yunque.rows_linear) rather
+than oneDNN's or ATen's: one, a decode step of one sequence (benchmarks/quant_kernels.py: at 4 rows theirs are as
+fast or faster)."""
+
+
 class PackedLinear(nn.Module):
     """nn.Linear whose weight is laid out once in oneDNN's blocked format instead of on every call.
 
     On CPU this makes decode's small-batch matrix products up to 4x faster than F.linear (the output head gains
     most) and prefill's 1.1-2.4x (torch 2.13, AVX-512). Results equal F.linear's up to summation order.
+
+    With `native`, one row of x (a decode step of one sequence) is multiplied by the engine's C++ kernel
+    (`torch.ops.yunque.rows_linear`) on the weight as it is, which the layer then keeps too: oneDNN's product of one
+    row reads its blocked weight ~1.2-1.6x slower than that kernel reads the plain one. `python
+    benchmarks/quant_kernels.py --threads 2` (Zen 4, 2 threads), SmolLM2's layers at one row, microseconds:
+
+    | layer | fp32 oneDNN | fp32 C++ | bf16 oneDNN | bf16 C++ |
+    |---|---|---|---|---|
+    | up (576 -> 3072) | 299 | 216 | 193 | 119 |
+    | head (576 -> 49152) | 4,103 | 3,549 | 2,001 | 1,478 |
+
+    The price is memory: a block's float weights are held twice (a tied head's plain weight is the embedding's).
     """
 
     BATCH_HINT = 8
     """Rows the layout is tuned for; any number of rows works (1 to 1024 are within 10% of their own best)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, *, native: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
+        # a plain attribute too: the tied head's is the embedding's parameter, which state_dict holds already
+        self.plain = weight.contiguous() if native else None
         bias = linear.bias.detach() if linear.bias is not None else None
         extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
         if extra:
@@ -137,6 +157,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
+        if self.plain is not None and x.numel() <= NATIVE_ROWS * self.in_features:
+            y = torch.ops.yunque.rows_linear(x, self.plain, None).to(x.dtype)
+            return y + self.bias[:self.out_features] if self.bias is not None else y
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return y[..., :self.out_features] if self.padded else y
 
@@ -188,11 +211,6 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     return linear  # packed by decode_model like any other nn.Linear
 
 
-NATIVE_ROWS = 1
-"""Rows of x up to which an int8 layer runs the engine's C++ kernel (torch.ops.yunque.int8_linear) rather than
-ATen's: one, a decode step of one sequence (benchmarks/quant_kernels.py: at 4 rows ATen's is faster)."""
-
-
 class Int8PackedLinear(nn.Module):
     """An int8 QuantLinear computed by ATen's `_weight_int8pack_mm`: x rounded to bf16, int8 weights widened in
     registers, fp32 sums, the per-row scales applied in fp32 after. With `native`, up to NATIVE_ROWS rows of x
@@ -210,7 +228,7 @@ class Int8PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
         if self.native and x.numel() <= NATIVE_ROWS * self.in_features:
-            y = torch.ops.yunque.int8_linear(x.reshape(-1, self.in_features), self.qweight, self.scales).to(x.dtype)
+            y = torch.ops.yunque.rows_linear(x.reshape(-1, self.in_features), self.qweight, self.scales).to(x.dtype)
         else:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.ones)
             y = (y.float() * self.scales).to(x.dtype)

@@ -1,9 +1,10 @@
 // The engine's own CPU kernels, compiled on first use for the CPU at hand (engine/native.py builds this file with
 // -march=native) and used only where measurement showed PyTorch's own kernels slower (figures in engine/cpu.py).
 //
-// int8_linear: the int8 weight-only product of one decode row, 1.1-1.5x faster than ATen's _weight_int8pack_mm
-// on SmolLM2's layers (benchmarks/quant_kernels.py); at 4 rows and more ATen's is faster, and ATen's int4 kernel
-// was faster than one written here in the same way (2.5-3.5x), so int4 stays with ATen.
+// rows_linear: the product of one decode row with a weight as it is stored, float32, bfloat16 or int8 (with one
+// scale per output): faster than oneDNN's product on its own blocked layout of a float weight and than ATen's
+// _weight_int8pack_mm (figures in engine/cpu.py, benchmarks/quant_kernels.py); at 4 rows and more theirs are
+// faster. ATen's int4 kernel was faster than one written here in the same way (2.5-3.5x), so int4 stays with ATen.
 //
 // decode_attention: one query per (row, head) over a KV cache, the decode step's attention. PyTorch's SDPA on CPU
 // runs a flash kernel meant for long queries; for a query of one token its per-block bookkeeping costs more than
@@ -20,6 +21,8 @@
 namespace {
 
 inline float to_float(float x) { return x; }
+
+inline float to_float(int8_t x) { return float(x); }
 
 inline float to_float(uint16_t bf16) {  // bfloat16 is the top half of a float32
   const uint32_t bits = uint32_t(bf16) << 16;
@@ -98,18 +101,30 @@ void dispatch_head_size(const torch::Tensor& q, const torch::Tensor& k, const to
 #undef YUNQUE_CALL
 }
 
-// y (M, N) = x (M, K) times the int8 weight (N, K) with one scale per output row. Each weight row is read from
-// memory once and from the CPU's first-level cache for the other rows of x: for the few rows of a decode step.
-void int8_rows(const float* x, const int8_t* w, const float* scales, float* y, int64_t M, int64_t N, int64_t K) {
+// y (M, N) = x (M, K) times the weight (N, K) (float32, bfloat16 or int8), each output column times scales[n] if
+// scales is given. Each weight row is read from memory once and from the CPU's first-level cache for the other
+// rows of x: for the one or few rows of a decode step, where reading the weights is the whole cost.
+template <typename W>
+void linear_rows(const float* x, const W* w, const float* scales, float* y, int64_t M, int64_t N, int64_t K) {
   at::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* wn = w + n * K;
+      const W* wn = w + n * K;
+      const float scale = scales ? scales[n] : 1.f;
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = x + m * K;
+        // 64 partial sums: several vector registers summing side by side, where one would wait on its own
+        // previous addition at every step (the sum, not the memory, would then bound a row already in cache)
+        float part[64] = {};
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+#pragma omp simd
+          for (int j = 0; j < 64; ++j) part[j] += xm[k + j] * to_float(wn[k + j]);
+        }
         float s = 0.f;
+        for (; k < K; ++k) s += xm[k] * to_float(wn[k]);
 #pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < K; ++k) s += xm[k] * float(wn[k]);
-        y[m * N + n] = s * scales[n];
+        for (int j = 0; j < 64; ++j) s += part[j];
+        y[m * N + n] = s * scale;
       }
     }
   });
@@ -117,17 +132,35 @@ void int8_rows(const float* x, const int8_t* w, const float* scales, float* y, i
 
 }  // namespace
 
-// x (..., K) float32 or bfloat16, qweight int8 (N, K), scales float32 (N,) -> (..., N) float32.
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales) {
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kInt8 && x.size(-1) == qweight.size(1),
-              "int8_linear: x (..., K), qweight int8 (N, K)");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == qweight.size(0),
-              "int8_linear: scales float32 (N,)");
-  const int64_t N = qweight.size(0), K = qweight.size(1);
+// x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scales float32 (N,) or None (one
+// factor per output, an int8 weight's) -> (..., N) float32.
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& scales) {
+  TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "rows_linear: x (..., K), weight (N, K)");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  torch::Tensor sc;
+  if (scales.has_value()) {
+    sc = scales->contiguous();
+    TORCH_CHECK(sc.scalar_type() == torch::kFloat32 && sc.numel() == N, "rows_linear: scales float32 (N,)");
+  }
+  const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
   const torch::Tensor xc = x.reshape({-1, K}).to(torch::kFloat32).contiguous();
-  const torch::Tensor w = qweight.contiguous(), sc = scales.contiguous();
+  const torch::Tensor w = weight.contiguous();
   torch::Tensor y = torch::empty({xc.size(0), N}, xc.options());
-  int8_rows(xc.data_ptr<float>(), w.data_ptr<int8_t>(), sc.data_ptr<float>(), y.data_ptr<float>(), xc.size(0), N, K);
+  const int64_t M = xc.size(0);
+  switch (w.scalar_type()) {
+    case torch::kFloat32:
+      linear_rows(xc.data_ptr<float>(), w.data_ptr<float>(), sp, y.data_ptr<float>(), M, N, K);
+      break;
+    case torch::kBFloat16:
+      linear_rows(xc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(w.data_ptr()), sp, y.data_ptr<float>(), M,
+                  N, K);
+      break;
+    case torch::kInt8:
+      linear_rows(xc.data_ptr<float>(), w.data_ptr<int8_t>(), sp, y.data_ptr<float>(), M, N, K);
+      break;
+    default:
+      TORCH_CHECK(false, "rows_linear: weight float32, bfloat16 or int8, not ", w.scalar_type());
+  }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y.view(shape);
@@ -165,12 +198,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one-query attention over a KV cache (the decode step)");
 }
 
-// The weight-only product as an operator of PyTorch's dispatcher (torch.ops.yunque.*), so that a compiled decode
+// The product as an operator of PyTorch's dispatcher (torch.ops.yunque.*), so that a compiled decode
 // step calls them from its graph; their shapes for tracing are registered in engine/native.py.
 TORCH_LIBRARY(yunque, m) {
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
-  m.impl("int8_linear", &int8_linear);
+  m.impl("rows_linear", &rows_linear);
 }

@@ -71,12 +71,12 @@ def native_kernels() -> types.ModuleType | None:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.int8_linear returns, for tracing a compiled step (the kernel itself is registered by
+    """What torch.ops.yunque.rows_linear returns, for tracing a compiled step (the kernel itself is registered by
     the library when it loads). Once per process, even if the library is loaded again."""
 
-    @torch.library.register_fake("yunque::int8_linear")
-    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+    @torch.library.register_fake("yunque::rows_linear")
+    def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
 
 def _load() -> types.ModuleType:

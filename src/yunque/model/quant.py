@@ -10,8 +10,11 @@ and the reference the engine's kernels (engine/cpu.py) are tested against.
   row, with zero = min + 8 * scale (asymmetric min-max, as gpt-fast and ATen's int4 CPU kernel take them). Two q
   per byte: column 2j in the low nibble, 2j + 1 in the high one.
 
-Which layers: every nn.Linear of the blocks, and the output head unless it is the token embedding (tied), which
-stays in floating point as the embedding must (`quant_targets`).
+Which layers: every nn.Linear of the blocks and the output head (`quant_targets`). Where the head is the token
+embedding (tied), the head gets a quantized copy of it and the embedding stays in floating point: a lookup reads
+one row per token, while the head reads all of it at every step (SmolLM2-135M's is a fifth of its weights; llama.cpp
+quantizes a tied head too). Such a model says so in its scheme ("tied_head": true), so that a model dir quantized
+before the head was (without it) loads as it was written.
 """
 
 from __future__ import annotations
@@ -135,42 +138,49 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quant_targets(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Module]]:
+def quant_targets(model: nn.Module, *, tied_head: bool = True) -> list[tuple[str, nn.Module, str, nn.Module]]:
     """(name, parent, attribute, layer) of every layer a quantized model holds quantized: each linear layer of the
-    blocks (plain nn.Linear, not subclasses such as LoRA's, or already a QuantLinear), and the output head unless it
-    shares the token embedding's weight."""
+    blocks (plain nn.Linear, not subclasses such as LoRA's, or already a QuantLinear), and the output head, where
+    it shares the token embedding's weight only with `tied_head`."""
     targets = []
     for prefix, parent in model.blocks.named_modules(prefix="blocks"):
         for name, child in parent.named_children():
             if type(child) in (nn.Linear, QuantLinear):
                 targets.append((f"{prefix}.{name}", parent, name, child))
     head = model.lm_head
-    if type(head) is QuantLinear or (type(head) is nn.Linear and head.weight is not model.tok_emb.weight):
+    tied = type(head) is nn.Linear and head.weight is model.tok_emb.weight
+    if type(head) is QuantLinear or (type(head) is nn.Linear and (tied_head or not tied)):
         targets.append(("lm_head", model, "lm_head", head))
     return targets
 
 
 def quantization_of(model: nn.Module) -> dict[str, int | str] | None:
     """{"method": "int8"} or {"method": "int4", "group_size": G} for a model whose layers are quantized (what
-    config.json's "quantization" holds), None for a floating-point one."""
+    config.json's "quantization" holds), with "tied_head": true where its head, tied to the embedding in the
+    floating-point model, is quantized too; None for a floating-point model."""
     layer = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
     if layer is None:
         return None
-    return {"method": "int8"} if layer.bits == 8 else {"method": "int4", "group_size": layer.group_size}
+    scheme: dict[str, int | str | bool] = (
+        {"method": "int8"} if layer.bits == 8 else {"method": "int4", "group_size": layer.group_size})
+    if model.cfg.tie_embeddings and isinstance(model.lm_head, QuantLinear):
+        scheme["tied_head"] = True
+    return scheme
 
 
-def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """Replace `model`'s target layers (`quant_targets`) by QuantLinear in place, one at a time (the float weight
-    of each is freed as it goes); returns `model`. On the meta device this makes the empty frame of a quantized
-    model dir. ValueError for an unknown method, a group size that does not divide a layer's inputs, or a model
-    that is quantized already."""
+def quantize_model(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE, *,
+                   tied_head: bool = True) -> nn.Module:
+    """Replace `model`'s target layers (`quant_targets`, a tied head too unless `tied_head` is False) by
+    QuantLinear in place, one at a time (the float weight of each is freed as it goes); returns `model`. On the meta
+    device this makes the empty frame of a quantized model dir. ValueError for an unknown method, a group size that
+    does not divide a layer's inputs, or a model that is quantized already."""
     if method not in BITS:
         raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZE)}")
     if (done := quantization_of(model)) is not None:
         raise ValueError(f"the model is quantized already ({describe_quantization(done)}); quantize its "
                          f"floating-point original instead")
     bits = BITS[method]
-    targets = quant_targets(model)
+    targets = quant_targets(model, tied_head=tied_head)
     if bits == 4:
         for full, _, _, layer in targets:  # all checked before any layer changes
             check_group_size(group_size, layer.in_features, full)

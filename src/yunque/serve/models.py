@@ -52,14 +52,20 @@ class Loaded:
 
 
 def engine_bytes(engine: Engine) -> int:
-    """Memory the engine's copy of a model holds: its parameters and buffers, and the oneDNN-packed weights that
-    `PackedLinear` keeps outside both."""
+    """Memory the engine's copy of a model holds: its parameters and buffers, and the oneDNN-packed weights and the
+    plain ones for one-row products that `PackedLinear` keeps outside both (a tied head's plain weight is the
+    embedding, counted once)."""
     model = engine.model
-    total = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    held = {t.untyped_storage().data_ptr() for t in tensors}
     itemsize = torch.empty((), dtype=engine.dtype).element_size()
     for m in model.modules():
         if getattr(m, "packed", None) is not None:
             total += m.in_features * m.out_features * itemsize
+        plain = getattr(m, "plain", None)
+        if plain is not None and plain.untyped_storage().data_ptr() not in held:
+            total += plain.numel() * plain.element_size()
     return total
 
 
