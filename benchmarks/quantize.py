@@ -2,9 +2,9 @@
 
 The model is the shared GGUF (../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf) loaded with yunque's loader, so
 "fp32" is its weights dequantized from Q4_1 (Q8_0 for the embedding) to fp32. int8 (per output channel) and int4
-(groups of --group-size) quantize that fp32 model's linear layers (model/quant.py). Each is scored as the engine
-decodes it (engine/cpu.py `decode_model` in fp32, with the quantized kernels this CPU gets: see `quant_kernel`),
-on the first --tokens tokens of two held-out texts, in windows of --window tokens:
+(groups of --group-size) quantize that fp32 model's linear layers and its tied head (model/quant.py). Each is
+scored as the engine decodes it (engine/cpu.py `decode_model` in fp32, with the quantized kernels this CPU gets:
+see `quant_kernel`), on the first --tokens tokens of two held-out texts, in windows of --window tokens:
 
 - Tiny Shakespeare (../shared/data/tinyshakespeare.txt): its last 10%, the split yunque's runs hold out;
 - the built-in corpus (yunque.data.sources: Python's standard library source and pydoc topics), from the

@@ -118,15 +118,17 @@ class PackedLinear(nn.Module):
     most) and prefill's 1.1-2.4x (torch 2.13, AVX-512). Results equal F.linear's up to summation order.
 
     With `native`, one row of x (a decode step of one sequence) is multiplied by the engine's C++ kernel
-    (`torch.ops.yunque.rows_linear`) on the weight as it is, which the layer then keeps too: oneDNN's product of one
-    row reads its blocked weight ~1.2-1.6x slower than that kernel reads the plain one. `python
+    (`torch.ops.yunque.rows_linear`) on the weight as it is, which the layer then keeps too. `python
     benchmarks/quant_kernels.py --threads 2` (Zen 4, 2 threads), SmolLM2's layers at one row, microseconds:
 
     | layer | fp32 oneDNN | fp32 C++ | bf16 oneDNN | bf16 C++ |
     |---|---|---|---|---|
-    | up (576 -> 3072) | 299 | 216 | 193 | 119 |
-    | head (576 -> 49152) | 4,103 | 3,549 | 2,001 | 1,478 |
+    | qkv (576 -> 960) | 58 | 32 | 51 | 36 |
+    | up (576 -> 3072) | 106 | 64 | 69 | 85 |
+    | head (576 -> 49152) | 6,663 | 5,752 | 3,112 | 1,826 |
 
+    Cache-hot layers vary; whole eager decodes of SmolLM2 (alternated runs, medians of 5) went 1.44x faster in
+    bf16 with these products alone, 1.42x in fp32 with the engine's C++ kernels against none.
     The price is memory: a block's float weights are held twice (a tied head's plain weight is the embedding's).
     """
 
