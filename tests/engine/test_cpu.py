@@ -23,11 +23,13 @@ from yunque.engine.cpu import (
     Int8PackedLinear,
     PackedLinear,
     cache_bucket,
+    compiled_decode_step,
     decode_model,
     decode_step,
     quant_kernel,
 )
 from yunque.engine.engine import Engine, SamplingParams
+from yunque.engine.native import native_kernels
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
 from yunque.model.quant import QuantLinear, dequantize_model, quantize_model
@@ -162,6 +164,28 @@ def test_compiled_engines_of_two_models_of_one_shape_each_follow_their_own_weigh
     assert first == again
     assert first[0] == first[1] and first[2] == first[3]
     assert first[0] != first[2]  # the two models do differ
+
+
+@needs_onednn
+def test_one_row_products_by_the_cpp_kernel_equal_onednns_eager_and_compiled(learned):
+    """A packed fp32 copy multiplies one row with the engine's C++ product (where it builds): its greedy tokens are
+    the plain model's, and the compiled one-row step's logits the eager step's."""
+    fast = decode_model(learned, torch.float32, CPU, pack=True)
+    onednn = decode_model(learned, torch.float32, CPU, pack=True, native=False)
+    layers = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert layers and all((m.plain is not None) == (native_kernels() is not None) for m in layers)
+    prompt = torch.tensor([TOK.encode(TEXT[:20])])
+    step = compiled_decode_step()
+    with torch.inference_mode():
+        caches = [KVCache(learned.cfg, 1, 64), KVCache(learned.cfg, 1, 64), KVCache(learned.cfg, 1, 64, static=True)]
+        logits = [m(prompt, kv_cache=c)[:, -1] for m, c in zip((fast, onednn, fast), caches)]
+        for _ in range(12):
+            tokens = logits[1].argmax(-1)
+            assert all(torch.equal(x.argmax(-1), tokens) for x in logits)
+            logits = [decode_step(fast, tokens, caches[0]), decode_step(onednn, tokens, caches[1]),
+                      step(fast, tokens, caches[2])]
+            torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[2], logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_cache_buckets_hold_the_request_and_waste_at_most_a_third():
