@@ -134,7 +134,8 @@ void linear_rows(const float* x, const W* w, const float* scales, float* y, int6
 
 // x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scales float32 (N,) or None (one
 // factor per output, an int8 weight's) -> (..., N) float32.
-torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& scales) {
+torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight,
+                          const c10::optional<torch::Tensor>& scales) {
   TORCH_CHECK(weight.dim() == 2 && x.size(-1) == weight.size(1), "rows_linear: x (..., K), weight (N, K)");
   const int64_t N = weight.size(0), K = weight.size(1);
   torch::Tensor sc;

@@ -154,7 +154,7 @@ def quant_targets(model: nn.Module, *, tied_head: bool = True) -> list[tuple[str
     return targets
 
 
-def quantization_of(model: nn.Module) -> dict[str, int | str] | None:
+def quantization_of(model: nn.Module) -> dict[str, int | str | bool] | None:
     """{"method": "int8"} or {"method": "int4", "group_size": G} for a model whose layers are quantized (what
     config.json's "quantization" holds), with "tied_head": true where its head, tied to the embedding in the
     floating-point model, is quantized too; None for a floating-point model."""
@@ -209,7 +209,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def describe_quantization(q: dict[str, int | str]) -> str:
+def describe_quantization(q: dict[str, int | str | bool]) -> str:
     """"int8 (per output channel)" or "int4 (groups of 32)": how `yunque info` and messages name a scheme."""
     return "int8 (per output channel)" if q["method"] == "int8" else f"int4 (groups of {q['group_size']})"
 
