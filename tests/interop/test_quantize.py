@@ -94,3 +94,12 @@ def test_a_quantized_dir_exports_to_gguf_as_q8_0_or_q4_0_and_to_hf_dequantized(t
     ids = torch.randint(0, TOK.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(back(ids), dequantize_model(quantized)(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", [{"method": "int8", "tied_head": "yes"}, {"method": "int5"}, {"method": "int4"}])
+def test_a_config_with_a_broken_quantization_scheme_is_one_clear_error(tmp_path, float_dir, scheme):
+    quantize_dir(float_dir, tmp_path / "q", method="int8")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "quantization": scheme}))
+    with pytest.raises(ValueError, match=r"config.json: \"quantization\" is .*; the model directory is corrupt"):
+        load_model(tmp_path / "q")
