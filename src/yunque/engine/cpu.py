@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from yunque.engine.native import native_kernels
@@ -82,13 +83,18 @@ def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, 
 
 
 class DecodeAttention(Attention):
-    """Attention whose one-token decode step over a (dynamic) KV cache runs the engine's C++ kernel
-    (kernels.cpp, `decode_attention`); everything else is Attention's. Same results as SDPA up to summation order.
+    """Attention whose one-token decode step over a KV cache runs the engine's C++ kernel (kernels.cpp,
+    `decode_attention`, an operator a compiled step calls from its graph); everything else is Attention's. Same
+    results as SDPA up to summation order.
 
     `python benchmarks/decode_attention.py` (torch 2.13, Zen 5, 2 threads): one layer of 6 heads of 64 over an
     fp32 cache not in the CPU's caches, 16 rows x 128 positions, SDPA 479 us, the kernel 173 us (2.8x), over a
     bf16 cache 144 us; whole decode steps of the 30M GPT-2 shape 1.2x faster at 1 and at 16 rows. Where the
     kernel decodes, the engine keeps a bf16 model's cache in bf16 (Engine.cache_dtype).
+
+    Over a static cache (the compiled step's) the kernel reads the filled keys only, where SDPA reads every slot
+    behind a mask; and compiled, SDPA with grouped-query heads became MKL matrix-vector products over keys and
+    values repeated per query head (13% of SmolLM2-135M's int8 decode on a Zen 4, in `perf`).
     """
 
     HEAD_SIZES = (16, 32, 48, 64, 80, 96, 128)
@@ -97,11 +103,12 @@ class DecodeAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, H, T, D = q.shape
-        if kv_cache is None or T != 1 or kv_cache.static:  # prefill, training, the compiled step: SDPA
+        if kv_cache is None or T != 1:  # prefill, training: SDPA
             return super().attend(q, k, v, mask, kv_cache, layer)
         k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
-        # the mask of a one-token step over a dynamic cache hides exactly each row's left padding
-        y = native_kernels().decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, D ** -0.5)  # (B, H, D)
+        # a one-token step sees each row's keys from its first real one (pad) to the one just written
+        filled = kv_cache.filled_after(1) if kv_cache.static else None
+        y = torch.ops.yunque.decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, filled, D ** -0.5)
         return y.view(B, H, 1, D)
 
 
@@ -181,7 +188,8 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
     - ATen's weight-only kernels are fast only with bf16 activations (their fp32-activation variant ran 3-12x
       slower than fp32 F.linear), and they widen bf16 to fp32 in registers, so they need no native bf16 products:
       int8 ran ~0.5x the time of fp32 F.linear with AVX-512 BF16, ~0.6-0.9x with AVX2 kernels. So int8 always
-      takes `_weight_int8pack_mm`, its activations rounded to bf16 (the products stay exact and sum in fp32).
+      takes `_weight_int8pack_mm`, its activations rounded to bf16 (the products stay exact and sum in fp32),
+      except one row (the engine's C++ kernel) and, with native bf16, DEQUANT_ROWS rows and more.
     - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels
       on the blocks' layers (0.5x on a 49152-row head, which a tied model keeps in floating point anyway):
       without native bf16 an int4 layer is dequantized once to the decode dtype (the speed of fp32, the accuracy
@@ -203,7 +211,7 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     kernel = quant_kernel(layer.bits, layer.in_features, layer.out_features, layer.group_size,
                           native_bf16=native_bf16, device=device)
     if kernel == "int8pack":
-        return Int8PackedLinear(layer, native=native)
+        return Int8PackedLinear(layer, native=native, native_bf16=native_bf16)
     if kernel == "int4pack":
         return Int4PackedLinear(layer)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
@@ -213,14 +221,23 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     return linear  # packed by decode_model like any other nn.Linear
 
 
+DEQUANT_ROWS = 32
+"""Rows of x from which an int8 layer, on a CPU with native bf16 products, widens its weight to bf16 for the call
+and multiplies with oneDNN instead of `_weight_int8pack_mm`: a prompt's prefill. SmolLM2's up layer (576 -> 3072),
+Zen 4, 2 threads: 16 rows 406 vs 359 us, 32 rows 798 vs 479, 128 rows 5.8 vs 1.9 ms (its 30 layers' four products
+at 128 rows: 342 vs 119 ms); at 8 rows and fewer ATen's is faster."""
+
+
 class Int8PackedLinear(nn.Module):
     """An int8 QuantLinear computed by ATen's `_weight_int8pack_mm`: x rounded to bf16, int8 weights widened in
     registers, fp32 sums, the per-row scales applied in fp32 after. With `native`, up to NATIVE_ROWS rows of x
-    go through the engine's C++ kernel instead: x in fp32, the same sums."""
+    go through the engine's C++ kernel instead (x rounded to 16-bit integers, integer sums). With `native_bf16`,
+    from DEQUANT_ROWS rows on, the weight is widened to bf16 (exactly) for the call and multiplied by oneDNN: x in
+    bf16 again, fp32 sums."""
 
-    def __init__(self, layer: QuantLinear, *, native: bool = False) -> None:
+    def __init__(self, layer: QuantLinear, *, native: bool = False, native_bf16: bool = False) -> None:
         super().__init__()
-        self.native = native
+        self.native, self.native_bf16 = native, native_bf16
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.register_buffer("qweight", layer.qweight.contiguous())
         self.register_buffer("scales", layer.scales.float())
@@ -229,10 +246,15 @@ class Int8PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
-        if self.native and x.numel() <= NATIVE_ROWS * self.in_features:
-            y = torch.ops.yunque.rows_linear(x.reshape(-1, self.in_features), self.qweight, self.scales).to(x.dtype)
+        rows = x.numel() // self.in_features
+        x2 = x.reshape(-1, self.in_features)
+        if self.native and rows <= NATIVE_ROWS:
+            y = torch.ops.yunque.rows_linear(x2, self.qweight, self.scales).to(x.dtype)
         else:
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.qweight, self.ones)
+            if self.native_bf16 and rows >= DEQUANT_ROWS:
+                y = F.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16))
+            else:
+                y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.ones)
             y = (y.float() * self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -359,6 +381,6 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
     modules.clear()
 
 
-__all__ = ["QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear", "quant_kernel",
-           "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model", "decode_precision",
-           "decode_step"]
+__all__ = ["DEQUANT_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear",
+           "quant_kernel", "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model",
+           "decode_precision", "decode_step"]

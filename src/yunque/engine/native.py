@@ -71,12 +71,18 @@ def native_kernels() -> types.ModuleType | None:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear returns, for tracing a compiled step (the kernel itself is registered by
-    the library when it loads). Once per process, even if the library is loaded again."""
+    """What torch.ops.yunque.rows_linear and decode_attention return, for tracing a compiled step (the kernels
+    themselves are registered by the library when it loads). Once per process, even if the library is loaded
+    again."""
 
     @torch.library.register_fake("yunque::rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("yunque::decode_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, filled: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def _load() -> types.ModuleType:

@@ -79,6 +79,11 @@ class KVCache:
             mask = mask & ((k >= self.pad.view(-1, 1, 1, 1)) | (k == q))
         return pos, mask
 
+    def filled_after(self, T: int) -> torch.Tensor:
+        """Static caches: the positions filled once T more are written (a one-element tensor, so that a compiled
+        step reads it rather than baking it in): keys [0, filled_after(T)) are the real ones, the rest unfilled."""
+        return (self._filled + T).view(1)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, K, T, D) at the current position; return the keys/values to attend over (B, K, S, D):
         the filled ones (S = pos + T) or, static, all of them (S = max_len)."""
