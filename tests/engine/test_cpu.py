@@ -111,6 +111,15 @@ def test_engine_precision_auto_follows_the_hardware_and_the_model_size():
         Engine(tiny(), TOK, precision="fp16")
 
 
+def test_engine_precision_auto_decodes_an_int8_model_in_fp32_and_an_int4_one_as_a_float_one():
+    want = torch.bfloat16 if bf16_supported("cpu") else torch.float32
+    big = GPT(preset("small", vocab_size=20_000)).eval()  # an embedding of SMALL_MODEL parameters or more
+    assert sum(p.numel() for p in quantize_model(copy.deepcopy(big), "int4", 32).parameters()) >= SMALL_MODEL
+    assert Engine(quantize_model(copy.deepcopy(big), "int8"), TOK).dtype == torch.float32
+    assert Engine(quantize_model(copy.deepcopy(big), "int4", 32), TOK).dtype == want
+    assert Engine(quantize_model(copy.deepcopy(big), "int8"), TOK, precision="bf16").dtype == torch.bfloat16
+
+
 @needs_bf16
 def test_bf16_decoding_equals_fp32_on_a_model_that_has_learned(learned):
     fp32, bf16 = Engine(learned, TOK, precision="fp32"), Engine(learned, TOK, precision="bf16")

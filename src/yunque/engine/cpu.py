@@ -35,14 +35,28 @@ DecodeStep = Callable[[nn.Module, torch.Tensor, KVCache], torch.Tensor]
 
 
 def decode_precision(model: nn.Module, precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
-    """(dtype, pack) the engine decodes `model` with on `device`: see `SMALL_MODEL` for what "auto" picks.
+    """(dtype, pack) the engine decodes `model` with on `device`: see `SMALL_MODEL` and `int8_only` for what
+    "auto" picks.
 
-    precision: "bf16", "fp32", or "auto" (bf16 where the device multiplies it natively, fp32 elsewhere and for
-    models under SMALL_MODEL parameters on CPU, which then also keep plain F.linear: pack is False).
+    precision: "bf16", "fp32", or "auto" (bf16 where the device multiplies it natively, fp32 elsewhere, for models
+    under SMALL_MODEL parameters on CPU, which then also keep plain F.linear: pack is False, and for int8 models on
+    CPU).
     """
     small = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    dtype = DTYPES["fp32" if precision == "auto" and small else resolve_precision(precision, device)]
+    fp32 = precision == "auto" and device.type == "cpu" and (small or int8_only(model))
+    dtype = DTYPES["fp32" if fp32 else resolve_precision(precision, device)]
     return dtype, not (small and dtype == torch.float32)
+
+
+def int8_only(model: nn.Module) -> bool:
+    """Whether every quantized layer of `model` is int8 (and there is one). Such a model decodes in fp32 on CPU
+    when asked for "auto": its products take x in fp32 anyway (the one-row kernel rounds it to int16 itself, ATen's
+    and oneDNN's to bf16), so bf16 activations only add casts at every layer and round the rest of the step
+    (norms, attention, the residual stream) coarser. SmolLM2-135M int8 compiled, 128 tokens, alternated 8 times in
+    one process (Zen 4, 2 threads): 122.3 tokens/s in fp32 against 113.5 in bf16, the same greedy tokens; int4
+    (ATen's kernel takes bf16 x) 116.0 against 115.2, so int4 keeps bf16."""
+    bits = {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    return bits == {8}
 
 
 def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True,
@@ -383,4 +397,4 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
 
 __all__ = ["DEQUANT_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear",
            "quant_kernel", "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model",
-           "decode_precision", "decode_step"]
+           "decode_precision", "decode_step", "int8_only"]
