@@ -265,7 +265,8 @@ class Int8PackedLinear(nn.Module):
         if self.native and rows <= NATIVE_ROWS:
             y = torch.ops.yunque.rows_linear(x2, self.qweight, self.scales).to(x.dtype)
         else:
-            if self.native_bf16 and rows >= DEQUANT_ROWS:
+            # not in a compiled graph: freezing would fold the widened weight into a bf16 constant kept for good
+            if self.native_bf16 and rows >= DEQUANT_ROWS and not torch.compiler.is_compiling():
                 y = F.linear(x2.to(torch.bfloat16), self.qweight.to(torch.bfloat16))
             else:
                 y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.ones)
