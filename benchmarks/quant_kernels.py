@@ -1,12 +1,14 @@
 """Weight-only quantized matrix products on this CPU: what `engine/cpu.py`'s `quant_kernel` chooses from.
 
-For the linear layers of SmolLM2-135M (and its output head), 1, 4 and 8 rows, microseconds per call of:
+For the linear layers of SmolLM2-135M (and its output head), 1, 4, 8 and 32 rows, microseconds per call of:
 fp32 `F.linear` (the simple path) and oneDNN-packed fp32 and bf16 (`PackedLinear`, what the engine does for float
 weights); ATen's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed fp32 activations, and fed bf16 ones
-(`Int8PackedLinear`, `Int4PackedLinear`: the engine's modules, casts included); the engine's C++ product
-(`torch.ops.yunque.rows_linear`, engine/kernels.cpp) on fp32, bf16 and int8 weights, which `PackedLinear` and
-`Int8PackedLinear` run up to NATIVE_ROWS rows. The last column is the kernel the engine picks here for int8 and
-int4. Each call reads the same weight, so layers that fit in the CPU's caches are read from there.
+(`Int8PackedLinear`, `Int4PackedLinear` without the engine's kernels: casts included); the engine's C++ products
+(engine/kernels.cpp): `rows_linear` on fp32, bf16 and int8 weights, which `PackedLinear` and `Int8PackedLinear`
+run up to NATIVE_ROWS rows, `rows_int4` (x rounded to 8 bits per group) and `dense_int4` (the int4 weight
+widened to bf16 for the call, then oneDNN), which `Int4PackedLinear` runs up to NATIVE_ROWS and from
+DEQUANT_ROWS rows. The last column is the kernel family the engine picks here for int8 and int4. Each call reads
+the same weight, so layers that fit in the CPU's caches are read from there.
 
 To see what a CPU without native bf16 (AVX2 only) gets, on a machine that has it: ATen and oneDNN then dispatch
 to their AVX2 code and `bf16_supported` says False.
@@ -54,7 +56,7 @@ def main() -> None:
     columns = ["fp32 F.linear", "fp32 packed", "bf16 packed", "int8 x fp32", "int8 x bf16", "int4 x fp32",
                "int4 x bf16"]
     if native_kernels() is not None:
-        columns += ["fp32 C++", "bf16 C++", "int8 C++"]
+        columns += ["fp32 C++", "bf16 C++", "int8 C++", "int4 C++", "int4 dense"]
     print(f"{'layer':>10} rows " + " ".join(f"{c:>13}" for c in columns) + "   engine: int8, int4")
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -67,8 +69,9 @@ def main() -> None:
         w16 = w.bfloat16()
         q4 = torch._convert_weight_to_int4pack_for_cpu(int4.int_weight().to(torch.int32), 1)
         sz = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous().float()
+        q4_parts = (int4.qweight, int4.scales, int4.zeros, args.group_size)  # as the engine's kernels take them
         choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu) for bits in (8, 4)]
-        for rows in (1, 4, 8):
+        for rows in (1, 4, 8, 32):
             x = torch.randn(rows, K)
             x16 = x.bfloat16()
             fns = {"fp32 F.linear": lambda: F.linear(x, w), "fp32 packed": lambda: packed(x),
@@ -79,7 +82,9 @@ def main() -> None:
                    "int4 x bf16": lambda: fast4(x),
                    "fp32 C++": lambda: torch.ops.yunque.rows_linear(x, w, None),
                    "bf16 C++": lambda: torch.ops.yunque.rows_linear(x16, w16, None).bfloat16(),
-                   "int8 C++": lambda: torch.ops.yunque.rows_linear(x, int8.qweight, int8.scales)}
+                   "int8 C++": lambda: torch.ops.yunque.rows_linear(x, int8.qweight, int8.scales),
+                   "int4 C++": lambda: torch.ops.yunque.rows_int4(x, *q4_parts),
+                   "int4 dense": lambda: torch.ops.yunque.dense_int4(x16, *q4_parts)}
             with torch.inference_mode():
                 times = [per_call_us(fns[c], args.calls if "x fp32" not in c else max(10, args.calls // 10))
                          for c in columns]

@@ -111,12 +111,13 @@ def test_engine_precision_auto_follows_the_hardware_and_the_model_size():
         Engine(tiny(), TOK, precision="fp16")
 
 
-def test_engine_precision_auto_decodes_an_int8_model_in_fp32_and_an_int4_one_as_a_float_one():
+def test_engine_precision_auto_decodes_a_quantized_model_in_fp32_and_a_float_one_as_the_cpu_says():
     want = torch.bfloat16 if bf16_supported("cpu") else torch.float32
     big = GPT(preset("small", vocab_size=20_000)).eval()  # an embedding of SMALL_MODEL parameters or more
     assert sum(p.numel() for p in quantize_model(copy.deepcopy(big), "int4", 32).parameters()) >= SMALL_MODEL
+    assert Engine(big, TOK).dtype == want
     assert Engine(quantize_model(copy.deepcopy(big), "int8"), TOK).dtype == torch.float32
-    assert Engine(quantize_model(copy.deepcopy(big), "int4", 32), TOK).dtype == want
+    assert Engine(quantize_model(copy.deepcopy(big), "int4", 32), TOK).dtype == torch.float32
     assert Engine(quantize_model(copy.deepcopy(big), "int8"), TOK, precision="bf16").dtype == torch.bfloat16
 
 

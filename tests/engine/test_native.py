@@ -3,8 +3,9 @@
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
 step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
-compiled, and the engine's float and int8 layers use it for one row; without a compiler the engine says so in one
-line and keeps SDPA.
+compiled, and the engine's float and int8 layers use it for one row; rows_int4 and dense_int4 == F.linear on an
+int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; the kernels built for AVX2
+alone give the same; without a compiler the engine says so in one line and keeps SDPA.
 """
 
 import pytest
@@ -17,6 +18,7 @@ from yunque.engine.cpu import (
     DEQUANT_ROWS,
     NATIVE_ROWS,
     DecodeAttention,
+    Int4PackedLinear,
     Int8PackedLinear,
     PackedLinear,
     decode_model,
@@ -135,34 +137,127 @@ def test_rows_linear_int8_is_as_close_as_its_rounding_says_and_no_closer():
         assert not kernel(x, layer.qweight, layer.scales).isfinite().any()
 
 
+def int8_group_rounding_bound(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """How far an int4 product may be from F.linear's when the kernel rounds x to 8-bit integers per group of G
+    columns (step max|x| / 127 over the group, error at most half a step per element) and sums the weights' offset
+    of 8 in integers too: half a step times sum |q - 8| scale, plus fp32's own rounding (of the result, and of
+    the weight's zero terms, which it sums against x exactly)."""
+    N, K, G = layer.out_features, layer.in_features, layer.group_size
+    x2 = x.float().reshape(-1, K // G, G)
+    step = (x2.abs().amax(-1, keepdim=True) / 127).expand_as(x2).reshape(*x.shape[:-1], K)
+    offsets = (layer.int_weight().float() - 8).reshape(N, K // G, G) * layer.scales.float()[..., None]
+    w = layer.dequantize()
+    return step / 2 @ offsets.abs().reshape(N, K).T + 1e-5 * (1 + x.float().abs() @ w.abs().T)
+
+
+@needs_kernels
+@pytest.mark.parametrize("K, N, G", [(576, 960, 32), (1536, 7, 64), (640, 5, 128), (256, 3, 256), (96, 4, 32)])
+def test_rows_int4_equals_f_linear_within_the_rounding_of_x_to_8_bits(K, N, G):
+    """rows_int4 (kernels.cpp: int4_rows, every group size it takes; K = 96 is no multiple of 64 and takes the
+    dequantizing path) against F.linear on the dequantized weight, for 1 and more rows, x in fp32 and bf16, and
+    compiled."""
+    torch.manual_seed(K + G)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 4, G)
+    w = layer.dequantize()
+
+    def kernel(x):
+        return torch.ops.yunque.rows_int4(x, layer.qweight, layer.scales, layer.zeros, G)
+
+    for shape in [(1, K), (3, K), (2, 1, K)]:
+        for x in (torch.randn(shape) * 3, torch.randn(shape).bfloat16()):
+            got, want = kernel(x), F.linear(x.float(), w)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert ((got - want).abs() <= int8_group_rounding_bound(x, layer)).all()
+    compiled = torch.compile(lambda x: kernel(x) * 2, fullgraph=True)
+    x = torch.randn(1, K)
+    assert ((compiled(x) / 2 - F.linear(x, w)).abs() <= int8_group_rounding_bound(x, layer)).all()
+
+
+@needs_kernels
+def test_rows_int4_is_as_close_as_its_rounding_says_and_no_closer():
+    """The bound above is tight enough to fail: with an outlier in x (as a language model's activations have), 8-bit
+    rounding with one scale for the whole row breaks it, where the kernel's scale per group keeps it. x all zeros
+    gives zeros, and an inf or a nan gives what F.linear gives (the kernel then dequantizes instead)."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(576, 256, bias=False), 4, 32)
+    w = layer.dequantize()
+    x = torch.randn(1, 576)
+    x[0, 7] = 60.0
+    step = x.abs().amax() / 127
+    per_row = torch.round(x / step) * step
+    bound = int8_group_rounding_bound(x, layer)
+    assert not ((F.linear(per_row, w) - F.linear(x, w)).abs() <= bound).all()
+    got = torch.ops.yunque.rows_int4(x, layer.qweight, layer.scales, layer.zeros, 32)
+    assert ((got - F.linear(x, w)).abs() <= bound).all()
+
+    def kernel(x):
+        return torch.ops.yunque.rows_int4(x, layer.qweight, layer.scales, layer.zeros, 32)
+
+    torch.testing.assert_close(kernel(torch.zeros(1, 576)), torch.zeros(1, 256), atol=1e-6, rtol=0)
+    for bad in (float("inf"), float("nan")):
+        x[0, 5] = bad
+        torch.testing.assert_close(kernel(x), F.linear(x, w), equal_nan=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("K, N, G", [(576, 960, 32), (1536, 7, 64), (48, 5, 16)])
+def test_dense_int4_widens_the_weight_to_the_dtype_of_x(K, N, G):
+    """dense_int4 == F.linear on the dequantized weight in x's dtype: fp32 exactly as F.linear's rounding, bf16
+    with the weight rounded to bf16 (to nearest even, as .bfloat16()); G = 16 takes the scalar loop."""
+    torch.manual_seed(K)
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 4, G)
+    w = layer.dequantize()
+    x = torch.randn(40, K)
+
+    def kernel(x):
+        return torch.ops.yunque.dense_int4(x, layer.qweight, layer.scales, layer.zeros, G)
+
+    torch.testing.assert_close(kernel(x), F.linear(x, w), atol=1e-5, rtol=1e-5)
+    got = kernel(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, F.linear(x.bfloat16(), w.bfloat16()))
+    widened = torch.ops.yunque.dense_int4(torch.eye(K), layer.qweight, layer.scales, layer.zeros, G).T
+    assert torch.equal(widened, w)  # the fp32 widening is exact: the identity reads it back
+
+
 AVX2_BUILD = """
 import torch, torch.nn.functional as F
 from yunque.engine import native
-{bound}
+from yunque.model.quant import QuantLinear
+{bounds}
 native.CFLAGS = (*native.CFLAGS, "-mno-avx512f")  # a build of its own (the flags are in its name), for AVX2 only
 kernels = native.native_kernels()
 print(kernels.vector_isa())
-from yunque.model.quant import QuantLinear
 torch.manual_seed(0)
 for K, N in [(576, 960), (1536, 7), (8256, 3), (40, 5)]:
     layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 8)
     x = torch.randn(2, K) * 3
     got, want = torch.ops.yunque.rows_linear(x, layer.qweight, layer.scales), F.linear(x, layer.dequantize())
     assert ((got - want).abs() <= int16_rounding_bound(x, layer.dequantize())).all(), (K, N)
+for K, N, G in [(576, 960, 32), (1536, 7, 64), (96, 4, 32)]:
+    layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 4, G)
+    x = torch.randn(2, K) * 3
+    got = torch.ops.yunque.rows_int4(x, layer.qweight, layer.scales, layer.zeros, G)
+    assert ((got - F.linear(x, layer.dequantize())).abs() <= int8_group_rounding_bound(x, layer)).all(), (K, N, G)
+    got = torch.ops.yunque.dense_int4(x.bfloat16(), layer.qweight, layer.scales, layer.zeros, G)
+    torch.testing.assert_close(got, F.linear(x.bfloat16(), layer.dequantize().bfloat16()))
 print("ok")
 """
 
 
 @needs_kernels
 @pytest.mark.skipif("avx2" not in native.cpu_flags().split(), reason="the CPU has no AVX2 to build for")
-def test_the_avx2_build_of_the_int8_kernel_equals_f_linear(tmp_path):
-    """Most laptops have AVX2 and no AVX-512: the kernels built without AVX-512 (as there) take their AVX2 branch
-    and give F.linear's products within the int16 rounding of x. Builds the kernels once more (~40 s)."""
+def test_the_avx2_build_of_the_integer_kernels_equals_f_linear(tmp_path):
+    """Most laptops have AVX2 and no AVX-512: the kernels built without AVX-512 (as there) take their AVX2 branches
+    and give F.linear's products within the rounding of x (int8: to 16 bits; int4: to 8 bits per group, with
+    8-bit products summed by maddubs/madd instead of VNNI). Builds the kernels once more (~40 s)."""
     import inspect
     import subprocess
     import sys
 
-    script = AVX2_BUILD.format(bound=inspect.getsource(int16_rounding_bound))  # the same bound as the tests here
+    # the same bounds as the tests here
+    bounds = inspect.getsource(int16_rounding_bound) + inspect.getsource(int8_group_rounding_bound)
+    script = AVX2_BUILD.format(bounds=bounds)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["avx2", "ok"]
@@ -191,6 +286,28 @@ def test_the_engine_int8_layer_runs_the_kernel_for_one_row_and_aten_or_onednn_fo
             torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
         torch.testing.assert_close(got, aten(x), atol=0.05, rtol=0.02)
     assert calls == [torch.Size([1, 64])]
+
+
+@needs_kernels
+def test_the_engine_int4_layer_runs_the_kernel_for_one_row_aten_for_a_few_and_onednn_for_many(monkeypatch):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(128, 96, bias=True), 4, 32)
+    calls = []
+    for op in ("rows_int4", "dense_int4"):
+        kernel = getattr(torch.ops.yunque, op)
+        monkeypatch.setattr(torch.ops.yunque, op, lambda *a, op=op, k=kernel: (calls.append((op, a[0].shape[0])),
+                                                                                k(*a))[1])
+    fast, aten = Int4PackedLinear(layer, native=True, native_bf16=True), Int4PackedLinear(layer)
+    w = layer.dequantize()
+    for rows in (1, NATIVE_ROWS + 3, DEQUANT_ROWS):  # the integer kernel, ATen's, the weight widened to bf16
+        x = torch.randn(rows, 128)
+        got, want = fast(x), F.linear(x, w, layer.bias)
+        if rows <= NATIVE_ROWS:  # x rounded to 8-bit integers per group
+            assert ((got - want).abs() <= int8_group_rounding_bound(x, layer)).all()
+        else:  # x in bf16, as ATen's takes it
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got, aten(x), atol=0.05, rtol=0.02)
+    assert calls == [("rows_int4", 1), ("dense_int4", DEQUANT_ROWS)]
 
 
 @needs_kernels

@@ -35,28 +35,27 @@ DecodeStep = Callable[[nn.Module, torch.Tensor, KVCache], torch.Tensor]
 
 
 def decode_precision(model: nn.Module, precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
-    """(dtype, pack) the engine decodes `model` with on `device`: see `SMALL_MODEL` and `int8_only` for what
+    """(dtype, pack) the engine decodes `model` with on `device`: see `SMALL_MODEL` and `quantized` for what
     "auto" picks.
 
     precision: "bf16", "fp32", or "auto" (bf16 where the device multiplies it natively, fp32 elsewhere, for models
-    under SMALL_MODEL parameters on CPU, which then also keep plain F.linear: pack is False, and for int8 models on
-    CPU).
+    under SMALL_MODEL parameters on CPU, which then also keep plain F.linear: pack is False, and for quantized
+    models on CPU).
     """
     small = device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL
-    fp32 = precision == "auto" and device.type == "cpu" and (small or int8_only(model))
+    fp32 = precision == "auto" and device.type == "cpu" and (small or quantized(model))
     dtype = DTYPES["fp32" if fp32 else resolve_precision(precision, device)]
     return dtype, not (small and dtype == torch.float32)
 
 
-def int8_only(model: nn.Module) -> bool:
-    """Whether every quantized layer of `model` is int8 (and there is one). Such a model decodes in fp32 on CPU
-    when asked for "auto": its products take x in fp32 anyway (the one-row kernel rounds it to int16 itself, ATen's
-    and oneDNN's to bf16), so bf16 activations only add casts at every layer and round the rest of the step
-    (norms, attention, the residual stream) coarser. SmolLM2-135M int8 compiled, 128 tokens, alternated 8 times in
-    one process (Zen 4, 2 threads): 122.3 tokens/s in fp32 against 113.5 in bf16, the same greedy tokens; int4
-    (ATen's kernel takes bf16 x) 116.0 against 115.2, so int4 keeps bf16."""
-    bits = {m.bits for m in model.modules() if isinstance(m, QuantLinear)}
-    return bits == {8}
+def quantized(model: nn.Module) -> bool:
+    """Whether `model` has quantized layers (int8 or int4). Such a model decodes in fp32 on CPU when asked for
+    "auto": the one-row kernels round x to integers themselves, from fp32 as well as from bf16, so bf16 activations
+    only add casts at every layer and round the rest of the step (norms, attention, the residual stream) coarser.
+    SmolLM2-135M compiled, 128 tokens, alternated in one process (Zen 4, 2 threads), fp32 against bf16: int8
+    122.3 against 113.5 tokens/s (8 rounds); int4 with the engine's int4 kernel 166.6 against 153.8 and 160.8
+    against 156.0 (two runs of 4 rounds); the same greedy tokens."""
+    return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
 def decode_model(model: nn.Module, dtype: torch.dtype, device: torch.device, *, pack: bool = True,
@@ -227,7 +226,7 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     if kernel == "int8pack":
         return Int8PackedLinear(layer, native=native, native_bf16=native_bf16)
     if kernel == "int4pack":
-        return Int4PackedLinear(layer)
+        return Int4PackedLinear(layer, native=native, native_bf16=native_bf16)
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = nn.Parameter(layer.dequantize().to(device, dtype), requires_grad=False)
     if layer.bias is not None:
@@ -278,24 +277,59 @@ class Int8PackedLinear(nn.Module):
 
 class Int4PackedLinear(nn.Module):
     """An int4 QuantLinear computed by ATen's `_weight_int4pack_mm_for_cpu`: x in bf16, the weights in ATen's own
-    packed layout, (scale, zero) pairs as (K/G, N, 2) in bf16, as the kernel takes them."""
+    packed layout, (scale, zero) pairs as (K/G, N, 2) in bf16, as the kernel takes them.
 
-    def __init__(self, layer: QuantLinear) -> None:
+    With `native` (the engine's C++ kernels built with their vector instructions), the layer also keeps the weights
+    as QuantLinear stores them (a second copy, ~1.25x the int4 bytes) for two kernels of the engine's own:
+    - up to NATIVE_ROWS rows of x (a decode step of one sequence), torch.ops.yunque.rows_int4: x rounded to 8-bit
+      integers per group of columns, integer sums (as llama.cpp's Q4_0 products do);
+    - with `native_bf16`, from DEQUANT_ROWS rows on (a prompt), torch.ops.yunque.dense_int4: the weight widened to
+      bf16 for the call and multiplied by oneDNN.
+    `python benchmarks/quant_kernels.py --threads 2` (Zen 4, weights in cache, us per call, ATen's against the
+    engine's): one row, qkv 48 vs 28, mlp.up 77 vs 47, mlp.down 40 vs 20, the 49152-row head 828 vs 514; 32 rows,
+    qkv 231 vs 187, mlp.up 715 vs 535, mlp.down 360 vs 290 (ATen's is faster from 2 rows to ~16). SmolLM2-135M's
+    128-token prefill went from ~220 to ~130 ms, its compiled decode from ~125 to ~155 tokens/s.
+    """
+
+    def __init__(self, layer: QuantLinear, *, native: bool = False, native_bf16: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
+        self.native = native and int4_rows_fit(self.in_features, self.group_size)
+        self.native_bf16 = native_bf16
         q = layer.int_weight().to(torch.int32)  # (N, K) in [0, 15]
         self.register_buffer("int4_weight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
         scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1)  # (N, K/G, 2)
         self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16))
+        if self.native:
+            self.register_buffer("qweight", layer.qweight.contiguous())
+            self.register_buffer("scales", layer.scales.to(torch.bfloat16).contiguous())
+            self.register_buffer("zeros", layer.zeros.to(torch.bfloat16).contiguous())
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype."""
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), self.int4_weight,
-                                              self.group_size, self.scales_and_zeros).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        if self.native and rows <= NATIVE_ROWS:
+            y = torch.ops.yunque.rows_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
+        elif self.native and self.native_bf16 and rows >= DEQUANT_ROWS:
+            y = torch.ops.yunque.dense_int4(x2.to(torch.bfloat16), self.qweight, self.scales, self.zeros,
+                                            self.group_size)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.int4_weight, self.group_size,
+                                                  self.scales_and_zeros)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def int4_rows_fit(in_features: int, group_size: int) -> bool:
+    """Whether the engine's one-row int4 kernel takes a layer: K a multiple of 64, groups of 32 or of a multiple
+    of 64, and a build with its vector instructions (AVX2 or more; elsewhere it would only dequantize)."""
+    kernels = native_kernels()
+    fits = in_features % 64 == 0 and (group_size == 32 or (group_size % 64 == 0 and group_size <= 256))
+    return fits and kernels is not None and kernels.vector_isa() != "none"
 
 
 def cache_bucket(n: int) -> int:
@@ -398,4 +432,4 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
 
 __all__ = ["DEQUANT_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear",
            "quant_kernel", "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model",
-           "decode_precision", "decode_step", "int8_only"]
+           "decode_precision", "decode_step", "quantized"]

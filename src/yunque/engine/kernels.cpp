@@ -4,9 +4,14 @@
 // rows_linear: the product of one decode row with a weight as it is stored, float32, bfloat16 or int8 (with one
 // scale per output): faster than oneDNN's product on its own blocked layout of a float weight and than ATen's
 // _weight_int8pack_mm (figures in engine/cpu.py, benchmarks/quant_kernels.py); at 4 rows and more theirs are
-// faster. int8 sums 16-bit integer products (int8_rows). ATen's int4 kernel was faster than one written here with
-// float products (2.5-3.5x) and than one with 16-bit integer products (Zen 4, 2 threads, SmolLM2's up layer in
-// cache: 58-65 us against 96-117), so int4 stays with ATen.
+// faster. int8 sums 16-bit integer products (int8_rows).
+//
+// rows_int4: the same for an int4 weight with a scale and a zero per group of columns, x rounded to 8-bit integers
+// per group (int4_rows, 8-bit products summed in int32), faster than ATen's _weight_int4pack_mm_for_cpu for one
+// row. ATen's had been faster than a kernel written here with float products (2.5-3.5x) and than one with 16-bit
+// products (Zen 4, 2 threads, SmolLM2's up layer in cache: 58-65 us against 96-117): those spent their time
+// widening nibbles, where 8-bit products take a whole 64-column block per load.
+// dense_int4: an int4 weight widened to float for a product of many rows (a prompt), multiplied by oneDNN.
 //
 // decode_attention: one query per (row, head) over a KV cache, the decode step's attention. PyTorch's SDPA on CPU
 // runs a flash kernel meant for long queries; for a query of one token its per-block bookkeeping costs more than
@@ -35,6 +40,19 @@ inline float to_float(uint16_t bf16) {  // bfloat16 is the top half of a float32
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+template <typename T>
+T from_float(float f);
+
+template <>
+inline float from_float<float>(float f) { return f; }
+
+template <>
+inline uint16_t from_float<uint16_t>(float f) {  // to bfloat16, rounded to nearest even (finite f)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // q (B, H, D) contiguous; k, v: element [b, g, s, d] at b * kb + g * kh + s * ks + d; each row b sees its keys
@@ -234,6 +252,264 @@ void int8_rows(const float* x, const int8_t* w, const float* scales, float* y, i
 
 #endif
 
+#if defined(__AVX2__)
+#define YUNQUE_INT4 1
+// int4_rows below: 8-bit products in 256-bit vectors, 32 unsigned weights times 32 signed activations summed by
+// fours into 8 int32 lanes (one instruction with VNNI, three with plain AVX2). Zen 4 runs 512-bit vectors as two
+// halves anyway, and 256 bits fit a 64-column block of int4 weights in one load.
+inline __m256i dot_u8s8(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+inline float hsum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 bfloat16 (the low 128 bits' 16-bit halves) as 8 floats
+inline __m256 bf16_to_float(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+
+inline __m256 load8(const uint16_t* x) {  // 8 bfloat16
+  return bf16_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr bool INT4_PAIRS = true;  // int4_rows takes two blocks a 512-bit vector (one instruction where 256-bit
+                                   // vectors take two: Zen 4 executes it in two halves, but issues it once)
+#else
+constexpr bool INT4_PAIRS = false;
+#endif
+
+// Where column k of a row of x goes in int4_rows' layout of it: per 64-column block, the 32 even columns then the
+// 32 odd ones (the order of an int4 row's low and high nibbles); with INT4_PAIRS, per pair of blocks, the even
+// columns of both, then the odd ones of both (a last odd block as before).
+inline int64_t q_position(int64_t k, int64_t blocks) {
+  const int64_t b = k / 64, j = k % 64;
+  if (INT4_PAIRS && b < blocks / 2 * 2) return (b / 2) * 128 + (j % 2) * 64 + (b % 2) * 32 + j / 2;
+  return b * 64 + (j % 2) * 32 + j / 2;
+}
+
+// x's rows as 8-bit integers for int4_rows, one scale per group of G columns (as llama.cpp's Q8_0 rounds the
+// activations of its Q4_0 products, with G = 32): x ~ q * a, |q| <= 127, the rounding error at most 1/254 of the
+// group's largest |x|. q holds them as q_position says, and lane holds the scale of each of a block's 8 int32
+// lanes (lane i sums columns 8i..8i+7). Per group: sum, x's exact sum; qsum, -8 a times q's sum (the int4
+// weights' offset of 8).
+// Returns false, with nothing rounded, if x holds an inf or a nan.
+template <typename T>  // float or bfloat16 (uint16_t)
+bool rows_to_int8_blocks(const T* x, int64_t M, int64_t K, int64_t G, int8_t* q, float* lane, float* sum,
+                         float* qsum) {
+  int32_t ints[256];  // one group's integers in column order (G <= 256 on this path), before the even/odd split
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g0 = 0; g0 < K; g0 += G) {
+      const T* xg = x + m * K + g0;
+      // the largest |x| from the bits, as in rows_to_int16: unsigned, they order as magnitudes, inf and nan on top
+      __m256i top = _mm256_setzero_si256();
+      for (int64_t k = 0; k < G; k += 8) {
+        const __m256i magnitude = _mm256_and_si256(_mm256_castps_si256(load8(xg + k)), _mm256_set1_epi32(0x7fffffff));
+        top = _mm256_max_epu32(top, magnitude);
+      }
+      uint32_t t[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t), top);
+      uint32_t bits = 0;
+      for (uint32_t v : t) bits = std::max(bits, v);
+      if (bits >= 0x7f800000u) return false;
+      float amax;
+      std::memcpy(&amax, &bits, sizeof amax);
+      const float a = amax > 0.f ? amax / 127.f : 1.f;
+      const __m256 inv = _mm256_set1_ps(1.f / a);
+      __m256 s = _mm256_setzero_ps();
+      __m256i qs = _mm256_setzero_si256();
+      for (int64_t k = 0; k < G; k += 8) {
+        const __m256 xv = load8(xg + k);
+        const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(xv, inv));  // to nearest even, as nearbyint
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(ints + k), v);
+        s = _mm256_add_ps(s, xv);
+        qs = _mm256_add_epi32(qs, v);
+      }
+      for (int64_t k = g0; k < g0 + G; ++k) q[m * K + q_position(k, K / 64)] = int8_t(ints[k - g0]);
+      for (int64_t k = g0; k < g0 + G; k += 8) lane[(m * K + k) / 8] = a;
+      int32_t qt[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qt), qs);
+      sum[(m * K + g0) / G] = hsum8(s);
+      qsum[(m * K + g0) / G] = -8.f * a * float(qt[0] + qt[1] + qt[2] + qt[3] + qt[4] + qt[5] + qt[6] + qt[7]);
+    }
+  }
+  return true;
+}
+
+const __m256i lanes01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+const __m256i lanes23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+
+// One 64-column block: 32 bytes of int4 weights (low nibbles the even columns, high ones the odd) times x's 64
+// int8 (q: even columns, then odd) as 8 float lanes, lane i the sum over columns 8i..8i+7.
+inline __m256 block_sums(const uint8_t* w, const int8_t* q) {
+  const __m256i low = _mm256_set1_epi8(15);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  const __m256i lo = _mm256_and_si256(bytes, low), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+  __m256i d = dot_u8s8(_mm256_setzero_si256(), lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  d = dot_u8s8(d, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+  return _mm256_cvtepi32_ps(d);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+inline __m512i dot_u8s8(__m512i acc, __m512i u, __m512i s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+// block_sums for two blocks (64 bytes of weights; q: both blocks' even columns, then their odd ones): 16 lanes,
+// the first block's 8 then the second's.
+inline __m512 pair_sums(const uint8_t* w, const int8_t* q) {
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i bytes = _mm512_loadu_si512(w);
+  const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+  const __m512i d = dot_u8s8(_mm512_setzero_si512(), lo, _mm512_loadu_si512(q));
+  return _mm512_cvtepi32_ps(dot_u8s8(d, hi, _mm512_loadu_si512(q + 64)));
+}
+
+// the weight scales of a pair of blocks in its 16 lanes: from 4 bfloat16 (G = 32), 2 (G = 64) or 1
+inline __m512 pair_scales(const uint16_t* s, int64_t G) {
+  if (G == 32 || G == 64) {
+    const __m128i h = G == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))
+                              : _mm_cvtsi32_si128(int32_t(uint32_t(s[0]) | uint32_t(s[1]) << 16));
+    const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_zextsi128_si256(h)), 16));
+    const __m512i index = G == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_permutexvar_ps(index, f);
+  }
+  return _mm512_set1_ps(to_float(s[0]));
+}
+#endif
+
+// int4 weights (N, K / 2), column 2j in the low nibble of byte j and 2j + 1 in the high one, with bfloat16 scales
+// and zeros (N, K / G): w = (q - 8) * scale + zero. K a multiple of 64; G 32 or a multiple of 64. x is rounded
+// to 8-bit integers per group (rows_to_int8_blocks); each 64-column block of a weight row is one load, its
+// nibbles summed against x in integers, and the block's sums move to float times (weight scale x activation
+// scale); the offset and zero terms are per group, summed after: sum_g scale_g * qsum_g + zero_g * sum_g.
+void int4_rows(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, float* y, int64_t M,
+               int64_t N, int64_t K, int64_t G, const int8_t* q, const float* lane, const float* sum,
+               const float* qsum) {
+  const int64_t blocks = K / 64, groups = K / G;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* wn = w + n * (K / 2);
+      const uint16_t* sn = scales + n * groups;
+      const uint16_t* zn = zeros + n * groups;
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* qm = q + m * K;
+        const float* lm = lane + m * (K / 8);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t b = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        __m512 wide = _mm512_setzero_ps();
+        for (; b + 2 <= blocks; b += 2) {
+          wide = _mm512_fmadd_ps(pair_sums(wn + b * 32, qm + b * 64),
+                                 _mm512_mul_ps(pair_scales(sn + b * 64 / G, G), _mm512_loadu_ps(lm + b * 8)), wide);
+        }
+        acc1 = _mm256_add_ps(_mm512_castps512_ps256(wide), _mm512_extractf32x8_ps(wide, 1));
+#endif
+        if (G == 32) {  // two groups a block: lanes 0-3 take the first scale, 4-7 the second
+          for (; b + 2 <= blocks; b += 2) {
+            const __m256 s4 = bf16_to_float(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sn + 2 * b)));
+            const __m256 scale0 = _mm256_mul_ps(_mm256_permutevar8x32_ps(s4, lanes01), _mm256_loadu_ps(lm + b * 8));
+            const __m256 scale1 = _mm256_mul_ps(_mm256_permutevar8x32_ps(s4, lanes23), _mm256_loadu_ps(lm + b * 8 + 8));
+            acc0 = _mm256_fmadd_ps(block_sums(wn + b * 32, qm + b * 64), scale0, acc0);
+            acc1 = _mm256_fmadd_ps(block_sums(wn + b * 32 + 32, qm + b * 64 + 64), scale1, acc1);
+          }
+          if (b < blocks) {
+            int32_t two;
+            std::memcpy(&two, sn + 2 * b, sizeof two);
+            const __m256 s2 = bf16_to_float(_mm_cvtsi32_si128(two));
+            const __m256 scale = _mm256_mul_ps(_mm256_permutevar8x32_ps(s2, lanes01), _mm256_loadu_ps(lm + b * 8));
+            acc0 = _mm256_fmadd_ps(block_sums(wn + b * 32, qm + b * 64), scale, acc0);
+          }
+        } else {  // one group for one block or more
+          for (; b < blocks; ++b) {
+            acc0 = _mm256_fmadd_ps(block_sums(wn + b * 32, qm + b * 64),
+                                   _mm256_mul_ps(_mm256_set1_ps(to_float(sn[b * 64 / G])), _mm256_loadu_ps(lm + b * 8)),
+                                   acc0);
+          }
+        }
+        // the offset and zero terms, per group: 8 groups a vector
+        const float* sm = sum + m * groups;
+        const float* qm8 = qsum + m * groups;
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) {
+          acc1 = _mm256_fmadd_ps(bf16_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zn + g))),
+                                 _mm256_loadu_ps(sm + g), acc1);
+          acc0 = _mm256_fmadd_ps(bf16_to_float(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sn + g))),
+                                 _mm256_loadu_ps(qm8 + g), acc0);
+        }
+        float total = hsum8(_mm256_add_ps(acc0, acc1));
+        for (; g < groups; ++g) total += to_float(zn[g]) * sm[g] + to_float(sn[g]) * qm8[g];
+        y[m * N + n] = total;
+      }
+    }
+  });
+}
+#endif
+
+#ifdef YUNQUE_INT4
+inline void store8(float* out, __m256 f) { _mm256_storeu_ps(out, f); }
+
+inline void store8(uint16_t* out, __m256 f) {  // as bfloat16, rounded to nearest even as from_float
+  const __m256i bits = _mm256_castps_si256(f);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#endif
+
+// An int4 weight as QuantLinear stores it (see int4_rows) widened to w = (q - 8) * scale + zero, float32 or (rounded
+// to nearest even) bfloat16, (N, K): what a product of many rows hands to oneDNN. Rows of the weight in parallel.
+template <typename T>
+void widen_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, T* out, int64_t N, int64_t K,
+                int64_t G) {
+  const int64_t groups = K / G;
+  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = to_float(scales[n * groups + g]), z = to_float(zeros[n * groups + g]);
+        const uint8_t* wg = w + n * (K / 2) + g * (G / 2);
+        T* og = out + n * K + g * G;
+        int64_t k = 0;
+#ifdef YUNQUE_INT4
+        const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z), eight = _mm256_set1_ps(8.f);
+        for (; k + 32 <= G; k += 32) {  // 16 bytes, 32 columns: nibbles interleaved back into column order
+          const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + k / 2));
+          const __m128i lo = _mm_and_si128(bytes, _mm_set1_epi8(15));
+          const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(15));
+          const __m128i cols[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+          for (int half = 0; half < 4; ++half) {
+            const __m128i c = half % 2 ? _mm_srli_si128(cols[half / 2], 8) : cols[half / 2];
+            // (q - 8) * scale + zero, one rounding (the product is exact), as QuantLinear.dequantize computes it
+            const __m256 centred = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), eight);
+            store8(og + k + 8 * half, _mm256_fmadd_ps(centred, sv, zv));
+          }
+        }
+#endif
+        for (; k < G; ++k) og[k] = from_float<T>(std::fma(float((wg[k / 2] >> (4 * (k % 2))) & 15) - 8.f, s, z));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scales float32 (N,) or None (one
@@ -275,6 +551,87 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight,
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y.view(shape);
+}
+
+// x (..., K) float32 or bfloat16 times an int4 weight as QuantLinear stores it: qweight uint8 (N, K / 2), scales
+// and zeros bfloat16 (N, K / G) -> (..., N) float32. With AVX2 (K a multiple of 64, G 32 or a multiple of 64),
+// int4_rows with x rounded to 8 bits per group; otherwise, or if x holds an inf or a nan, F.linear with the
+// weight dequantized.
+torch::Tensor rows_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                        const torch::Tensor& zeros, int64_t group_size) {
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && x.size(-1) == K,
+              "rows_int4: x (..., K), qweight uint8 (N, K / 2)");
+  TORCH_CHECK(G > 0 && K % G == 0 && scales.sizes() == torch::IntArrayRef({N, K / G}) &&
+                  zeros.sizes() == scales.sizes() && scales.scalar_type() == torch::kBFloat16 &&
+                  zeros.scalar_type() == torch::kBFloat16,
+              "rows_int4: scales and zeros bfloat16 (N, K / group_size)");
+  // x as it comes if bfloat16 (the kernel widens it as it rounds it), else as float32
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const torch::Tensor xc = bf16 ? x.reshape({-1, K}).contiguous() : x.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const int64_t M = xc.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+#ifdef YUNQUE_INT4
+  if (K % 64 == 0 && (G == 32 || (G % 64 == 0 && G <= 256))) {
+    // x's integers and scales, in buffers kept per thread (no allocation per call)
+    thread_local std::vector<int8_t> q;
+    thread_local std::vector<float> lane, sum, qsum;
+    q.resize(M * K);
+    lane.resize(M * K / 8);
+    sum.resize(M * K / G);
+    qsum.resize(M * K / G);
+    const bool rounded =
+        bf16 ? rows_to_int8_blocks(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K, G, q.data(), lane.data(),
+                                   sum.data(), qsum.data())
+             : rows_to_int8_blocks(xc.data_ptr<float>(), M, K, G, q.data(), lane.data(), sum.data(), qsum.data());
+    if (rounded) {
+      const torch::Tensor w = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+      torch::Tensor y = torch::empty({M, N}, xc.options().dtype(torch::kFloat32));
+      int4_rows(w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.data_ptr()),
+                reinterpret_cast<const uint16_t*>(z.data_ptr()), y.data_ptr<float>(), M, N, K, G, q.data(),
+                lane.data(), sum.data(), qsum.data());
+      return y.view(shape);
+    }
+  }
+#endif
+  const torch::Tensor ints = torch::stack({qweight.bitwise_and(15), qweight.bitwise_right_shift(4)}, -1);
+  const torch::Tensor centred = ints.reshape({N, K / G, G}).to(torch::kFloat32) - 8;
+  const torch::Tensor w = (centred * scales.to(torch::kFloat32).unsqueeze(-1) + zeros.to(torch::kFloat32).unsqueeze(-1))
+                              .reshape({N, K});
+  return torch::linear(xc.to(torch::kFloat32), w).view(shape);
+}
+
+// x (..., K) times an int4 weight as rows_int4 takes it, the weight widened (widen_int4) to x's dtype, bfloat16 or
+// else float32, for the call: for many rows (a prompt), where a product of floats outruns int4_rows and ATen's.
+// -> (..., N) in that dtype.
+torch::Tensor dense_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                         const torch::Tensor& zeros, int64_t group_size) {
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && x.size(-1) == K,
+              "dense_int4: x (..., K), qweight uint8 (N, K / 2)");
+  TORCH_CHECK(G > 1 && G % 2 == 0 && K % G == 0 && scales.sizes() == torch::IntArrayRef({N, K / G}) &&
+                  zeros.sizes() == scales.sizes() && scales.scalar_type() == torch::kBFloat16 &&
+                  zeros.scalar_type() == torch::kBFloat16,
+              "dense_int4: scales and zeros bfloat16 (N, K / group_size)");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  const torch::Tensor w = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
+  const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr());
+  const auto* zp = reinterpret_cast<const uint16_t*>(z.data_ptr());
+  // the widened weight lives for the call only; a buffer kept per thread and reused spares the allocator's fresh
+  // pages (a page fault per 4 KiB made the widening cost ~10x its arithmetic)
+  thread_local torch::Tensor scratch;
+  const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
+  if (!scratch.defined() || scratch.numel() * scratch.element_size() < N * K * 4) {
+    scratch = torch::empty({N * K * 4}, x.options().dtype(torch::kUInt8));
+  }
+  torch::Tensor dense = torch::from_blob(scratch.data_ptr(), {N, K}, x.options().dtype(dtype));
+  if (bf16) {
+    widen_int4(w.data_ptr<uint8_t>(), sp, zp, reinterpret_cast<uint16_t*>(dense.data_ptr()), N, K, G);
+  } else {
+    widen_int4(w.data_ptr<uint8_t>(), sp, zp, dense.data_ptr<float>(), N, K, G);
+  }
+  return torch::linear(x.to(dense.scalar_type()), dense);
 }
 
 // Attention of one query per row and head: q (B, H, D), k and v (B, K, S, D) float32 or bfloat16 with unit stride
@@ -339,10 +696,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 // step calls them from its graph; their shapes for tracing are registered in engine/native.py.
 TORCH_LIBRARY(yunque, m) {
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
+  m.def("rows_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+  m.def("dense_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? pad, Tensor? filled, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
   m.impl("rows_linear", &rows_linear);
+  m.impl("rows_int4", &rows_int4);
+  m.impl("dense_int4", &dense_int4);
   m.impl("decode_attention", &decode_attention);
 }

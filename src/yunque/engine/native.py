@@ -71,13 +71,24 @@ def native_kernels() -> types.ModuleType | None:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear and decode_attention return, for tracing a compiled step (the kernels
-    themselves are registered by the library when it loads). Once per process, even if the library is loaded
-    again."""
+    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4 and decode_attention return, for tracing a compiled
+    step (the kernels themselves are registered by the library when it loads). Once per process, even if the
+    library is loaded again."""
 
     @torch.library.register_fake("yunque::rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("yunque::rows_int4")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+          group_size: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("yunque::dense_int4")
+    def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+          group_size: int) -> torch.Tensor:
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=dtype)
 
     @torch.library.register_fake("yunque::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, filled: torch.Tensor | None,
