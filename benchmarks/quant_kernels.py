@@ -70,7 +70,8 @@ def main() -> None:
         q4 = torch._convert_weight_to_int4pack_for_cpu(int4.int_weight().to(torch.int32), 1)
         sz = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous().float()
         q4_parts = (int4.qweight, int4.scales, int4.zeros, args.group_size)  # as the engine's kernels take them
-        choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu) for bits in (8, 4)]
+        choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu,
+                               native=native_kernels() is not None) for bits in (8, 4)]
         for rows in (1, 4, 8, 32):
             x = torch.randn(rows, K)
             x16 = x.bfloat16()

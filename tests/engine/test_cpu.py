@@ -275,6 +275,12 @@ def test_quant_kernel_follows_what_the_cpu_does():
 
     assert kernel(8, True) == kernel(8, False) == "int8pack"
     assert kernel(4, True) == "int4pack" and kernel(4, False) == "dequant"
+    kernels = native_kernels()
+    own = kernels is not None and kernels.vector_isa() != "none"  # the engine's int4 kernels, where they build
+    assert quant_kernel(4, 128, 96, 32, native_bf16=False, device=CPU, native=True) == ("int4native" if own
+                                                                                        else "dequant")
+    assert quant_kernel(4, 96, 96, 32, native_bf16=False, device=CPU, native=True) == "dequant"  # K % 64 != 0
+    assert quant_kernel(4, 128, 96, 32, native_bf16=True, device=CPU, native=True) == "int4pack"
     assert kernel(4, True, out_features=100) == kernel(4, True, group_size=16) == "dequant"  # what ATen's accepts
     assert kernel(8, True, device=torch.device("cuda")) == "dequant"
 
@@ -298,7 +304,10 @@ def test_quantized_greedy_tokens_equal_the_dequantized_models(learned, method, g
             logits = decode_step(fast, logits.argmax(-1), cache)
         runs.append((tokens, kinds))
     (got, kinds), (want, _) = runs
-    expected = "Int8PackedLinear" if method == "int8" else "Int4PackedLinear" if native_bf16 else "Linear"
+    # int4 without native bf16: the engine's own int4 kernels where they build (no ATen copy), else dequantized
+    int4_native = native_kernels() is not None and native_kernels().vector_isa() != "none"
+    expected = ("Int8PackedLinear" if method == "int8" else "Int4PackedLinear" if native_bf16 or int4_native
+                else "Linear")
     assert expected in kinds and "QuantLinear" not in kinds
     assert got == want
     assert TOK.decode(want) in TEXT * 3  # the dequantized model still recites what it learned

@@ -186,13 +186,14 @@ class PackedLinear(nn.Module):
         return y[..., :self.out_features] if self.padded else y
 
 
-QUANT_KERNELS = ("int8pack", "int4pack", "dequant")
+QUANT_KERNELS = ("int8pack", "int4pack", "int4native", "dequant")
 """How the engine computes a quantized layer: ATen's weight-only kernels (`Int8PackedLinear`, `Int4PackedLinear`),
-or the weight dequantized once to an ordinary (packed) linear layer in the decode dtype."""
+the engine's own int4 kernels alone (`Int4PackedLinear` without ATen's copy), or the weight dequantized once to an
+ordinary (packed) linear layer in the decode dtype."""
 
 
 def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int, *, native_bf16: bool,
-                 device: torch.device) -> str:
+                 device: torch.device, native: bool = False) -> str:
     """The kernel (one of QUANT_KERNELS) for a quantized layer on `device`, chosen from what was measured of
     SmolLM2-135M's layers at one row (torch 2.13, one thread, a Zen 5 under a load average of ~3; "AVX2" is the same
     machine with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, which also turns `bf16_supported` off); to be
@@ -205,8 +206,13 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
       except one row (the engine's C++ kernel) and, with native bf16, DEQUANT_ROWS rows and more.
     - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels
       on the blocks' layers (0.5x on a 49152-row head, which a tied model keeps in floating point anyway):
-      without native bf16 an int4 layer is dequantized once to the decode dtype (the speed of fp32, the accuracy
-      of int4, the memory of fp32). It also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
+      without native bf16 an int4 layer takes the engine's own int4 kernels alone ("int4native", with `native`
+      and where they fit: `int4_rows_fit`): one row in 8-bit integer products, more rows by the weight widened to
+      fp32 for the call; else it is dequantized once to the decode dtype (the speed of fp32, the accuracy of int4,
+      the memory of fp32). SmolLM2-135M int4, eager, 2 threads, on the Zen 4 made an AVX2 CPU
+      (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, the engine's kernels built with -mno-avx512f): 128-token
+      prompt then 64 tokens, 73.1 tokens/s against 44.4 dequantized (the tokens after the first 95.9 against
+      50.2), the same 64 greedy tokens. ATen's also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
     - Off the CPU (CUDA), layers are dequantized once to the decode dtype.
     """
     if device.type != "cpu":
@@ -214,7 +220,9 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
     if bits == 8:
         return "int8pack"
     fits = out_features % 16 == 0 and group_size in (32, 64, 128, 256)
-    return "int4pack" if native_bf16 and fits else "dequant"
+    if native_bf16 and fits:
+        return "int4pack"
+    return "int4native" if native and int4_rows_fit(in_features, group_size) else "dequant"
 
 
 def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device, *,
@@ -222,11 +230,11 @@ def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device
     """The engine's module for a QuantLinear (see `quant_kernel`): the same function of x, computed fast.
     native: an int8 layer computes one-row products with the engine's C++ kernel."""
     kernel = quant_kernel(layer.bits, layer.in_features, layer.out_features, layer.group_size,
-                          native_bf16=native_bf16, device=device)
+                          native_bf16=native_bf16, device=device, native=native)
     if kernel == "int8pack":
         return Int8PackedLinear(layer, native=native, native_bf16=native_bf16)
-    if kernel == "int4pack":
-        return Int4PackedLinear(layer, native=native, native_bf16=native_bf16)
+    if kernel in ("int4pack", "int4native"):
+        return Int4PackedLinear(layer, native=native, native_bf16=native_bf16, aten=kernel == "int4pack")
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
     linear.weight = nn.Parameter(layer.dequantize().to(device, dtype), requires_grad=False)
     if layer.bias is not None:
@@ -289,17 +297,24 @@ class Int4PackedLinear(nn.Module):
     engine's): one row, qkv 48 vs 28, mlp.up 77 vs 47, mlp.down 40 vs 20, the 49152-row head 828 vs 514; 32 rows,
     qkv 231 vs 187, mlp.up 715 vs 535, mlp.down 360 vs 290 (ATen's is faster from 2 rows to ~16). SmolLM2-135M's
     128-token prefill went from ~220 to ~130 ms, its compiled decode from ~125 to ~155 tokens/s.
+
+    Without `aten` (quant_kernel's "int4native", for CPUs without native bf16, where ATen's int4 kernel ran slower
+    than fp32), the layer keeps no ATen copy: products of more than NATIVE_ROWS rows widen the weight to x's dtype
+    for the call (dense_int4).
     """
 
-    def __init__(self, layer: QuantLinear, *, native: bool = False, native_bf16: bool = False) -> None:
+    def __init__(self, layer: QuantLinear, *, native: bool = False, native_bf16: bool = False,
+                 aten: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = layer.in_features, layer.out_features, layer.group_size
         self.native = native and int4_rows_fit(self.in_features, self.group_size)
         self.native_bf16 = native_bf16
-        q = layer.int_weight().to(torch.int32)  # (N, K) in [0, 15]
-        self.register_buffer("int4_weight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
-        scales_and_zeros = torch.stack([layer.scales, layer.zeros], dim=-1)  # (N, K/G, 2)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.aten = aten or not self.native
+        if self.aten:
+            q = layer.int_weight().to(torch.int32)  # (N, K) in [0, 15]
+            self.register_buffer("int4_weight", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+            sz = torch.stack([layer.scales, layer.zeros], dim=-1)  # (N, K/G, 2)
+            self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(torch.bfloat16))
         if self.native:
             self.register_buffer("qweight", layer.qweight.contiguous())
             self.register_buffer("scales", layer.scales.to(torch.bfloat16).contiguous())
@@ -315,6 +330,8 @@ class Int4PackedLinear(nn.Module):
         elif self.native and self.native_bf16 and rows >= DEQUANT_ROWS:
             y = torch.ops.yunque.dense_int4(x2.to(torch.bfloat16), self.qweight, self.scales, self.zeros,
                                             self.group_size)
+        elif not self.aten:  # the weight widened to x's dtype for the call (fp32 on CPUs without native bf16)
+            y = torch.ops.yunque.dense_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.int4_weight, self.group_size,
                                                   self.scales_and_zeros)
