@@ -55,6 +55,8 @@ def main() -> None:
           f"{native}; torch {torch.__version__}, {torch.get_num_threads()} threads; us per call")
     columns = ["fp32 F.linear", "fp32 packed", "bf16 packed", "int8 x fp32", "int8 x bf16", "int4 x fp32",
                "int4 x bf16"]
+    if not PackedLinear.supported(torch.device("cpu"), torch.bfloat16):
+        columns.remove("bf16 packed")
     if native_kernels() is not None:
         columns += ["fp32 C++", "bf16 C++", "int8 C++", "int4 C++", "int4 dense"]
     print(f"{'layer':>10} rows " + " ".join(f"{c:>13}" for c in columns) + "   engine: int8, int4")
@@ -65,7 +67,9 @@ def main() -> None:
         w = linear.weight.detach()
         int8, int4 = QuantLinear.from_linear(linear, 8), QuantLinear.from_linear(linear, 4, args.group_size)
         fast8, fast4 = Int8PackedLinear(int8), Int4PackedLinear(int4)
-        packed, packed16 = PackedLinear(linear), PackedLinear(copy.deepcopy(linear).to(torch.bfloat16))
+        packed = PackedLinear(linear)
+        # oneDNN packs bf16 only where the CPU has bf16 instructions (a column left out elsewhere)
+        packed16 = PackedLinear(copy.deepcopy(linear).to(torch.bfloat16)) if "bf16 packed" in columns else None
         w16 = w.bfloat16()
         q4 = torch._convert_weight_to_int4pack_for_cpu(int4.int_weight().to(torch.int32), 1)
         sz = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous().float()
@@ -85,7 +89,8 @@ def main() -> None:
                    "bf16 C++": lambda: torch.ops.yunque.rows_linear(x16, w16, None).bfloat16(),
                    "int8 C++": lambda: torch.ops.yunque.rows_linear(x, int8.qweight, int8.scales),
                    "int4 C++": lambda: torch.ops.yunque.rows_int4(x, *q4_parts),
-                   "int4 dense": lambda: torch.ops.yunque.dense_int4(x16, *q4_parts)}
+                   # widened to bf16 with native bf16, else to fp32: as the engine's int4 layer does
+                   "int4 dense": lambda: torch.ops.yunque.dense_int4(x16 if native else x, *q4_parts)}
             with torch.inference_mode():
                 times = [per_call_us(fns[c], args.calls if "x fp32" not in c else max(10, args.calls // 10))
                          for c in columns]

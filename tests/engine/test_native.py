@@ -311,19 +311,19 @@ def test_the_engine_int4_layer_runs_the_kernel_for_one_row_aten_for_a_few_and_on
 
 
 @needs_kernels
-def test_the_engine_int4_layer_without_aten_widens_the_weight_for_more_than_one_row(monkeypatch):
-    """Without native bf16 (quant_kernel's "int4native") the layer keeps no ATen copy: one row takes the integer
-    kernel, more rows the weight widened to x's dtype (fp32 there), which equals F.linear on it."""
+def test_the_engine_int4_layer_without_aten_runs_the_kernel_then_widens_the_weight():
+    """Without native bf16 (quant_kernel's "int4native") the layer keeps no ATen copy: up to DEQUANT_ROWS - 1 rows
+    take the integer kernel, more the weight widened to x's dtype (fp32 there), which equals F.linear on it."""
     torch.manual_seed(0)
     layer = QuantLinear.from_linear(torch.nn.Linear(128, 96, bias=True), 4, 32)
     fast = Int4PackedLinear(layer, native=True, native_bf16=False, aten=False)
     assert "int4_weight" not in dict(fast.named_buffers())
     w = layer.dequantize()
-    x = torch.randn(1, 128)
-    assert ((fast(x) - F.linear(x, w, layer.bias)).abs() <= int8_group_rounding_bound(x, layer)).all()
-    for rows in (NATIVE_ROWS + 1, 5, DEQUANT_ROWS):
+    for rows in (1, NATIVE_ROWS + 1, DEQUANT_ROWS - 1):
         x = torch.randn(rows, 128)
-        torch.testing.assert_close(fast(x), F.linear(x, w, layer.bias), atol=1e-5, rtol=1e-5)
+        assert ((fast(x) - F.linear(x, w, layer.bias)).abs() <= int8_group_rounding_bound(x, layer)).all()
+    x = torch.randn(DEQUANT_ROWS, 128)
+    torch.testing.assert_close(fast(x), F.linear(x, w, layer.bias), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels

@@ -207,12 +207,12 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
     - int4's `_weight_int4pack_mm_for_cpu` ran ~0.5x fp32's time with AVX-512 BF16 but 1.4-1.7x with AVX2 kernels
       on the blocks' layers (0.5x on a 49152-row head, which a tied model keeps in floating point anyway):
       without native bf16 an int4 layer takes the engine's own int4 kernels alone ("int4native", with `native`
-      and where they fit: `int4_rows_fit`): one row in 8-bit integer products, more rows by the weight widened to
-      fp32 for the call; else it is dequantized once to the decode dtype (the speed of fp32, the accuracy of int4,
+      and where they fit: `int4_rows_fit`): up to 31 rows in 8-bit integer products, more by the weight widened
+      to fp32 for the call; else it is dequantized once to the decode dtype (the speed of fp32, the accuracy of int4,
       the memory of fp32). SmolLM2-135M int4, eager, 2 threads, on the Zen 4 made an AVX2 CPU
       (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, the engine's kernels built with -mno-avx512f): 128-token
-      prompt then 64 tokens, 73.1 tokens/s against 44.4 dequantized (the tokens after the first 95.9 against
-      50.2), the same 64 greedy tokens. ATen's also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
+      prompt then 64 tokens, 74.8 tokens/s against 37.8 dequantized (the tokens after the first 98.5 against
+      41.6; the prompt 216 against 182 ms), the same 64 greedy tokens. ATen's also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
     - Off the CPU (CUDA), layers are dequantized once to the decode dtype.
     """
     if device.type != "cpu":
@@ -298,9 +298,11 @@ class Int4PackedLinear(nn.Module):
     qkv 231 vs 187, mlp.up 715 vs 535, mlp.down 360 vs 290 (ATen's is faster from 2 rows to ~16). SmolLM2-135M's
     128-token prefill went from ~220 to ~130 ms, its compiled decode from ~125 to ~155 tokens/s.
 
-    Without `aten` (quant_kernel's "int4native", for CPUs without native bf16, where ATen's int4 kernel ran slower
-    than fp32), the layer keeps no ATen copy: products of more than NATIVE_ROWS rows widen the weight to x's dtype
-    for the call (dense_int4).
+    Without `aten` (quant_kernel's "int4native", for CPUs without native bf16), the layer keeps no ATen copy: up to
+    DEQUANT_ROWS - 1 rows take rows_int4, more the weight widened to x's dtype for the call (dense_int4). On the
+    Zen 4 made an AVX2 CPU (see quant_kernel), us per call at 32 rows: rows_int4 qkv 453, mlp.up 1,017, widened to
+    fp32 943, 3,274 (the widening costs more than the product until then); SmolLM2's 128-token prompt 254 ms
+    with rows_int4 against 223 ms widened.
     """
 
     def __init__(self, layer: QuantLinear, *, native: bool = False, native_bf16: bool = False,
@@ -325,12 +327,10 @@ class Int4PackedLinear(nn.Module):
         """(..., in_features) -> (..., out_features), in x's dtype."""
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
-        if self.native and rows <= NATIVE_ROWS:
+        if self.native and (rows <= NATIVE_ROWS or (not self.aten and rows < DEQUANT_ROWS)):
             y = torch.ops.yunque.rows_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
-        elif self.native and self.native_bf16 and rows >= DEQUANT_ROWS:
-            y = torch.ops.yunque.dense_int4(x2.to(torch.bfloat16), self.qweight, self.scales, self.zeros,
-                                            self.group_size)
-        elif not self.aten:  # the weight widened to x's dtype for the call (fp32 on CPUs without native bf16)
+        elif self.native and rows >= DEQUANT_ROWS and (self.native_bf16 or not self.aten):
+            x2 = x2.to(torch.bfloat16) if self.native_bf16 else x2
             y = torch.ops.yunque.dense_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.int4_weight, self.group_size,
