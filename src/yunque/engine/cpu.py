@@ -212,7 +212,8 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
       the memory of fp32). SmolLM2-135M int4, eager, 2 threads, on the Zen 4 made an AVX2 CPU
       (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, the engine's kernels built with -mno-avx512f): 128-token
       prompt then 64 tokens, 74.8 tokens/s against 37.8 dequantized (the tokens after the first 98.5 against
-      41.6; the prompt 216 against 182 ms), the same 64 greedy tokens. ATen's also needs N % 16 == 0 and a group of 32, 64, 128 or 256.
+      41.6; the prompt 216 against 182 ms), the same 64 greedy tokens. ATen's also needs N % 16 == 0 and a
+      group of 32, 64, 128 or 256.
     - Off the CPU (CUDA), layers are dequantized once to the decode dtype.
     """
     if device.type != "cpu":
