@@ -200,10 +200,11 @@ def test_rows_int4_is_as_close_as_its_rounding_says_and_no_closer():
 
 
 @needs_kernels
-@pytest.mark.parametrize("K, N, G", [(576, 960, 32), (1536, 7, 64), (48, 5, 16)])
+@pytest.mark.parametrize("K, N, G", [(576, 960, 32), (1536, 7, 64), (48, 5, 16), (1024, 20000, 32)])
 def test_dense_int4_widens_the_weight_to_the_dtype_of_x(K, N, G):
     """dense_int4 == F.linear on the dequantized weight in x's dtype: fp32 exactly as F.linear's rounding, bf16
-    with the weight rounded to bf16 (to nearest even, as .bfloat16()); G = 16 takes the scalar loop."""
+    with the weight rounded to bf16 (to nearest even, as .bfloat16()); G = 16 takes the scalar loop, and a weight
+    of more than 32 MiB is widened into memory of its own rather than the buffer the kernel keeps."""
     torch.manual_seed(K)
     layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 4, G)
     w = layer.dequantize()

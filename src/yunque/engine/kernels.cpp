@@ -618,14 +618,22 @@ torch::Tensor dense_int4(const torch::Tensor& x, const torch::Tensor& qweight, c
   const torch::Tensor w = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr());
   const auto* zp = reinterpret_cast<const uint16_t*>(z.data_ptr());
-  // the widened weight lives for the call only; a buffer kept per thread and reused spares the allocator's fresh
-  // pages (a page fault per 4 KiB made the widening cost ~10x its arithmetic)
+  // The widened weight lives for the call only. A buffer kept per thread and reused spares the allocator's fresh
+  // pages (a page fault per 4 KiB made the widening cost ~10x its arithmetic), up to SCRATCH_KEPT bytes: a larger
+  // weight (an output head) is widened into memory of its own, freed after the call.
+  constexpr int64_t SCRATCH_KEPT = int64_t(32) << 20;
   thread_local torch::Tensor scratch;
   const auto dtype = bf16 ? torch::kBFloat16 : torch::kFloat32;
-  if (!scratch.defined() || scratch.numel() * scratch.element_size() < N * K * 4) {
-    scratch = torch::empty({N * K * 4}, x.options().dtype(torch::kUInt8));
+  const int64_t bytes = N * K * (bf16 ? 2 : 4);
+  torch::Tensor dense;
+  if (bytes <= SCRATCH_KEPT) {
+    if (!scratch.defined() || scratch.numel() < bytes) {
+      scratch = torch::empty({bytes}, x.options().dtype(torch::kUInt8));
+    }
+    dense = torch::from_blob(scratch.data_ptr(), {N, K}, x.options().dtype(dtype));
+  } else {
+    dense = torch::empty({N, K}, x.options().dtype(dtype));
   }
-  torch::Tensor dense = torch::from_blob(scratch.data_ptr(), {N, K}, x.options().dtype(dtype));
   if (bf16) {
     widen_int4(w.data_ptr<uint8_t>(), sp, zp, reinterpret_cast<uint16_t*>(dense.data_ptr()), N, K, G);
   } else {
