@@ -229,7 +229,7 @@ def quant_kernel(bits: int, in_features: int, out_features: int, group_size: int
 def quantized_layer(layer: QuantLinear, dtype: torch.dtype, device: torch.device, *,
                     native_bf16: bool, native: bool = False) -> nn.Module:
     """The engine's module for a QuantLinear (see `quant_kernel`): the same function of x, computed fast.
-    native: an int8 layer computes one-row products with the engine's C++ kernel."""
+    native: int8 and int4 layers compute one-row products (and int4 some more) with the engine's C++ kernels."""
     kernel = quant_kernel(layer.bits, layer.in_features, layer.out_features, layer.group_size,
                           native_bf16=native_bf16, device=device, native=native)
     if kernel == "int8pack":
