@@ -462,9 +462,7 @@ void int4_rows(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, 
     }
   });
 }
-#endif
 
-#ifdef YUNQUE_INT4
 inline void store8(float* out, __m256 f) { _mm256_storeu_ps(out, f); }
 
 inline void store8(uint16_t* out, __m256 f) {  // as bfloat16, rounded to nearest even as from_float
@@ -553,19 +551,29 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return y.view(shape);
 }
 
-// x (..., K) float32 or bfloat16 times an int4 weight as QuantLinear stores it: qweight uint8 (N, K / 2), scales
-// and zeros bfloat16 (N, K / G) -> (..., N) float32. With AVX2 (K a multiple of 64, G 32 or a multiple of 64),
-// int4_rows with x rounded to 8 bits per group; otherwise, or if x holds an inf or a nan, F.linear with the
-// weight dequantized.
-torch::Tensor rows_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                        const torch::Tensor& zeros, int64_t group_size) {
-  const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && x.size(-1) == K,
-              "rows_int4: x (..., K), qweight uint8 (N, K / 2)");
-  TORCH_CHECK(G > 0 && K % G == 0 && scales.sizes() == torch::IntArrayRef({N, K / G}) &&
+// The arguments of rows_int4 and dense_int4: an int4 weight as QuantLinear stores it, qweight uint8 (N, K / 2),
+// scales and zeros bfloat16 (N, K / G), G even; x (..., K).
+void check_int4(const char* op, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                const torch::Tensor& zeros, int64_t G) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && x.size(-1) == 2 * qweight.size(1), op,
+              ": x (..., K), qweight uint8 (N, K / 2)");
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1);
+  TORCH_CHECK(G > 1 && G % 2 == 0 && K % G == 0 && scales.sizes() == torch::IntArrayRef({N, K / G}) &&
                   zeros.sizes() == scales.sizes() && scales.scalar_type() == torch::kBFloat16 &&
                   zeros.scalar_type() == torch::kBFloat16,
-              "rows_int4: scales and zeros bfloat16 (N, K / group_size)");
+              op, ": scales and zeros bfloat16 (N, K / group_size)");
+}
+
+torch::Tensor dense_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                         const torch::Tensor& zeros, int64_t group_size);
+
+// x (..., K) float32 or bfloat16 times an int4 weight as QuantLinear stores it: qweight uint8 (N, K / 2), scales
+// and zeros bfloat16 (N, K / G) -> (..., N) float32. With AVX2 (K a multiple of 64, G 32 or a multiple of 64),
+// int4_rows with x rounded to 8 bits per group; otherwise, or if x holds an inf or a nan, dense_int4 in float32.
+torch::Tensor rows_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                        const torch::Tensor& zeros, int64_t group_size) {
+  check_int4("rows_int4", x, qweight, scales, zeros, group_size);
+  const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
   // x as it comes if bfloat16 (the kernel widens it as it rounds it), else as float32
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   const torch::Tensor xc = bf16 ? x.reshape({-1, K}).contiguous() : x.reshape({-1, K}).to(torch::kFloat32).contiguous();
@@ -595,11 +603,7 @@ torch::Tensor rows_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
     }
   }
 #endif
-  const torch::Tensor ints = torch::stack({qweight.bitwise_and(15), qweight.bitwise_right_shift(4)}, -1);
-  const torch::Tensor centred = ints.reshape({N, K / G, G}).to(torch::kFloat32) - 8;
-  const torch::Tensor w = (centred * scales.to(torch::kFloat32).unsqueeze(-1) + zeros.to(torch::kFloat32).unsqueeze(-1))
-                              .reshape({N, K});
-  return torch::linear(xc.to(torch::kFloat32), w).view(shape);
+  return dense_int4(xc.to(torch::kFloat32), qweight, scales, zeros, G).view(shape);
 }
 
 // x (..., K) times an int4 weight as rows_int4 takes it, the weight widened (widen_int4) to x's dtype, bfloat16 or
@@ -607,13 +611,8 @@ torch::Tensor rows_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
 // -> (..., N) in that dtype.
 torch::Tensor dense_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                          const torch::Tensor& zeros, int64_t group_size) {
+  check_int4("dense_int4", x, qweight, scales, zeros, group_size);
   const int64_t N = qweight.size(0), K = 2 * qweight.size(1), G = group_size;
-  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && x.size(-1) == K,
-              "dense_int4: x (..., K), qweight uint8 (N, K / 2)");
-  TORCH_CHECK(G > 1 && G % 2 == 0 && K % G == 0 && scales.sizes() == torch::IntArrayRef({N, K / G}) &&
-                  zeros.sizes() == scales.sizes() && scales.scalar_type() == torch::kBFloat16 &&
-                  zeros.scalar_type() == torch::kBFloat16,
-              "dense_int4: scales and zeros bfloat16 (N, K / group_size)");
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
   const torch::Tensor w = qweight.contiguous(), s = scales.contiguous(), z = zeros.contiguous();
   const auto* sp = reinterpret_cast<const uint16_t*>(s.data_ptr());
