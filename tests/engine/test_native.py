@@ -4,8 +4,9 @@ decode_attention == SDPA with the decode step's mask (padding, grouped-query hea
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
 step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
 compiled, and the engine's float and int8 layers use it for one row; rows_int4 and dense_int4 == F.linear on an
-int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; the kernels built for AVX2
-alone give the same; without a compiler the engine says so in one line and keeps SDPA.
+int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows == softmax and
+inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for AVX2 alone give
+the same; without a compiler the engine says so in one line and keeps SDPA.
 """
 
 import pytest
@@ -25,6 +26,7 @@ from yunque.engine.cpu import (
     decode_step,
 )
 from yunque.engine.engine import Engine, SamplingParams
+from yunque.engine.sampling import inverse_cdf, probabilities, sample
 from yunque.model.gpt import GPT, Attention
 from yunque.model.kv_cache import KVCache
 from yunque.model.quant import QuantLinear
@@ -242,6 +244,10 @@ for K, N, G in [(576, 960, 32), (1536, 7, 64), (96, 4, 32)]:
     assert ((got - F.linear(x, layer.dequantize())).abs() <= int8_group_rounding_bound(x, layer)).all(), (K, N, G)
     got = torch.ops.yunque.dense_int4(x.bfloat16(), layer.qweight, layer.scales, layer.zeros, G)
     torch.testing.assert_close(got, F.linear(x.bfloat16(), layer.dequantize().bfloat16()))
+from yunque.engine.sampling import inverse_cdf, probabilities
+logits, u = torch.randn(32, 1000) * 3, torch.rand(32)
+got = torch.ops.yunque.sample_rows(logits, u, 1.0)
+assert (got == inverse_cdf(probabilities(logits, 1.0), u[:, None])).float().mean() > 0.9
 print("ok")
 """
 
@@ -262,6 +268,60 @@ def test_the_avx2_build_of_the_integer_kernels_equals_f_linear(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["avx2", "ok"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("V", [7, 256, 300, 50257])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
+def test_sample_rows_draws_the_tokens_of_the_tensor_path(V, dtype, temperature):
+    """The fused draw == softmax, then inverse_cdf, with the same uniform numbers: the same token, but where the
+    two sum in another order and u falls within rounding of the boundary between two tokens."""
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(64, V, generator=g) * 3).to(dtype)
+    u = torch.rand(64, generator=g)
+    got = torch.ops.yunque.sample_rows(logits, u, 1 / temperature)
+    want = inverse_cdf(probabilities(logits, temperature), u[:, None])
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(-1)
+    for row in (got != want).nonzero().view(-1).tolist():
+        assert abs(float(cdf[row, min(got[row], want[row])]) - float(u[row])) < 1e-5, row
+    assert (got == want).float().mean() >= 0.95
+
+
+@needs_kernels
+def test_sample_rows_leaves_rows_with_inf_or_nan_to_the_tensor_path():
+    logits = torch.randn(4, 600)
+    logits[1, 5], logits[2, 300], logits[3, 0] = float("-inf"), float("nan"), float("inf")
+    assert torch.ops.yunque.sample_rows(logits, torch.rand(4), 1.0)[1:].tolist() == [-1, -1, -1]
+    # sample() draws those rows as without the kernel, with the same uniform numbers: -inf is never drawn
+    masked = torch.randn(8, 600)
+    masked[:, 1::2] = float("-inf")
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(8)]  # noqa: E731
+    assert torch.equal(sample(masked, generators=gens(), native=True), sample(masked, generators=gens()))
+    assert bool((sample(masked, generators=gens(), native=True) % 2 == 0).all())
+
+
+@needs_kernels
+def test_native_sampling_frequencies_match_softmax():
+    probs = torch.tensor([0.2, 0.3, 0.5])
+    for temperature, want in ((1.0, probs), (2.0, probs.sqrt() / probs.sqrt().sum())):
+        g = torch.Generator().manual_seed(7)
+        ids = sample(probs.log().expand(20_000, -1), temperature=temperature, generators=[g] * 20_000, native=True)
+        freq = torch.bincount(ids, minlength=3).float() / 20_000
+        assert torch.allclose(freq, want, atol=0.02), freq
+
+
+@needs_kernels
+def test_the_engine_samples_with_the_kernel_where_no_filter_is_set(monkeypatch):
+    calls = []
+    kernel = torch.ops.yunque.sample_rows
+    monkeypatch.setattr(torch.ops.yunque, "sample_rows", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    engine = Engine(tiny(), TOK)
+    assert engine.native
+    engine.generate([TOK.encode("a b")], SamplingParams(max_new_tokens=4, temperature=0.8, seed=1))
+    assert len(calls) == 4
+    engine.generate([TOK.encode("a b")], SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.9, seed=1))
+    assert len(calls) == 4  # top-p sorts: the tensor path
 
 
 def counting_kernel(monkeypatch) -> list[torch.Size]:

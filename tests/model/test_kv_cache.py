@@ -1,5 +1,6 @@
 """The KV cache's layouts and row changes against fresh caches: static == growing; select, dropped padding, joined
-rows (shorter and longer than the fill level) and resizing leave every row's logits as a cache of its own gives."""
+rows (shorter and longer than the fill level, copied or written into free rows), views kept by select and resizing
+leave every row's logits as a cache of its own gives."""
 
 import pytest
 import torch
@@ -97,6 +98,57 @@ def test_joined_rows_give_the_logits_of_fresh_caches(name, static):
         want = [alone(model, p, f) for p, f in zip(prompts, feeds)]
     for r, skip in enumerate((5, 0, 0)):  # row 0 is compared from its fifth token on
         for a, b in zip(got[r], want[r][skip:]):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_joins_with_room_fill_free_rows_and_select_of_a_run_keeps_a_view():
+    # A cache joined with room gets free rows behind its own; the next newcomers no longer than its fill level are
+    # written into them (its own rows stay where they are), and keeping a run of consecutive rows keeps a view of
+    # them. Every row's logits stay those of a cache of its own.
+    model = tiny()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in (6, 3, 5, 8)]
+    feeds = [torch.randint(0, V, (12,), generator=g).tolist() for _ in prompts]
+    got, done, rows = [[] for _ in prompts], [0] * len(prompts), [0]
+
+    def step(cache):
+        logits = model(torch.tensor([[feeds[r][done[r]]] for r in rows]), kv_cache=cache)[:, -1]
+        for i, r in enumerate(rows):
+            got[r].append(logits[i])
+            done[r] += 1
+
+    def newcomer(r):
+        cache = KVCache(model.cfg, 1, len(prompts[r]))
+        got[r].append(model(prompts[r].unsqueeze(0), kv_cache=cache)[0, -1])
+        rows.append(r)
+        return cache
+
+    with torch.inference_mode():
+        cache = KVCache(model.cfg, 1, 24)
+        got[0].append(model(prompts[0].unsqueeze(0), kv_cache=cache)[0, -1])
+        for _ in range(4):
+            step(cache)
+        cache.join(newcomer(1), room=True)  # new buffers, 4 rows for 2
+        buffer = cache.k[0].untyped_storage().data_ptr()
+        cache.join(newcomer(2), room=True)  # into the third row
+        assert (cache.batch_size, cache.pos, cache.pad.tolist()) == (3, 10, [0, 7, 5])
+        assert cache.k[0].untyped_storage().data_ptr() == buffer
+        step(cache)
+        cache.select(torch.tensor([1, 2]))  # a run: rows 1 and 2 of the buffers, nothing copied
+        rows = rows[1:]
+        assert cache.k[0].untyped_storage().data_ptr() == buffer
+        step(cache)
+        cache.join(newcomer(3), room=True)  # into the fourth row, the last free one
+        assert cache.k[0].untyped_storage().data_ptr() == buffer and cache.batch_size == 3
+        cache.select(torch.tensor([0, 2]))  # not a run: copied
+        rows = [rows[0], rows[2]]
+        assert cache.k[0].untyped_storage().data_ptr() != buffer
+        step(cache)
+        step(cache)
+    for r, prompt in enumerate(prompts):
+        want = alone(model, prompt, feeds[r])
+        assert len(got[r]) > 1
+        for a, b in zip(got[r], want):
             torch.testing.assert_close(a, b, **TOL)
 
 

@@ -33,6 +33,7 @@ from yunque.engine.cpu import (
     decode_precision,
     decode_step,
 )
+from yunque.engine.native import native_kernels
 from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
@@ -274,6 +275,8 @@ class Engine:
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
         self.compile = compile
         self._decode = compiled_decode_step() if compile else decode_step
+        self.native = self.device.type == "cpu" and native_kernels() is not None
+        """Whether the engine's C++ kernels serve this engine (CPU, and they built): sampling uses them too."""
 
     def load_weights(self, model: GPT) -> None:
         """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
@@ -433,6 +436,7 @@ class Engine:
         batch.tokens = batch.tokens.index_put((index,), tokens)  # finished rows keep feeding their last token
         return sampled
 
+    @torch.inference_mode()  # the cache may keep a view of its rows, which the step's inference mode made
     def remove(self, batch: Batch, *rows: Row) -> None:
         """Take rows out of `batch` (finished or not), freeing their cache slots now. Rows not in it are ignored."""
         gone = {id(r) for r in rows}
@@ -561,7 +565,7 @@ class Engine:
             steps = max((r.budget - len(r.ids) for r in batch.running), default=0)  # each step fills one slot
             need = pos + max(steps, max(r.budget for r in rows) - 1)  # a new row's first token needs no step
             size = batch.cache.max_len if need <= batch.cache.max_len else self._cache_len(need)
-            batch.cache.join(cache, max_len=max(size, pos))
+            batch.cache.join(cache, max_len=max(size, pos), room=True)  # a batch that grows keeps growing
         batch.filled = max(batch.filled, P)
         tokens, _ = self._sample(rows, logits)
         batch.rows += rows
@@ -590,13 +594,13 @@ class Engine:
         drawn = _penalized(rows, logits) if any(r.params.penalised for r in rows) else logits
         first = rows[0]._sampling
         if all(r._sampling == first for r in rows):  # one setting for all rows: one call
-            tokens = _draw(rows, drawn, first)
+            tokens = _draw(rows, drawn, first, self.native)
         else:
             tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
             for key in dict.fromkeys(r._sampling for r in rows):
                 group = [i for i, r in enumerate(rows) if r._sampling == key]
                 index = torch.tensor(group, device=logits.device)
-                tokens[index] = _draw([rows[i] for i in group], drawn[index], key)
+                tokens[index] = _draw([rows[i] for i in group], drawn[index], key, self.native)
         logprobs = [None] * len(rows)
         if any(r.params.logprobs for r in rows):  # 3-5% of a decode step (mini, gpt2-30M; batch 1, 8): if asked
             logprobs = token_logprobs(logits, tokens).tolist()
@@ -613,14 +617,15 @@ class Engine:
         return tokens, sampled
 
 
-def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple) -> torch.Tensor:
+def _draw(rows: list[Row], logits: torch.Tensor, settings: tuple, native: bool) -> torch.Tensor:
     """Tokens (N,) for rows sharing sampling settings (temperature, top_k, top_p, min_p), each with its own
-    generator."""
+    generator; `native`: with the engine's C++ sampling kernel where it applies (`sample`)."""
     temperature, top_k, top_p, min_p = settings
     generators = None
     if temperature > 0 and any(r.generator is not None for r in rows):
         generators = [r.generator for r in rows]
-    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generators=generators)
+    return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generators=generators,
+                  native=native)
 
 
 def _penalized(rows: list[Row], logits: torch.Tensor) -> torch.Tensor:

@@ -508,6 +508,72 @@ void widen_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
   });
 }
 
+// Inverse transform sampling from softmax(logits * scale), row by row, as engine/sampling.py's inverse_cdf draws
+// from the probabilities softmax gives: logits (B, V) float32 or bfloat16 contiguous, u (B,) float32 in [0, 1).
+// Each row: its largest logit, then exp((logit - largest) * scale) summed in blocks of kSampleBlock tokens (the
+// probabilities, not normalised), the first block whose running sum exceeds u times the total, and within that
+// block the first token whose running sum exceeds what is left. The exponentials of the one block found are
+// computed again rather than kept: a row is read twice and never written. Rounding can bring the target up to the
+// total; the first block (token) reaching the total is then the bound, so no token of probability 0 is drawn.
+// A row holding an infinity or a NaN gives -1 (the caller draws that row another way).
+constexpr int64_t kSampleBlock = 256;
+
+inline bool finite_bits(float x) {  // -ffast-math lets the compiler assume std::isfinite: look at the bits
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+inline bool finite_bits(uint16_t bf16) { return (bf16 & 0x7f80u) != 0x7f80u; }
+
+inline float scaled_exp(float logit, float largest, float scale) {
+  const float x = (logit - largest) * scale;  // <= 0
+  return x < -87.f ? 0.f : std::exp(x);      // below, exp underflows; 0 as softmax gives it
+}
+
+template <typename T>
+void sample_rows_impl(const T* logits, const float* u, float scale, int64_t* out, int64_t B, int64_t V) {
+  const int64_t blocks = (V + kSampleBlock - 1) / kSampleBlock;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> cdf(blocks);
+    float inside[kSampleBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const T* l = logits + b * V;
+      float largest = to_float(l[0]);
+      int bad = 0;
+#pragma omp simd reduction(max : largest) reduction(| : bad)
+      for (int64_t j = 0; j < V; ++j) {
+        largest = std::max(largest, to_float(l[j]));
+        bad |= !finite_bits(l[j]);
+      }
+      if (bad) {
+        out[b] = -1;
+        continue;
+      }
+      float running = 0.f;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const int64_t lo = k * kSampleBlock, hi = std::min(V, lo + kSampleBlock);
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = lo; j < hi; ++j) s += scaled_exp(to_float(l[j]), largest, scale);
+        running += s;
+        cdf[k] = running;
+      }
+      const float total = cdf[blocks - 1], target = u[b] * total;
+      int64_t k = 0;
+      while (k < blocks - 1 && !(cdf[k] > target) && !(cdf[k] >= total)) ++k;
+      const float rest = target - (k > 0 ? cdf[k - 1] : 0.f);
+      const int64_t lo = k * kSampleBlock, n = std::min(V, lo + kSampleBlock) - lo;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) inside[j] = scaled_exp(to_float(l[lo + j]), largest, scale);
+      for (int64_t j = 1; j < n; ++j) inside[j] += inside[j - 1];
+      int64_t at = 0;
+      while (at < n - 1 && !(inside[at] > rest) && !(inside[at] >= inside[n - 1])) ++at;
+      out[b] = lo + at;
+    }
+  });
+}
+
 }  // namespace
 
 // x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scales float32 (N,) or None (one
@@ -677,6 +743,26 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return out;
 }
 
+// One token per row of logits (B, V), float32 or bfloat16, drawn with u (B,) from softmax(logits * scale): see
+// sample_rows_impl. int64 (B,), -1 for a row with an infinity or a NaN.
+torch::Tensor sample_rows(const torch::Tensor& logits, const torch::Tensor& u, double scale) {
+  TORCH_CHECK(logits.dim() == 2 && logits.size(1) > 0 && u.dim() == 1 && u.size(0) == logits.size(0),
+              "sample_rows: logits (B, V) and u (B,), got ", logits.sizes(), " and ", u.sizes());
+  TORCH_CHECK(logits.device().is_cpu() && u.device().is_cpu(), "sample_rows: CPU tensors");
+  const torch::Tensor lc = logits.contiguous();
+  const torch::Tensor uc = u.to(torch::kFloat32).contiguous();
+  torch::Tensor out = torch::empty({logits.size(0)}, logits.options().dtype(torch::kInt64));
+  const int64_t B = lc.size(0), V = lc.size(1);
+  if (lc.dtype() == torch::kFloat32) {
+    sample_rows_impl(lc.data_ptr<float>(), uc.data_ptr<float>(), float(scale), out.data_ptr<int64_t>(), B, V);
+  } else {
+    TORCH_CHECK(lc.dtype() == torch::kBFloat16, "sample_rows: logits float32 or bfloat16, not ", lc.dtype());
+    sample_rows_impl(reinterpret_cast<const uint16_t*>(lc.data_ptr()), uc.data_ptr<float>(), float(scale),
+                     out.data_ptr<int64_t>(), B, V);
+  }
+  return out;
+}
+
 // The vector instructions this build's integer kernels use, as its compiler targeted them.
 std::string vector_isa() {
 #if defined(YUNQUE_VECTORS) && defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -706,6 +792,7 @@ TORCH_LIBRARY(yunque, m) {
   m.def("rows_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("dense_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? pad, Tensor? filled, float scale) -> Tensor");
+  m.def("sample_rows(Tensor logits, Tensor u, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
@@ -713,4 +800,5 @@ TORCH_LIBRARY_IMPL(yunque, CPU, m) {
   m.impl("rows_int4", &rows_int4);
   m.impl("dense_int4", &dense_int4);
   m.impl("decode_attention", &decode_attention);
+  m.impl("sample_rows", &sample_rows);
 }

@@ -81,17 +81,48 @@ logits under 3e8, so a tiny positive temperature is (near-)greedy instead of pro
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           min_p: float | None = None, generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+           min_p: float | None = None, generators: list[torch.Generator | None] | None = None,
+           native: bool = False) -> torch.Tensor:
     """Draw one token id per row of logits (B, V); returns int64 (B,).
 
     temperature == 0 is greedy (argmax, no randomness); a tiny positive one draws among the tokens tied with the
     most likely. `generators` holds one generator per row (None for torch's global one), so that a row's draw
     depends only on its own generator (batched sampling then equals sampling each row alone); None alone uses
     torch's global generator for every row.
+
+    native: on CPU, with no top-k, top-p or min-p, draw with the engine's C++ kernel (`torch.ops.yunque.sample_rows`,
+    which the caller has loaded): the same rule as the tensor ops below in one pass that reads the logits as they
+    are (bf16 too), without writing the softmax; the same tokens up to rounding at a boundary between two.
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.float().argmax(dim=-1)  # on CPU, argmax over bf16 is ~5x slower than over fp32
+    # Inverse transform sampling: one uniform number per row. torch.multinomial, row by row for the rows' own
+    # generators, draws an exponential per vocabulary entry: ~3 ms a row at V = 50257, half a 16-row decode step of
+    # a 30M model (benchmarks/serve.py's profile).
+    u = uniforms(logits.shape[0], generators, logits.device)  # (B, 1)
+    filtered = top_k is not None or (top_p is not None and top_p < 1) or (min_p is not None and min_p > 0)
+    if not (native and logits.device.type == "cpu" and not filtered):
+        return inverse_cdf(probabilities(logits, temperature, top_k, top_p, min_p), u)
+    tokens = torch.ops.yunque.sample_rows(logits, u.view(-1), 1 / max(temperature, MIN_TEMPERATURE))
+    odd = (tokens < 0).nonzero().view(-1)  # rows holding an infinity or a NaN: the kernel leaves them to softmax
+    if len(odd):
+        tokens[odd] = inverse_cdf(probabilities(logits[odd], temperature), u[odd])
+    return tokens
+
+
+def uniforms(n: int, generators: list[torch.Generator | None] | None, device: torch.device) -> torch.Tensor:
+    """n uniform numbers in [0, 1) (n, 1) fp32, the i-th from generators[i] (torch's global one for None)."""
+    if generators is None:
+        return torch.rand(n, 1, device=device)
+    if len(generators) != n:
+        raise ValueError(f"got {len(generators)} generators for {n} rows of logits; pass one per row")
+    return torch.stack([torch.rand(1, generator=g, device=device) for g in generators])
+
+
+def probabilities(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                  min_p: float | None = None) -> torch.Tensor:
+    """softmax(logits / temperature) (B, V) fp32 after the top-k, top-p and min-p filters that are set."""
     logits = logits.float()
     if temperature != 1:  # at 1 nothing divides, and softmax shifts by the row's best itself
         # the row's best becomes 0 before dividing: the others only grow more negative (to -inf at worst), never NaN
@@ -102,18 +133,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
         logits = filter_top_p(logits, top_p)
     if min_p is not None and min_p > 0:
         logits = filter_min_p(logits, min_p)
-    probs = logits.softmax(dim=-1)  # (B, V)
-    B = probs.shape[0]
-    # Inverse transform sampling: one uniform number per row. torch.multinomial, row by row for the rows' own
-    # generators, draws an exponential per vocabulary entry: ~3 ms a row at V = 50257, half a 16-row decode step of
-    # a 30M model (benchmarks/serve.py's profile).
-    if generators is None:
-        u = torch.rand(B, 1, device=probs.device)
-    elif len(generators) != B:
-        raise ValueError(f"got {len(generators)} generators for {B} rows of logits; pass one per row")
-    else:
-        u = torch.stack([torch.rand(1, generator=g, device=probs.device) for g in generators])  # (B, 1)
-    return inverse_cdf(probs, u)
+    return logits.softmax(dim=-1)
 
 
 CDF_BLOCK = 256

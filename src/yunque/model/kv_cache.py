@@ -7,6 +7,10 @@ is the number of padding slots in row b, which the mask hides and which are subt
 Rows come and go while the others decode: `select` keeps some rows, `join` appends another cache's rows (those of
 a prompt prefilled on its own), left-padding whichever side has fewer positions filled so that all rows end at
 the same fill level; `drop_common_padding` and `resize` make room. None of these changes any row's outputs.
+A dynamic cache's rows may be a view of larger buffers: `select` of a run of consecutive rows keeps a view of them
+(no copy), and `join(..., room=True)` leaves free rows behind the joined ones for the next newcomers, which are then
+written into them (only their own rows copied), where copying the whole cache for each newcomer made a server's
+staggered arrivals cost as much as the prompts' prefill (benchmarks/serve.py).
 
 Two layouts give the same outputs:
 - dynamic (default): attention reads keys [0, pos + T), so shapes grow by one every step; least work in eager mode.
@@ -41,6 +45,10 @@ class KVCache:
         """(B,) left-padding length of each row, or None when no row is padded."""
         self._pos = 0  # dynamic: positions filled so far
         self._filled = torch.zeros((), dtype=torch.long, device=device)  # static: the same, as a tensor
+        self._buffers: tuple[list[torch.Tensor], list[torch.Tensor], int] | None = None
+        """Dynamic caches whose rows are a view: the whole per-layer buffers of keys and values and the first of
+        their rows that k and v show (B rows from there; the rows after those are free); None when k and v are
+        whole tensors."""
 
     @property
     def pos(self) -> int:
@@ -119,11 +127,26 @@ class KVCache:
         self._set_pos(n)
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only the given batch rows (e.g. to drop finished sequences)."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        """Keep only the given batch rows (e.g. to drop finished sequences). A dynamic cache keeping a run of
+        consecutive rows in order keeps a view of them, copying nothing (the rows let go stay allocated until a
+        copy of the cache or its end)."""
+        n = len(rows)
+        first = int(rows[0]) if n else 0
+        if not self.static and n and int(rows[-1]) - first == n - 1 and bool((rows.diff() == 1).all()):
+            k, v, start = self._buffers or (self.k, self.v, 0)
+            self._view(k, v, start + first, n)
+        else:
+            self.k = [k[rows] for k in self.k]
+            self.v = [v[rows] for v in self.v]
+            self._buffers = None
         if self.pad is not None:
             self.pad = self.pad[rows]
+
+    def _view(self, k: list[torch.Tensor], v: list[torch.Tensor], start: int, n: int) -> None:
+        """Show rows [start, start + n) of the per-layer buffers k and v as this cache's rows."""
+        self.k = [t[start:start + n] for t in k]
+        self.v = [t[start:start + n] for t in v]
+        self._buffers = (k, v, start) if n < k[0].shape[0] else None
 
     def drop_common_padding(self) -> None:
         """Shift every row left by the smallest padding among them, freeing that many positions at the end.
@@ -139,7 +162,7 @@ class KVCache:
         self._set_pos(end - m)
         self.pad = self.pad - m
 
-    def join(self, other: KVCache, max_len: int | None = None) -> None:
+    def join(self, other: KVCache, max_len: int | None = None, *, room: bool = False) -> None:
         """Append the rows of `other` (of the same model) after this cache's rows, in this cache's layout.
 
         The side with fewer positions filled is left-padded by the difference, so that every row ends at the same
@@ -147,6 +170,10 @@ class KVCache:
         Each row keeps its keys, values and positions, so its outputs are those of a cache of its own.
         max_len: the slots of the result (at least the new fill level); None keeps this cache's max_len, grown
         to the new fill level if needed.
+        room (dynamic caches): a cache that more rows will join (a server's running batch). Where the new buffers
+        are made, they get as many rows again free behind the joined ones (at most twice the memory, as a growing
+        list has), and a newcomer that fits in free rows behind this cache's (no more positions filled than here,
+        the same max_len) is copied into them, the rows here left where they are.
         """
         pos, joined = max(self.pos, other.pos), self.batch_size + other.batch_size
         max_len = max_len or max(self.max_len, pos)
@@ -158,15 +185,30 @@ class KVCache:
         device = self.k[0].device
         pad = torch.cat([(c.pad if c.pad is not None else torch.zeros(c.batch_size, dtype=torch.long)).to(device)
                          + shift for c, _, shift in parts])
-        for name in ("k", "v"):
-            layers = []
-            for i, t in enumerate(getattr(self, name)):
-                out = t.new_zeros(joined, t.shape[1], max_len, t.shape[3])  # (B + B', K, S, D)
-                for cache, row, shift in parts:
-                    src = getattr(cache, name)[i][:, :, :cache.pos]
-                    out[row:row + len(src), :, shift:shift + src.shape[2]] = src
-                layers.append(out)
-            setattr(self, name, layers)
+        buffers = self._buffers
+        if (buffers is not None and pos == self.pos and max_len == self.max_len
+                and buffers[2] + joined <= buffers[0][0].shape[0]):
+            k, v, start = buffers  # the newcomer goes into free rows; the rows here stay
+            end, shift = start + self.batch_size, pos - other.pos
+            for mine, theirs in zip(k + v, other.k + other.v):
+                mine[end:end + other.batch_size, :, :shift] = 0  # padding: hidden, and never stale
+                mine[end:end + other.batch_size, :, shift:pos] = theirs[:, :, :other.pos]
+            self._view(k, v, start, joined)
+        else:
+            rows = 2 * joined if room and not self.static else joined
+            for name in ("k", "v"):
+                layers = []
+                for i, t in enumerate(getattr(self, name)):
+                    out = t.new_zeros(rows, t.shape[1], max_len, t.shape[3])  # (B + B' [+ free], K, S, D)
+                    for cache, row, shift in parts:
+                        src = getattr(cache, name)[i][:, :, :cache.pos]
+                        out[row:row + len(src), :, shift:shift + src.shape[2]] = src
+                    layers.append(out)
+                setattr(self, name, layers)
+            if rows > joined:
+                self._view(self.k, self.v, 0, joined)
+            else:
+                self._buffers = None
         self.max_len = max_len
         self.pad = pad if self.static or bool(pad.any()) else None
         self._set_pos(pos)
@@ -182,6 +224,7 @@ class KVCache:
                 ts[i] = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
                 ts[i][:, :, :end] = t[:, :, :end]
         self.max_len = max_len
+        self._buffers = None
 
     def _set_pos(self, n: int) -> None:
         if self.static:
