@@ -1,8 +1,10 @@
 """Several models behind one app, in process: loading on first request, LRU unloading over the memory budget, 503
-while a model loads, 429 when the queue is full."""
+while a model loads, 429 when the queue is full, loaded models kept out of the cyclic collector's scans."""
 
 import asyncio
+import gc
 import threading
+import weakref
 
 import pytest
 
@@ -36,6 +38,29 @@ def test_models_load_on_first_request_and_lru_unloads_over_the_budget(base, tmp_
         assert registry.unloads == 2
         r = ask(app, "a")
         assert r.json()["choices"][0]["text"] == ask(app, "a").json()["choices"][0]["text"]
+    finally:
+        registry.close()
+
+
+@pytest.fixture
+def thawed():
+    """Objects that a test's registry froze (serve/models.py's `settle`) are the collector's again after it."""
+    yield
+    gc.unfreeze()
+
+
+def test_a_loaded_model_is_frozen_out_of_collections_and_freed_when_unloaded(base, tmp_path, thawed):
+    registry = Registry([ModelSpec("a", base)], ServeConfig())
+    app = create_app(registry, feedback_dir=tmp_path)
+    try:
+        assert ask(app, "a").status_code == 200
+        engine = registry.loaded["a"].engine
+        assert not any(o is engine for o in gc.get_objects())  # in the permanent generation
+        engine.itself = engine  # a reference cycle, which only the collector frees: it does once the model goes
+        gone = weakref.ref(engine)
+        del engine
+        registry.unload("a")
+        assert gone() is None
     finally:
         registry.close()
 
