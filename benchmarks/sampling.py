@@ -1,7 +1,10 @@
 """Drawing one token per row from a vocabulary of GPT-2's size (50257), as a decode step of N rows does: microseconds
 per call of `engine/sampling.py`'s `inverse_cdf` (a two-level search over blocks of CDF_BLOCK tokens) against the
 simple path (one cumulative sum over the whole row and one search), and of the whole `sample` (softmax, one
-generator per row, as the scheduler's rows have). Both draw the same tokens: the figures say so.
+generator per row, as the scheduler's rows have), on the tensor path and with the engine's C++ kernel
+(`native=True`: `torch.ops.yunque.sample_rows`, one pass reading the logits as they are), over fp32 and over bf16
+logits (a bf16 model's). The two searches draw the same tokens, and the kernel those of the tensor path but where
+rounding puts a draw at a boundary between two: the figures say how many of the rows agree.
 
     python benchmarks/sampling.py [--rows 1 16 64] [--calls 200]
 """
@@ -14,6 +17,7 @@ import os
 import torch
 import torch.utils.benchmark as benchmark
 
+from yunque.engine.native import native_kernels
 from yunque.engine.sampling import inverse_cdf, sample
 from yunque.precision import cpu_description
 
@@ -40,7 +44,8 @@ def main() -> None:
     args = p.parse_args()
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average at start {os.getloadavg()[0]:.2f}")
-    print(f"vocabulary {VOCAB}; microseconds per call")
+    kernels = native_kernels()
+    print(f"vocabulary {VOCAB}; microseconds per call" + ("" if kernels else "; the C++ kernel did not build here"))
     g = torch.Generator().manual_seed(0)
     for n in args.rows:
         logits = torch.randn(n, VOCAB, generator=g) * 3
@@ -49,9 +54,21 @@ def main() -> None:
         simple = per_call_us(lambda: one_cumulative_sum(probs, u), args.calls)
         blocked = per_call_us(lambda: inverse_cdf(probs, u), args.calls)
         gens = [torch.Generator().manual_seed(i) for i in range(n)]
-        whole = per_call_us(lambda: sample(logits, generators=gens), args.calls)
         print(f"{n:3d} rows: one cumulative sum {simple:7.1f}, in blocks {blocked:7.1f} ({simple / blocked:.1f}x); "
-              f"whole sample() {whole:7.1f}; same tokens: {same}")
+              f"same tokens: {same}")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = logits.to(dtype)
+            whole = per_call_us(lambda: sample(x, generators=gens), args.calls)
+            line = f"      whole sample() over {str(dtype)[6:]:8s}: tensor path {whole:7.1f}"
+            if kernels is not None:
+                fused = per_call_us(lambda: sample(x, generators=gens, native=True), args.calls)
+                agree = 0
+                for k in range(20):  # 20 draws of every row, the same seeds on both paths
+                    seeds = [1000 * k + i for i in range(n)]
+                    agree += int((sample(x, generators=[torch.Generator().manual_seed(i) for i in seeds], native=True)
+                                  == sample(x, generators=[torch.Generator().manual_seed(i) for i in seeds])).sum())
+                line += f", C++ kernel {fused:7.1f} ({whole / fused:.1f}x; the same token in {agree}/{20 * n} draws)"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -516,6 +516,8 @@ void widen_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
 // computed again rather than kept: a row is read twice and never written. Rounding can bring the target up to the
 // total; the first block (token) reaching the total is then the bound, so no token of probability 0 is drawn.
 // A row holding an infinity or a NaN gives -1 (the caller draws that row another way).
+// `python benchmarks/sampling.py` (Zen 4, 2 threads), 16 rows of 50,257, sample() with this kernel against
+// softmax and inverse_cdf: 308 against 3,338 us over bf16 logits, 428 against 551 us over fp32.
 constexpr int64_t kSampleBlock = 256;
 
 inline bool finite_bits(float x) {  // -ffast-math lets the compiler assume std::isfinite: look at the bits
@@ -526,9 +528,28 @@ inline bool finite_bits(float x) {  // -ffast-math lets the compiler assume std:
 
 inline bool finite_bits(uint16_t bf16) { return (bf16 & 0x7f80u) != 0x7f80u; }
 
+// exp(x) for x <= 0, 0 below -87 (where expf leaves the normal floats): x = n ln 2 + r with |r| <= ln 2 / 2, exp(r)
+// by a polynomial of degree 6 (Cephes' expf coefficients, ~1 ulp), times 2^n set in the exponent bits. Inline, so
+// that a loop over a row vectorizes whole (a call of glibc's vector expf per 16 values took 2-3x as long).
+inline float exp_nonpositive(float x) {
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.f ? 0.f : p * two_n;
+}
+
 inline float scaled_exp(float logit, float largest, float scale) {
-  const float x = (logit - largest) * scale;  // <= 0
-  return x < -87.f ? 0.f : std::exp(x);      // below, exp underflows; 0 as softmax gives it
+  return exp_nonpositive((logit - largest) * scale);  // <= 0: the largest logit gives 1
 }
 
 template <typename T>
