@@ -299,6 +299,8 @@ def test_sample_rows_leaves_rows_with_inf_or_nan_to_the_tensor_path():
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(8)]  # noqa: E731
     assert torch.equal(sample(masked, generators=gens(), native=True), sample(masked, generators=gens()))
     assert bool((sample(masked, generators=gens(), native=True) % 2 == 0).all())
+    # fp16 logits, which the kernel does not read: the tensor path
+    assert torch.equal(sample(masked.half(), generators=gens(), native=True), sample(masked.half(), generators=gens()))
 
 
 @needs_kernels

@@ -90,9 +90,10 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     depends only on its own generator (batched sampling then equals sampling each row alone); None alone uses
     torch's global generator for every row.
 
-    native: on CPU, with no top-k, top-p or min-p, draw with the engine's C++ kernel (`torch.ops.yunque.sample_rows`,
-    which the caller has loaded): the same rule as the tensor ops below in one pass that reads the logits as they
-    are (bf16 too), without writing the softmax; the same tokens up to rounding at a boundary between two.
+    native: fp32 or bf16 logits on CPU with no top-k, top-p or min-p are drawn by the engine's C++ kernel
+    (`torch.ops.yunque.sample_rows`, which the caller has loaded): the same rule as the tensor ops below in one pass
+    that reads the logits as they are, without writing the softmax; the same tokens up to rounding at a boundary
+    between two.
     """
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
@@ -102,7 +103,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     # a 30M model (benchmarks/serve.py's profile).
     u = uniforms(logits.shape[0], generators, logits.device)  # (B, 1)
     filtered = top_k is not None or (top_p is not None and top_p < 1) or (min_p is not None and min_p > 0)
-    if not (native and logits.device.type == "cpu" and not filtered):
+    kernel = native and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+    if not kernel or filtered:
         return inverse_cdf(probabilities(logits, temperature, top_k, top_p, min_p), u)
     tokens = torch.ops.yunque.sample_rows(logits, u.view(-1), 1 / max(temperature, MIN_TEMPERATURE))
     odd = (tokens < 0).nonzero().view(-1)  # rows holding an infinity or a NaN: the kernel leaves them to softmax
