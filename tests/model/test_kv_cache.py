@@ -7,7 +7,7 @@ import torch
 
 from yunque.config import preset
 from yunque.model.gpt import GPT
-from yunque.model.kv_cache import KVCache
+from yunque.model.kv_cache import ROOM_ROWS, KVCache
 
 V = 97
 TOL = {"atol": 1e-5, "rtol": 0}
@@ -150,6 +150,16 @@ def test_joins_with_room_fill_free_rows_and_select_of_a_run_keeps_a_view():
         assert len(got[r]) > 1
         for a, b in zip(got[r], want):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_room_is_as_many_rows_again_up_to_room_rows():
+    cfg = tiny().cfg
+    for rows, free in ((3, 4), (40, ROOM_ROWS)):
+        cache = KVCache(cfg, rows, 8)
+        cache.join(KVCache(cfg, 1, 8), room=True)
+        k = cache.k[0]
+        assert k.shape[0] == rows + 1
+        assert k.untyped_storage().nbytes() == (rows + 1 + free) * k[0].numel() * k.element_size()
 
 
 def test_join_checks_the_room():

@@ -24,6 +24,10 @@ import torch
 
 from yunque.config import ModelConfig
 
+ROOM_ROWS = 16
+"""Free rows at most that `KVCache.join(room=True)` leaves behind a batch's rows: requests reach a server a few at a
+time, so the whole cache is copied at most once per 16 newcomers, and a large batch does not hold twice its memory."""
+
 
 class KVCache:
     """Keys and values of B sequences, up to `max_len` positions each, for every layer."""
@@ -171,9 +175,9 @@ class KVCache:
         max_len: the slots of the result (at least the new fill level); None keeps this cache's max_len, grown
         to the new fill level if needed.
         room (dynamic caches): a cache that more rows will join (a server's running batch). Where the new buffers
-        are made, they get as many rows again free behind the joined ones (at most twice the memory, as a growing
-        list has), and a newcomer that fits in free rows behind this cache's (no more positions filled than here,
-        the same max_len) is copied into them, the rows here left where they are.
+        are made, they get as many rows again free behind the joined ones, at most ROOM_ROWS, and a newcomer that
+        fits in free rows behind this cache's (no more positions filled than here, the same max_len) is copied
+        into them, the rows here left where they are.
         """
         pos, joined = max(self.pos, other.pos), self.batch_size + other.batch_size
         max_len = max_len or max(self.max_len, pos)
@@ -195,7 +199,7 @@ class KVCache:
                 mine[end:end + other.batch_size, :, shift:pos] = theirs[:, :, :other.pos]
             self._view(k, v, start, joined)
         else:
-            rows = 2 * joined if room and not self.static else joined
+            rows = joined + min(joined, ROOM_ROWS) if room and not self.static else joined
             for name in ("k", "v"):
                 layers = []
                 for i, t in enumerate(getattr(self, name)):
