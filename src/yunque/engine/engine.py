@@ -438,7 +438,8 @@ class Engine:
 
     @torch.inference_mode()  # the cache may keep a view of its rows, which the step's inference mode made
     def remove(self, batch: Batch, *rows: Row) -> None:
-        """Take rows out of `batch` (finished or not), freeing their cache slots now. Rows not in it are ignored."""
+        """Take rows out of `batch` (finished or not) now; their cache rows are freed with the next copy of the cache
+        (`KVCache.select` keeps a run of rows as a view) or with the batch. Rows not in it are ignored."""
         gone = {id(r) for r in rows}
         keep = [i for i, r in enumerate(batch.rows) if id(r) not in gone]
         if len(keep) == len(batch.rows):

@@ -175,8 +175,9 @@ class Scheduler:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """End `seq` now: it leaves the batch (its cache slots freed) before the next step; its last event has
-        finish_reason "cancelled". Cancelling a finished sequence does nothing."""
+        """End `seq` now: it leaves the batch before the next step (no more work for it; its cache memory goes as
+        `Engine.remove` says); its last event has finish_reason "cancelled". Cancelling a finished sequence does
+        nothing."""
         with self._lock:
             seq.cancelled = True
             self._wake = True
