@@ -517,7 +517,8 @@ void widen_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros,
 // total; the first block (token) reaching the total is then the bound, so no token of probability 0 is drawn.
 // A row holding an infinity or a NaN gives -1 (the caller draws that row another way).
 // `python benchmarks/sampling.py` (Zen 4, 2 threads), 16 rows of 50,257, sample() with this kernel against
-// softmax and inverse_cdf: 308 against 3,338 us over bf16 logits, 428 against 551 us over fp32.
+// softmax and inverse_cdf: 246 against 3,162 us over bf16 logits, 261 against 599 us over fp32; built for AVX2
+// alone (ATEN_CPU_CAPABILITY=avx2 on the same CPU), fp32: 305-397 against 621-805 us.
 constexpr int64_t kSampleBlock = 256;
 
 inline bool finite_bits(float x) {  // -ffast-math lets the compiler assume std::isfinite: look at the bits
@@ -574,9 +575,15 @@ void sample_rows_impl(const T* logits, const float* u, float scale, int64_t* out
       float running = 0.f;
       for (int64_t k = 0; k < blocks; ++k) {
         const int64_t lo = k * kSampleBlock, hi = std::min(V, lo + kSampleBlock);
+        // the exponentials of the block first, then their sum: one loop of both kept a single chain of vector
+        // sums and ran 1.7x (AVX-512) to 2.7x (AVX2) slower
+        float e[kSampleBlock];
+        const int64_t n = hi - lo;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) e[j] = scaled_exp(to_float(l[lo + j]), largest, scale);
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t j = lo; j < hi; ++j) s += scaled_exp(to_float(l[j]), largest, scale);
+        for (int64_t j = 0; j < n; ++j) s += e[j];
         running += s;
         cdf[k] = running;
       }
