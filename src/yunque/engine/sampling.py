@@ -186,5 +186,5 @@ def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return ids, values
 
 
-__all__ = ["MIN_TEMPERATURE", "check_sampling", "filter_min_p", "filter_top_k", "filter_top_p", "penalize", "sample",
-           "token_logprobs", "top_logprobs"]
+__all__ = ["MIN_TEMPERATURE", "check_sampling", "filter_min_p", "filter_top_k", "filter_top_p", "penalize",
+           "probabilities", "sample", "token_logprobs", "top_logprobs", "uniforms"]
