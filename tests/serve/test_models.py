@@ -42,14 +42,15 @@ def test_models_load_on_first_request_and_lru_unloads_over_the_budget(base, tmp_
         registry.close()
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def thawed():
-    """Objects that a test's registry froze (serve/models.py's `settle`) are the collector's again after it."""
+    """Objects that a test's registry froze (serve/models.py's `settle`) are the collector's again after it, for
+    the tests that run later in this process."""
     yield
     gc.unfreeze()
 
 
-def test_a_loaded_model_is_frozen_out_of_collections_and_freed_when_unloaded(base, tmp_path, thawed):
+def test_a_loaded_model_is_frozen_out_of_collections_and_freed_when_unloaded(base, tmp_path):
     registry = Registry([ModelSpec("a", base)], ServeConfig())
     app = create_app(registry, feedback_dir=tmp_path)
     try:
