@@ -263,7 +263,10 @@ class Engine:
         """
         self.device = torch.device(device)
         self.dtype, self._pack = decode_precision(model, precision, self.device)
-        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
+        self.native = self.device.type == "cpu" and native_kernels() is not None
+        """Whether the engine's C++ kernels serve this engine (CPU, and they built): its layers, attention and
+        sampling."""
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
         # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
         # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
         # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
@@ -275,8 +278,6 @@ class Engine:
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
         self.compile = compile
         self._decode = compiled_decode_step() if compile else decode_step
-        self.native = self.device.type == "cpu" and native_kernels() is not None
-        """Whether the engine's C++ kernels serve this engine (CPU, and they built): sampling uses them too."""
 
     def load_weights(self, model: GPT) -> None:
         """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
@@ -290,7 +291,7 @@ class Engine:
                              f"load weights of the same architecture, or make a new Engine")
         # the old copy and the graphs that froze it go before the new copy is made: one copy at a time
         self.model = self._decode = None
-        self.model = decode_model(model, self.dtype, self.device, pack=self._pack)
+        self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
         self._decode = compiled_decode_step() if self.compile else decode_step
 
     def with_adapter(self, state: dict[str, torch.Tensor], cfg: LoraConfig) -> Engine:

@@ -134,11 +134,9 @@ class KVCache:
         """Keep only the given batch rows (e.g. to drop finished sequences). A dynamic cache keeping a run of
         consecutive rows in order keeps a view of them, copying nothing (the rows let go stay allocated until a
         copy of the cache or its end)."""
-        n = len(rows)
-        first = int(rows[0]) if n else 0
-        if not self.static and n and int(rows[-1]) - first == n - 1 and bool((rows.diff() == 1).all()):
+        if not self.static and len(rows) and bool((rows.diff() == 1).all()):
             k, v, start = self._buffers or (self.k, self.v, 0)
-            self._view(k, v, start + first, n)
+            self._view(k, v, start + int(rows[0]), len(rows))
         else:
             self.k = [k[rows] for k in self.k]
             self.v = [v[rows] for v in self.v]
