@@ -1,14 +1,16 @@
 """Weight-only quantized matrix products on this CPU: what `engine/cpu.py`'s `quant_kernel` chooses from.
 
-For the linear layers of SmolLM2-135M (and its output head), 1, 4, 8 and 32 rows, microseconds per call of:
+For the linear layers of SmolLM2-135M (and its output head), 1, 4, 8, 16 and 32 rows, microseconds per call of:
 fp32 `F.linear` (the simple path) and oneDNN-packed fp32 and bf16 (`PackedLinear`, what the engine does for float
 weights); ATen's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed fp32 activations, and fed bf16 ones
 (`Int8PackedLinear`, `Int4PackedLinear` without the engine's kernels: casts included); the engine's C++ products
 (engine/kernels.cpp): `rows_linear` on fp32, bf16 and int8 weights, which `PackedLinear` and `Int8PackedLinear`
 run up to NATIVE_ROWS rows, `rows_int4` (x rounded to 8 bits per group) and `dense_int4` (the int4 weight
 widened to bf16 for the call, then oneDNN), which `Int4PackedLinear` runs up to NATIVE_ROWS and from
-DEQUANT_ROWS rows. The last column is the kernel family the engine picks here for int8 and int4. Each call reads
-the same weight, so layers that fit in the CPU's caches are read from there.
+DEQUANT_ROWS rows, and, where the CPU has AVX-512 BF16, `pairs_linear` (bf16 dot products on the weight laid out
+by `pack_pairs`), which `PackedLinear` runs for bf16 weights up to PAIR_ROWS rows. The last column is the kernel
+family the engine picks here for int8 and int4. Each call reads the same weight, so layers that fit in the CPU's
+caches are read from there.
 
 To see what a CPU without native bf16 (AVX2 only) gets, on a machine that has it: ATen and oneDNN then dispatch
 to their AVX2 code and `bf16_supported` says False.
@@ -59,6 +61,8 @@ def main() -> None:
         columns.remove("bf16 packed")
     if native_kernels() is not None:
         columns += ["fp32 C++", "bf16 C++", "int8 C++", "int4 C++", "int4 dense"]
+        if native_kernels().has_pairs():
+            columns.append("bf16 pairs")
     print(f"{'layer':>10} rows " + " ".join(f"{c:>13}" for c in columns) + "   engine: int8, int4")
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -71,12 +75,13 @@ def main() -> None:
         # oneDNN packs bf16 only where the CPU has bf16 instructions (a column left out elsewhere)
         packed16 = PackedLinear(copy.deepcopy(linear).to(torch.bfloat16)) if "bf16 packed" in columns else None
         w16 = w.bfloat16()
+        pairs = torch.ops.yunque.pack_pairs(w16) if "bf16 pairs" in columns else None
         q4 = torch._convert_weight_to_int4pack_for_cpu(int4.int_weight().to(torch.int32), 1)
         sz = torch.stack([int4.scales, int4.zeros], -1).transpose(0, 1).contiguous().float()
         q4_parts = (int4.qweight, int4.scales, int4.zeros, args.group_size)  # as the engine's kernels take them
         choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu,
                                native=native_kernels() is not None) for bits in (8, 4)]
-        for rows in (1, 4, 8, 32):
+        for rows in (1, 4, 8, 16, 32):
             x = torch.randn(rows, K)
             x16 = x.bfloat16()
             fns = {"fp32 F.linear": lambda: F.linear(x, w), "fp32 packed": lambda: packed(x),
@@ -90,7 +95,8 @@ def main() -> None:
                    "int8 C++": lambda: torch.ops.yunque.rows_linear(x, int8.qweight, int8.scales),
                    "int4 C++": lambda: torch.ops.yunque.rows_int4(x, *q4_parts),
                    # widened to bf16 with native bf16, else to fp32: as the engine's int4 layer does
-                   "int4 dense": lambda: torch.ops.yunque.dense_int4(x16 if native else x, *q4_parts)}
+                   "int4 dense": lambda: torch.ops.yunque.dense_int4(x16 if native else x, *q4_parts),
+                   "bf16 pairs": lambda: torch.ops.yunque.pairs_linear(x16, pairs, None, N)}
             with torch.inference_mode():
                 times = [per_call_us(fns[c], args.calls if "x fp32" not in c else max(10, args.calls // 10))
                          for c in columns]

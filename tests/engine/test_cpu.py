@@ -176,6 +176,33 @@ def test_compiled_engines_of_two_models_of_one_shape_each_follow_their_own_weigh
     assert first[0] != first[2]  # the two models do differ
 
 
+@pytest.mark.skipif(native_kernels() is None or not native_kernels().has_pairs(),
+                    reason="no AVX-512 BF16 here: bf16 layers keep oneDNN's products (and decode is fp32)")
+def test_bf16_products_by_the_pairs_kernel_equal_onednns_eager_and_compiled(learned):
+    """On a CPU with AVX-512 BF16 a packed bf16 copy multiplies decode rows (one, and a batch of three) with the
+    engine's bf16 dot-product kernel: its greedy tokens are oneDNN's, and its logits within bf16's rounding of
+    oneDNN's, eager against eager and compiled against compiled (a compiled step rounds at other places than an
+    eager one, kernel or not: up to 0.375 apart with oneDNN alone, at logits of ~15)."""
+    fast = decode_model(learned, torch.bfloat16, CPU, pack=True)
+    onednn = decode_model(learned, torch.bfloat16, CPU, pack=True, native=False)
+    layers = [m for m in fast.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.pairs is not None and m.plain is None for m in layers)
+    step = compiled_decode_step()
+    for rows in (1, 3):
+        prompt = torch.tensor([TOK.encode(TEXT[i:i + 20]) for i in range(rows)])
+        with torch.inference_mode():
+            caches = [KVCache(learned.cfg, rows, 64, dtype=torch.bfloat16, static=static) for static in (0, 0, 1, 1)]
+            models = (fast, onednn, fast, onednn)
+            logits = [m(prompt, kv_cache=c)[:, -1].float() for m, c in zip(models, caches)]
+            for _ in range(12):
+                tokens = logits[1].argmax(-1)
+                assert all(torch.equal(x.argmax(-1), tokens) for x in logits)
+                logits = [(step if c.static else decode_step)(m, tokens, c).float() for m, c in zip(models, caches)]
+                # bf16 keeps 8 bits of mantissa: ~2% of the logits' range
+                for mine, theirs in ((logits[0], logits[1]), (logits[2], logits[3])):
+                    assert (mine - theirs).abs().max() <= 0.02 * theirs.abs().max()
+
+
 @needs_onednn
 def test_one_row_products_by_the_cpp_kernel_equal_onednns_eager_and_compiled(learned):
     """A packed fp32 copy multiplies one row with the engine's C++ product (where it builds): its greedy tokens are

@@ -3,7 +3,8 @@
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
 step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
-compiled, and the engine's float and int8 layers use it for one row; rows_int4 and dense_int4 == F.linear on an
+compiled, and the engine's float and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on
+bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; rows_int4 and dense_int4 == F.linear on an
 int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows == softmax and
 inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for AVX2 alone give
 the same; without a compiler the engine says so in one line and keeps SDPA.
@@ -18,6 +19,7 @@ from yunque.engine import native
 from yunque.engine.cpu import (
     DEQUANT_ROWS,
     NATIVE_ROWS,
+    PAIR_ROWS,
     DecodeAttention,
     Int4PackedLinear,
     Int8PackedLinear,
@@ -37,6 +39,8 @@ TOK = byte_tokenizer()
 kernels = native.native_kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="the engine's C++ kernels did not build here "
                                    "(no C++ compiler or Python headers); the engine uses SDPA")
+needs_pairs = pytest.mark.skipif(kernels is None or not kernels.has_pairs(), reason="this CPU has no AVX-512 BF16 "
+                                 "(bf16 dot products), so the engine decodes in fp32 with no pairs_linear")
 
 
 def sdpa_step(q, k, v, pad):
@@ -223,6 +227,50 @@ def test_dense_int4_widens_the_weight_to_the_dtype_of_x(K, N, G):
     assert torch.equal(widened, w)  # the fp32 widening is exact: the identity reads it back
 
 
+@needs_pairs
+@pytest.mark.parametrize("K, N", [(2, 1), (6, 7), (64, 100), (576, 960), (1536, 33), (384, 50257)])
+def test_pairs_linear_equals_f_linear(K, N):
+    """Every number of rows a decode step may have (blocks of 8 rows and the rows left over, 1 to 8 tiles of 16
+    outputs side by side, outputs past the last whole tile), with and without a bias: F.linear's products in
+    float32, rounded to bfloat16."""
+    torch.manual_seed(0)
+    w, bias = torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
+    packed = torch.ops.yunque.pack_pairs(w)
+    assert packed.shape == ((N + 15) // 16, K // 2, 32)
+    for M in [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 24, 31, 40] if N < 10000 else [1, 3, 16, 19]:
+        x = torch.randn(M, 1, K).bfloat16()
+        for b in (None, bias):
+            got = torch.ops.yunque.pairs_linear(x, packed, b, N)
+            want = F.linear(x.float(), w.float(), None if b is None else b.float())
+            assert got.shape == (M, 1, N) and got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want, atol=1e-4 * K ** 0.5, rtol=2 ** -8, msg=f"{M} rows")
+
+
+@needs_pairs
+def test_pairs_linear_rows_do_not_depend_on_the_rows_beside_them():
+    """A row's outputs are the same bits whatever the number of rows (the blocking changes with it): a sequence
+    decodes the same alone and in a batch of the engine's bf16 products."""
+    torch.manual_seed(0)
+    packed = torch.ops.yunque.pack_pairs(torch.randn(100, 64).bfloat16())
+    x = torch.randn(32, 64).bfloat16()
+    alone = torch.cat([torch.ops.yunque.pairs_linear(x[i:i + 1], packed, None, 100) for i in range(32)])
+    for M in (2, 4, 11, 32):
+        assert torch.equal(torch.ops.yunque.pairs_linear(x[:M], packed, None, 100), alone[:M])
+
+
+@needs_pairs
+def test_pairs_linear_refuses_what_it_cannot_run():
+    packed = torch.ops.yunque.pack_pairs(torch.randn(20, 8).bfloat16())
+    with pytest.raises(RuntimeError, match="K even"):
+        torch.ops.yunque.pack_pairs(torch.randn(20, 7).bfloat16())
+    with pytest.raises(RuntimeError, match="pairs_linear: x"):
+        torch.ops.yunque.pairs_linear(torch.randn(1, 6).bfloat16(), packed, None, 20)
+    with pytest.raises(RuntimeError, match="pairs_linear: x"):
+        torch.ops.yunque.pairs_linear(torch.randn(1, 8).bfloat16(), packed, None, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.yunque.pairs_linear(torch.randn(1, 8).bfloat16(), packed, torch.zeros(19), 20)
+
+
 AVX2_BUILD = """
 import torch, torch.nn.functional as F
 from yunque.engine import native
@@ -230,7 +278,7 @@ from yunque.model.quant import QuantLinear
 {bounds}
 native.CFLAGS = (*native.CFLAGS, "-mno-avx512f")  # a build of its own (the flags are in its name), for AVX2 only
 kernels = native.native_kernels()
-print(kernels.vector_isa())
+print(kernels.vector_isa(), kernels.has_pairs())
 torch.manual_seed(0)
 for K, N in [(576, 960), (1536, 7), (8256, 3), (40, 5)]:
     layer = QuantLinear.from_linear(torch.nn.Linear(K, N, bias=False), 8)
@@ -267,7 +315,7 @@ def test_the_avx2_build_of_the_integer_kernels_equals_f_linear(tmp_path):
     script = AVX2_BUILD.format(bounds=bounds)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["avx2", "ok"]
+    assert run.stdout.split() == ["avx2", "False", "ok"]  # no bf16 dot products without AVX-512
 
 
 @needs_kernels
@@ -392,21 +440,28 @@ def test_the_engine_int4_layer_without_aten_runs_the_kernel_then_widens_the_weig
 @needs_kernels
 @pytest.mark.skipif(not PackedLinear.supported(CPU, torch.float32), reason="PyTorch was built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_engine_float_layer_runs_the_kernel_for_one_row_and_onednn_for_more(monkeypatch, dtype):
+def test_the_engine_float_layer_runs_a_kernel_for_a_few_rows_and_onednn_for_more(monkeypatch, dtype):
     if not PackedLinear.supported(CPU, dtype):
         pytest.skip("this CPU has no native bf16 products, so the engine decodes in fp32 and never packs bf16")
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 100, bias=True).to(dtype)  # 100 rows: oneDNN's copy is padded to 128
     calls = counting_kernel(monkeypatch)
+    pairs = []
+    kernel = torch.ops.yunque.pairs_linear
+    monkeypatch.setattr(torch.ops.yunque, "pairs_linear", lambda *a: (pairs.append(a[0].shape), kernel(*a))[1])
     fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    for shape in [(1, 64), (1, 1, 64), (NATIVE_ROWS + 3, 64)]:
+    shapes = [(1, 64), (1, 1, 64), (NATIVE_ROWS + 3, 64), (PAIR_ROWS, 1, 64), (PAIR_ROWS + 1, 1, 64)]
+    for shape in shapes:
         x = torch.randn(shape).to(dtype)
         got = fast(x)
         assert got.shape == (*shape[:-1], 100) and got.dtype == dtype
         torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), **tol)
         torch.testing.assert_close(got, onednn(x), **tol)
-    assert calls == [torch.Size([1, 64]), torch.Size([1, 1, 64])]
+    if dtype == torch.bfloat16 and kernels.has_pairs():  # up to PAIR_ROWS rows the bf16 kernel, then oneDNN
+        assert calls == [] and pairs == [torch.Size(s) for s in shapes[:-1]]
+    else:
+        assert calls == [torch.Size([1, 64]), torch.Size([1, 1, 64])] and pairs == []
 
 
 def tiny(**overrides) -> GPT:

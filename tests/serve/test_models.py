@@ -345,3 +345,27 @@ def test_engine_bytes_counts_packed_and_plain_weights_and_a_tied_heads_plain_one
     own = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
     packed = sum(m.in_features * m.out_features * 4 for m in layers)
     assert engine_bytes(engine) == own + packed + sum(m.plain.numel() * 4 for m in layers if m is not head)
+
+
+def test_engine_bytes_counts_the_weights_laid_out_for_the_bf16_kernel():
+    import torch
+
+    from yunque.config import preset
+    from yunque.engine.cpu import PackedLinear, decode_model
+    from yunque.engine.engine import Engine
+    from yunque.engine.native import native_kernels
+    from yunque.model.gpt import GPT
+    from yunque.serve.models import engine_bytes
+    from yunque.tokenizer import byte_tokenizer
+
+    if native_kernels() is None or not native_kernels().has_pairs():
+        pytest.skip("no AVX-512 BF16 here: no bf16 layer keeps weights for the pairs kernel")
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=256)).eval()  # tied: the head's pairs are a copy all the same
+    engine = Engine(model, byte_tokenizer(), precision="bf16")
+    engine.model = decode_model(model, torch.bfloat16, torch.device("cpu"), pack=True)
+    layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert layers and all(m.plain is None and m.pairs is not None for m in layers)
+    own = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
+    packed = sum(m.in_features * m.out_features * 2 for m in layers)
+    assert engine_bytes(engine) == own + packed + sum(m.pairs.numel() * 2 for m in layers)

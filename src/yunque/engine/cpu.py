@@ -130,6 +130,12 @@ NATIVE_ROWS = 1
 than oneDNN's or ATen's: one, a decode step of one sequence (benchmarks/quant_kernels.py: at 4 rows theirs are as
 fast or faster)."""
 
+PAIR_ROWS = 32
+"""Rows of x up to which a bf16 layer on a CPU with AVX-512 BF16 runs the engine's bf16 dot-product kernel
+(torch.ops.yunque.pairs_linear) rather than oneDNN's product: a decode step of up to 32 sequences. At 32 rows
+the two are even on an output head, and the kernel still 1.1-1.2x faster on a block's layers (see PackedLinear);
+more rows are a prompt, where oneDNN's blocking serves."""
+
 
 class PackedLinear(nn.Module):
     """nn.Linear whose weight is laid out once in oneDNN's blocked format instead of on every call.
@@ -149,7 +155,22 @@ class PackedLinear(nn.Module):
 
     Cache-hot layers vary; whole eager decodes of SmolLM2 (alternated runs, medians of 5) went 1.44x faster in
     bf16 with these products alone, 1.42x in fp32 with the engine's C++ kernels against none.
-    The price is memory: a block's float weights are held twice (a tied head's plain weight is the embedding's).
+
+    A bf16 layer on a CPU with AVX-512 BF16 keeps, instead of the plain weight, one laid out for the engine's
+    bf16 dot-product kernel (`torch.ops.yunque.pairs_linear`), which takes up to PAIR_ROWS rows (a decode step of
+    a batch) and adds the bias itself. Against oneDNN's bf16 product, same run of `python
+    benchmarks/quant_kernels.py --threads 2` (Zen 4), microseconds:
+
+    | layer | 1 row | 4 | 16 | 32 |
+    |---|---|---|---|---|
+    | qkv (576 -> 960) | 27 / 13 | 33 / 17 | 62 / 47 | 105 / 88 |
+    | up (576 -> 3072) | 50 / 36 | 67 / 42 | 162 / 140 | 305 / 273 |
+    | head (576 -> 49152) | 1,743 / 1,333 | 1,656 / 1,281 | 2,931 / 2,649 | 5,079 / 5,140 |
+
+    Whole decode steps of the 30M GPT-2 shape (benchmarks/serve.py's model), the two alternated in one process, 6
+    rounds, medians: 1.09x faster at 1 row, 1.30x at 4, 1.33x at 8, 1.17x at 16, 1.12x at 32.
+    The price is memory: a block's float weights are held twice (a tied head's plain weight is the embedding's,
+    its pairs are not).
     """
 
     BATCH_HINT = 8
@@ -159,9 +180,13 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        # a plain attribute too: the tied head's is the embedding's parameter, which state_dict holds already
-        self.plain = weight.contiguous() if native else None
         bias = linear.bias.detach() if linear.bias is not None else None
+        pairs = (native and weight.dtype == torch.bfloat16 and self.in_features % 2 == 0
+                 and native_kernels().has_pairs())
+        self.pairs = torch.ops.yunque.pack_pairs(weight) if pairs else None
+        self.bias32 = bias.float() if pairs and bias is not None else None
+        # a plain attribute too: the tied head's is the embedding's parameter, which state_dict holds already
+        self.plain = weight.contiguous() if native and not pairs else None
         extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
         if extra:
             weight = torch.cat([weight, weight.new_zeros(extra, self.in_features)])
@@ -179,6 +204,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
+        if self.pairs is not None and x.numel() <= PAIR_ROWS * self.in_features:
+            return torch.ops.yunque.pairs_linear(x, self.pairs, self.bias32, self.out_features)
         if self.plain is not None and x.numel() <= NATIVE_ROWS * self.in_features:
             y = torch.ops.yunque.rows_linear(x, self.plain, None).to(x.dtype)
             return y + self.bias[:self.out_features] if self.bias is not None else y
@@ -448,6 +475,6 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
     modules.clear()
 
 
-__all__ = ["DEQUANT_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear",
-           "quant_kernel", "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model",
+__all__ = ["DEQUANT_ROWS", "PAIR_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "Int4PackedLinear", "Int8PackedLinear",
+           "PackedLinear", "quant_kernel", "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model",
            "decode_precision", "decode_step", "quantized"]

@@ -71,9 +71,9 @@ def native_kernels() -> types.ModuleType | None:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4 and decode_attention return, for tracing a compiled
-    step (the kernels themselves are registered by the library when it loads). Once per process, even if the
-    library is loaded again."""
+    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs and decode_attention
+    return, for tracing a compiled step (the kernels themselves are registered by the library when it loads). Once
+    per process, even if the library is loaded again."""
 
     @torch.library.register_fake("yunque::rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +89,14 @@ def _register_shapes() -> None:
           group_size: int) -> torch.Tensor:
         dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=dtype)
+
+    @torch.library.register_fake("yunque::pairs_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+        return x.new_empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("yunque::pack_pairs")
+    def _(weight: torch.Tensor) -> torch.Tensor:
+        return weight.new_empty(((weight.shape[0] + 15) // 16, weight.shape[1] // 2, 32))
 
     @torch.library.register_fake("yunque::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, filled: torch.Tensor | None,

@@ -54,8 +54,8 @@ class Loaded:
 
 def engine_bytes(engine: Engine) -> int:
     """Memory the engine's copy of a model holds: its parameters and buffers, and the oneDNN-packed weights and the
-    plain ones for one-row products that `PackedLinear` keeps outside both (a tied head's plain weight is the
-    embedding, counted once)."""
+    plain ones for one-row products (or those laid out for the bf16 kernel) that `PackedLinear` keeps outside both
+    (a tied head's plain weight is the embedding, counted once)."""
     model = engine.model
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     total = sum(t.numel() * t.element_size() for t in tensors)
@@ -64,9 +64,9 @@ def engine_bytes(engine: Engine) -> int:
     for m in model.modules():
         if getattr(m, "packed", None) is not None:
             total += m.in_features * m.out_features * itemsize
-        plain = getattr(m, "plain", None)
-        if plain is not None and plain.untyped_storage().data_ptr() not in held:
-            total += plain.numel() * plain.element_size()
+        for extra in (getattr(m, "plain", None), getattr(m, "pairs", None)):
+            if extra is not None and extra.untyped_storage().data_ptr() not in held:
+                total += extra.numel() * extra.element_size()
     return total
 
 
