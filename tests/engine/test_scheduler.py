@@ -194,6 +194,42 @@ def test_close_ends_waiting_and_running_sequences(engine):
                                                                         ["cancelled", "length"])
 
 
+def test_round_end_hooks_follow_each_round_that_sent_events_on_the_worker(engine):
+    """A round of the worker's loop (admissions, prefill, one step of every row) ends with the hooks, after its
+    events and before the next round's, on the worker thread, and never after a round that sent none."""
+    scheduler = Scheduler(engine)
+    log, threads = [], set()
+    scheduler.on_round_end(lambda: (log.append("end"), threads.add(threading.current_thread())))
+    done = threading.Event()
+    left = [len(PROMPTS)]
+
+    def sink(i):
+        def on_event(e):
+            log.append(i)
+            threads.add(threading.current_thread())
+            if e.finish_reason:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+        return on_event
+
+    try:
+        for i, (p, q) in enumerate(zip(PROMPTS, PARAMS)):
+            scheduler.submit(p, q, sink(i))
+        assert done.wait(60)
+        time.sleep(0.05)  # the last round's hook
+    finally:
+        scheduler.close()
+    assert threads == {scheduler.worker}
+    assert log[-1] == "end" and log[0] != "end"
+    rounds = [r for r in "".join("|" if x == "end" else "." for x in log).split("|") if r]
+    assert len(rounds) == log.count("end")  # no round without events, none without its hook
+    # at most a hook per step and per round that only prefilled; rows that hold tokens back (a stop string's) may
+    # leave a step with no events. Five rows run together: far fewer hooks than events.
+    events = len(log) - log.count("end")
+    assert log.count("end") <= scheduler.stats.steps + len(PROMPTS) and log.count("end") < events / 2
+
+
 def test_stream_yields_events_and_leaving_early_cancels(engine):
     s = Scheduler(engine)
 

@@ -237,3 +237,51 @@ def test_text_offsets_index_the_echoed_text(client):
     assert c.text[offsets[-4]:] == c.text[len(text):]  # the generated tokens start where the prompt ends
     colon = text.index(":")
     assert colon in offsets  # a token starts at every ASCII character of a byte-level prompt
+
+
+def test_the_mailbox_wakes_the_loop_once_a_round_and_delivers_every_event_in_order():
+    """Events from a scheduler's worker reach the loop's queues at the end of each round, all of them and in order
+    (each stream's tokens are those of the same prompt generated alone), with far fewer wake-ups of the loop than
+    events; a put from another thread (not an attached worker) is delivered without waiting for a round."""
+    from yunque.config import SamplingParams, preset
+    from yunque.engine import Engine
+    from yunque.engine.scheduler import Scheduler
+    from yunque.model import GPT
+    from yunque.serve.app import _Mailbox
+    from yunque.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    engine = Engine(GPT(preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)), tok)
+    engine.stop_ids = set()
+    prompts = [tok.encode(t) for t in ("hi", "def f(x):", "a longer prompt", "z")]
+    params = SamplingParams(max_new_tokens=24, temperature=0)
+    alone = [engine.generate([p], params)[0] for p in prompts]
+    scheduler = Scheduler(engine)
+
+    async def main():
+        box = _Mailbox(asyncio.get_running_loop())
+        wakes = []
+        wake = box._wake
+        box._wake = lambda: (wakes.append(1), wake())[1]
+        box.attach(scheduler)
+        queues = [asyncio.Queue() for _ in prompts]
+        for p, q in zip(prompts, queues):
+            scheduler.submit(p, params, lambda e, q=q: box.put(q, e))
+        got = []
+        for q in queues:
+            events = [await q.get()]
+            while not events[-1].finish_reason:
+                events.append(await q.get())
+            got.append(events)
+        mine = asyncio.Queue()
+        box.put(mine, "from the loop's thread")
+        assert await asyncio.wait_for(mine.get(), 5) == "from the loop's thread"
+        return got, len(wakes) - 1
+
+    try:
+        got, wakes = asyncio.run(main())
+    finally:
+        scheduler.close()
+    assert [[t.id for e in events for t in e.tokens] for events in got] == alone
+    assert wakes <= scheduler.stats.steps + len(prompts) and wakes < sum(map(len, got)) / 2

@@ -140,6 +140,8 @@ class Scheduler:
         """The shared-prefix cache (None when prefix_cache_tokens is 0)."""
         self._wake = False  # something for the worker to look at (a cancel)
         self._closed = False
+        self._round_hooks: list[Callable[[], Any]] = []
+        self._sent = False  # events sent in this round of the worker's loop
         self.stats = Stats()
         self._thread = threading.Thread(target=self._loop, name="yunque-scheduler", daemon=True)
         self._thread.start()
@@ -173,6 +175,17 @@ class Scheduler:
             self.stats.requests += 1
             self._lock.notify()
         return seq
+
+    def on_round_end(self, fn: Callable[[], Any]) -> None:
+        """Call fn() in the worker thread at the end of each round of its loop (admissions, prefill, one decode
+        step) that sent events, and once more after the last events when it closes: a consumer can hold a
+        round's events and hand them on together (the server wakes its event loop once a step, not once a row)."""
+        self._round_hooks.append(fn)
+
+    @property
+    def worker(self) -> threading.Thread:
+        """The thread that runs the engine and calls every `on_event` and `on_round_end` callback."""
+        return self._thread
 
     def cancel(self, seq: Sequence) -> None:
         """End `seq` now: it leaves the batch before the next step (no more work for it; its cache memory goes as
@@ -284,6 +297,7 @@ class Scheduler:
                 self._prefilling.clear()
                 batch = self.engine.new_batch()
             self.stats.waiting, self.stats.running = len(self._waiting), self.running
+            self._end_round()
         with self._lock:
             left = list(self._waiting) + list(self._running.values()) + self._prefilling
             self._waiting.clear()
@@ -293,6 +307,17 @@ class Scheduler:
             self._end(seq, "cancelled")
         self._running.clear()
         self._prefilling.clear()
+        self._end_round()
+
+    def _end_round(self) -> None:
+        if not self._sent:
+            return
+        self._sent = False
+        for fn in self._round_hooks:
+            try:
+                fn()
+            except Exception:  # as with on_event: a consumer's fault must not stop the worker
+                pass
 
     def _admit(self) -> list[Sequence]:
         """Waiting sequences to start now (under the lock): up to max_running admitted; cancelled ones are dropped."""
@@ -411,8 +436,8 @@ class Scheduler:
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._send(seq, Event("", (), reason, row.prompt_tokens if row else len(seq.prompt), done, error))
 
-    @staticmethod
-    def _send(seq: Sequence, event: Event) -> None:
+    def _send(self, seq: Sequence, event: Event) -> None:
+        self._sent = True
         try:
             seq.on_event(event)
         except Exception:  # a caller's callback must not stop the worker
