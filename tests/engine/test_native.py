@@ -4,7 +4,8 @@ decode_attention == SDPA with the decode step's mask (padding, grouped-query hea
 a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
 step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
 compiled, and the engine's float and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on
-bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; rows_int4 and dense_int4 == F.linear on an
+bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; gelu_tanh == F.gelu's tanh form, and
+a GELU model decoding with it == the plain model; rows_int4 and dense_int4 == F.linear on an
 int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows == softmax and
 inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for AVX2 alone give
 the same; without a compiler the engine says so in one line and keeps SDPA.
@@ -21,9 +22,11 @@ from yunque.engine.cpu import (
     NATIVE_ROWS,
     PAIR_ROWS,
     DecodeAttention,
+    DecodeMLP,
     Int4PackedLinear,
     Int8PackedLinear,
     PackedLinear,
+    compiled_decode_step,
     decode_model,
     decode_step,
 )
@@ -269,6 +272,45 @@ def test_pairs_linear_refuses_what_it_cannot_run():
         torch.ops.yunque.pairs_linear(torch.randn(1, 8).bfloat16(), packed, None, 40)
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.yunque.pairs_linear(torch.randn(1, 8).bfloat16(), packed, torch.zeros(19), 20)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_tanh_equals_f_gelu(dtype):
+    """Over -30..30, at 0 and far out (where exp(-2z) would overflow): F.gelu(x, approximate="tanh") computed in
+    float32, within a float32 rounding, or one bfloat16 rounding of it; any shape, views too."""
+    x = torch.cat([torch.linspace(-30, 30, 100_001), torch.tensor([0.0, -1e4, 1e4, -88.0, 88.0])]).to(dtype)
+    got, want = torch.ops.yunque.gelu_tanh(x), F.gelu(x.float(), approximate="tanh")
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-6, "rtol": 2 ** -8}
+    torch.testing.assert_close(got.float(), want, **tol)
+    view = torch.randn(8, 6, 10).to(dtype).transpose(0, 2)  # not contiguous
+    torch.testing.assert_close(torch.ops.yunque.gelu_tanh(view).float(),
+                               F.gelu(view.float(), approximate="tanh"), **tol)
+    with pytest.raises(RuntimeError, match="gelu_tanh: x float32 or bfloat16"):
+        torch.ops.yunque.gelu_tanh(x.half())
+
+
+@needs_kernels
+def test_a_gelu_model_decodes_with_the_kernel_and_equals_the_plain_one():
+    """The engine's copy of a GPT-2-shaped model (GELU blocks) runs the activation kernel; its prompt and step
+    logits equal the model's own, eager and compiled, and a swiglu model keeps its blocks."""
+    torch.manual_seed(0)
+    model = GPT(preset("gpt2-tiny", vocab_size=TOK.vocab_size)).eval()
+    fast = decode_model(model, torch.float32, CPU, pack=False)
+    assert any(type(m) is DecodeMLP for m in fast.modules())
+    assert not any(type(m) is DecodeMLP for m in decode_model(tiny(), torch.float32, CPU, pack=False).modules())
+    prompt = torch.tensor([TOK.encode("a stitch in time")])
+    step = compiled_decode_step()
+    with torch.inference_mode():
+        caches = [KVCache(model.cfg, 1, 40), KVCache(model.cfg, 1, 40), KVCache(model.cfg, 1, 40, static=True)]
+        logits = [m(prompt, kv_cache=c)[:, -1] for m, c in zip((fast, model, fast), caches)]
+        for _ in range(8):
+            tokens = logits[1].argmax(-1)
+            torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(logits[2], logits[1], atol=1e-4, rtol=1e-4)
+            logits = [decode_step(fast, tokens, caches[0]), decode_step(model, tokens, caches[1]),
+                      step(fast, tokens, caches[2])]
 
 
 AVX2_BUILD = """

@@ -13,6 +13,8 @@
 // widening nibbles, where 8-bit products take a whole 64-column block per load.
 // dense_int4: an int4 weight widened to float for a product of many rows (a prompt), multiplied by oneDNN.
 //
+// gelu_tanh: GELU's tanh form (the GPT-2 family's activation) in one pass.
+//
 // pairs_linear: a few bfloat16 rows (a decode step of a batch) times a bfloat16 weight with AVX-512 BF16's dot
 // products, on the weight laid out once by pack_pairs; faster than oneDNN's bf16 product up to ~32 rows.
 //
@@ -683,6 +685,28 @@ void pair_rows(const uint32_t* x, int64_t M, const uint16_t* w, int64_t Kp, cons
 }
 #endif
 
+// GELU in its tanh form, x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)) = x / (1 + exp(-2z)), z the tanh's
+// argument: the GPT-2 family's activation, in one pass with float32 inside.
+template <typename T>
+void gelu_tanh_impl(const T* x, T* y, int64_t n) {
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    constexpr int64_t kBlock = 256;
+    float buf[kBlock];
+    for (int64_t i = begin; i < end; i += kBlock) {
+      const int64_t m = std::min(kBlock, end - i);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const float v = to_float(x[i + j]);
+        // exp(80) is finite: far below, x / (1 + e) is 0 already (-ffast-math lets the compiler assume no inf)
+        const float t = std::min(-1.5957691216057308f * (v + 0.044715f * v * v * v), 80.f);
+        buf[j] = v / (1.f + std::exp(t));
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) y[i + j] = from_float<T>(buf[j]);
+    }
+  });
+}
+
 }  // namespace
 
 // x (..., K) float32 or bfloat16; weight (N, K) float32, bfloat16 or int8; scales float32 (N,) or None (one
@@ -790,6 +814,21 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   TORCH_CHECK(false, "pairs_linear: this build has no AVX-512 BF16 (has_pairs() is false)");
 #endif
   return y.view(shape);
+}
+
+// GELU's tanh form of x (float32 or bfloat16), as F.gelu(x, approximate="tanh"), in x's dtype. ATen's runs ~3x
+// slower than its erf form; this one 2.5x faster than ATen's (figures in engine/cpu.py, DecodeMLP).
+torch::Tensor gelu_tanh(const torch::Tensor& x) {
+  const torch::Tensor xc = x.contiguous();
+  torch::Tensor y = torch::empty_like(xc);
+  if (xc.scalar_type() == torch::kFloat32) {
+    gelu_tanh_impl(xc.data_ptr<float>(), y.data_ptr<float>(), xc.numel());
+  } else {
+    TORCH_CHECK(xc.scalar_type() == torch::kBFloat16, "gelu_tanh: x float32 or bfloat16, not ", xc.scalar_type());
+    gelu_tanh_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
+                   xc.numel());
+  }
+  return y;
 }
 
 // The arguments of rows_int4 and dense_int4: an int4 weight as QuantLinear stores it, qweight uint8 (N, K / 2),
@@ -971,6 +1010,7 @@ TORCH_LIBRARY(yunque, m) {
   m.def("sample_rows(Tensor logits, Tensor u, float scale) -> Tensor");
   m.def("pack_pairs(Tensor weight) -> Tensor");
   m.def("pairs_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
@@ -981,4 +1021,5 @@ TORCH_LIBRARY_IMPL(yunque, CPU, m) {
   m.impl("sample_rows", &sample_rows);
   m.impl("pack_pairs", &pack_pairs);
   m.impl("pairs_linear", &pairs_linear);
+  m.impl("gelu_tanh", &gelu_tanh);
 }

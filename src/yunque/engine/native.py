@@ -71,9 +71,9 @@ def native_kernels() -> types.ModuleType | None:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs and decode_attention
-    return, for tracing a compiled step (the kernels themselves are registered by the library when it loads). Once
-    per process, even if the library is loaded again."""
+    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs, gelu_tanh and
+    decode_attention return, for tracing a compiled step (the kernels themselves are registered by the library
+    when it loads). Once per process, even if the library is loaded again."""
 
     @torch.library.register_fake("yunque::rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -93,6 +93,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("yunque::pairs_linear")
     def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
         return x.new_empty((*x.shape[:-1], out_features), dtype=torch.bfloat16)
+
+    @torch.library.register_fake("yunque::gelu_tanh")
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
 
     @torch.library.register_fake("yunque::pack_pairs")
     def _(weight: torch.Tensor) -> torch.Tensor:
