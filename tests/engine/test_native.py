@@ -262,6 +262,12 @@ def test_pairs_linear_rows_do_not_depend_on_the_rows_beside_them():
 
 
 @needs_pairs
+def test_pairs_linear_of_no_rows_is_empty():
+    packed = torch.ops.yunque.pack_pairs(torch.randn(20, 8).bfloat16())
+    assert torch.ops.yunque.pairs_linear(torch.randn(0, 1, 8).bfloat16(), packed, None, 20).shape == (0, 1, 20)
+
+
+@needs_pairs
 def test_pairs_linear_refuses_what_it_cannot_run():
     packed = torch.ops.yunque.pack_pairs(torch.randn(20, 8).bfloat16())
     with pytest.raises(RuntimeError, match="K even"):

@@ -17,6 +17,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -318,13 +319,14 @@ class _Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop, self.items, self.lock, self.scheduled = loop, [], threading.Lock(), False
-        self.held: set[threading.Thread] = set()  # workers whose events wait for the end of their round
-        self.attached: set[int] = set()
+        # workers whose events wait for the end of their round, and their schedulers (weakly: models unload)
+        self.held: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self.attached: weakref.WeakSet = weakref.WeakSet()
 
     def attach(self, scheduler) -> None:
         """(The loop's thread.) Events from `scheduler`'s worker are delivered at the end of each of its rounds."""
-        if id(scheduler) not in self.attached:
-            self.attached.add(id(scheduler))
+        if scheduler not in self.attached:
+            self.attached.add(scheduler)
             scheduler.on_round_end(self.flush)
             self.held.add(scheduler.worker)
 
