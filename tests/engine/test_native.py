@@ -422,11 +422,11 @@ def test_the_engine_samples_with_the_kernel_where_no_filter_is_set(monkeypatch):
     assert len(calls) == 4  # top-p sorts: the tensor path
 
 
-def counting_kernel(monkeypatch) -> list[torch.Size]:
-    """The shapes of x that torch.ops.yunque.rows_linear is called with from now on."""
+def counting_kernel(monkeypatch, op: str = "rows_linear") -> list[torch.Size]:
+    """The shapes of x that torch.ops.yunque.<op> is called with from now on."""
     calls = []
-    kernel = torch.ops.yunque.rows_linear
-    monkeypatch.setattr(torch.ops.yunque, "rows_linear", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    kernel = getattr(torch.ops.yunque, op)
+    monkeypatch.setattr(torch.ops.yunque, op, lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
     return calls
 
 
@@ -494,9 +494,7 @@ def test_the_engine_float_layer_runs_a_kernel_for_a_few_rows_and_onednn_for_more
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 100, bias=True).to(dtype)  # 100 rows: oneDNN's copy is padded to 128
     calls = counting_kernel(monkeypatch)
-    pairs = []
-    kernel = torch.ops.yunque.pairs_linear
-    monkeypatch.setattr(torch.ops.yunque, "pairs_linear", lambda *a: (pairs.append(a[0].shape), kernel(*a))[1])
+    pairs = counting_kernel(monkeypatch, "pairs_linear") if kernels.has_pairs() else []
     fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
     shapes = [(1, 64), (1, 1, 64), (NATIVE_ROWS + 3, 64), (PAIR_ROWS, 1, 64), (PAIR_ROWS + 1, 1, 64)]

@@ -612,16 +612,16 @@ void sample_rows_impl(const T* logits, const float* u, float scale, int64_t* out
 // (pack_pairs): for each pair of input columns, the tile's 16 pairs side by side, one 64-byte vector. Each step of
 // a tile loads that vector and adds it, times the pair broadcast from each of R rows of x, into R accumulators; NT
 // tiles side by side share each broadcast. The accumulators stay in registers for the whole sum, and the weight is
-// read from memory once for all the rows of x (the R-row blocks after the first read it from the first-level cache).
+// read from memory once for all the rows of x (the R-row blocks after the first read it from the CPU's cache).
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define YUNQUE_PAIRS 1
 constexpr int64_t kPairTile = 16;
 
 // R rows of x (pairs: uint32, Kp per row) times NT tiles from w (each Kp * 32 bfloat16), plus bias, into y's
-// columns n0.. (bfloat16, row stride ys); columns from N on are not written. pf: the next tiles to fetch, or null.
+// columns n0.. (bfloat16, N per row); columns from N on are not written. pf: tiles to fetch meanwhile, or null.
 template <int R, int NT>
-inline void pair_tiles(const uint32_t* x, const uint16_t* w, int64_t Kp, const float* bias, uint16_t* y, int64_t ys,
-                       int64_t n0, int64_t N, const char* pf) {
+inline void pair_tiles(const uint32_t* x, const uint16_t* w, int64_t Kp, const float* bias, uint16_t* y, int64_t n0,
+                       int64_t N, const char* pf) {
   __m512 acc[R][NT];
   for (int m = 0; m < R; ++m)
     for (int t = 0; t < NT; ++t) acc[m][t] = _mm512_setzero_ps();
@@ -643,45 +643,36 @@ inline void pair_tiles(const uint32_t* x, const uint16_t* w, int64_t Kp, const f
     const __mmask16 mask = __mmask16((1u << left) - 1u);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
     for (int m = 0; m < R; ++m)
-      _mm256_mask_storeu_epi16(y + m * ys + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][t], b)));
+      _mm256_mask_storeu_epi16(y + m * N + n, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][t], b)));
   }
 }
 
-// The last r < R rows of a block: the same tiles, r accumulators each.
+// All M rows times the NT tiles from tile t: blocks of R rows, then the r < R rows left (r accumulators each). The
+// tiles' weights are read from memory by the first block, which fetches pf meanwhile (the next tiles, or null), and
+// from the cache by the others. A 50,257 x 384 head at 8 rows, alternated builds: 1,070-1,498 us against
+// 1,542-2,103 without the fetch (Zen 4).
 template <int R, int NT>
-inline void pair_tail(int64_t r, const uint32_t* x, const uint16_t* w, int64_t Kp, const float* bias, uint16_t* y,
-                      int64_t ys, int64_t n0, int64_t N) {
+void pair_block(const uint32_t* x, int64_t M, const uint16_t* w, int64_t Kp, const float* bias, uint16_t* y,
+                int64_t N, int64_t t, const char* pf) {
+  int64_t m = 0;
+  for (; m + R <= M; m += R, pf = nullptr)
+    pair_tiles<R, NT>(x + m * Kp, w + t * Kp * 32, Kp, bias, y + m * N, t * kPairTile, N, pf);
   if constexpr (R > 1) {
-    if (r == R - 1) return pair_tiles<R - 1, NT>(x, w, Kp, bias, y, ys, n0, N, nullptr);
-    return pair_tail<R - 1, NT>(r, x, w, Kp, bias, y, ys, n0, N);
+    if (m < M) pair_block<R - 1, NT>(x + m * Kp, M - m, w, Kp, bias, y + m * N, N, t, pf);
   }
 }
 
-// Tiles [tb, te) of the output for all M rows: NT tiles at a time, their weights read once from memory (fetching
-// the next NT meanwhile) and then from the cache for each further block of R rows.
+// Tiles [tb, te) of the output for all M rows, NT at a time (the last ones one at a time).
 template <int R, int NT>
 void pair_rows(const uint32_t* x, int64_t M, const uint16_t* w, int64_t Kp, const float* bias, uint16_t* y, int64_t N,
                int64_t tb, int64_t te) {
-  for (int64_t t = tb; t < te; t += NT) {
-    const uint16_t* wt = w + t * Kp * 32;
-    const char* pf = t + 2 * NT <= te ? reinterpret_cast<const char*>(wt + NT * Kp * 32) : nullptr;
-    auto block = [&](auto nt) {
-      constexpr int T = decltype(nt)::value;
-      int64_t m = 0;
-      for (; m + R <= M; m += R, pf = nullptr)
-        pair_tiles<R, T>(x + m * Kp, wt, Kp, bias, y + m * N, N, t * kPairTile, N, pf);
-      if (m < M) pair_tail<R, T>(M - m, x + m * Kp, wt, Kp, bias, y + m * N, N, t * kPairTile, N);
-    };
-    if (t + NT <= te) {
-      block(std::integral_constant<int, NT>{});
-    } else {
-      for (; t < te; ++t) {  // the last tiles one at a time
-        wt = w + t * Kp * 32;
-        pf = nullptr;
-        block(std::integral_constant<int, 1>{});
-      }
-    }
+  int64_t t = tb;
+  for (; t + NT <= te; t += NT) {
+    const bool next = t + 2 * NT <= te;
+    const char* pf = next ? reinterpret_cast<const char*>(w + (t + NT) * Kp * 32) : nullptr;
+    pair_block<R, NT>(x, M, w, Kp, bias, y, N, t, pf);
   }
+  for (; t < te; ++t) pair_block<R, 1>(x, M, w, Kp, bias, y, N, t, nullptr);
 }
 #endif
 
