@@ -1,14 +1,14 @@
 """Twin tests of the engine's C++ kernels (engine/kernels.cpp, built by engine/native.py) against PyTorch.
 
-decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of
-a larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by
-step, rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
+decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of a
+larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by step,
+rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
 compiled, and the engine's float and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on
-bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; gelu_tanh == F.gelu's tanh form, and
-a GELU model decoding with it == the plain model; rows_int4 and dense_int4 == F.linear on an
-int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows == softmax and
-inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for AVX2 alone give
-the same; without a compiler the engine says so in one line and keeps SDPA.
+bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; gelu_tanh == F.gelu's tanh form,
+layer_norm == F.layer_norm, and a GELU model decoding with them == the plain model; rows_int4 and dense_int4 ==
+F.linear on an int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows
+== softmax and inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for
+AVX2 alone give the same; without a compiler the engine says so in one line and keeps SDPA.
 """
 
 import pytest
@@ -22,6 +22,7 @@ from yunque.engine.cpu import (
     NATIVE_ROWS,
     PAIR_ROWS,
     DecodeAttention,
+    DecodeLayerNorm,
     DecodeMLP,
     Int4PackedLinear,
     Int8PackedLinear,
@@ -298,13 +299,49 @@ def test_gelu_tanh_equals_f_gelu(dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_layer_norm_equals_f_layer_norm(dtype, rows):
+    """With and without weight and bias, a row at a time or many (on OpenMP's team and on the helpers), views:
+    F.layer_norm computed in float32, within a float32 rounding, or one bfloat16 rounding of it."""
+    torch.manual_seed(rows)
+    x = (torch.randn(rows, 3, 384) * 4 + 2).to(dtype)
+    w, b = torch.randn(384).to(dtype), torch.randn(384).to(dtype)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2 ** -8}
+    for on in (False, True):
+        with native.helpers(on):
+            for weight, bias in [(w, b), (w, None), (None, None)]:
+                got = torch.ops.yunque.layer_norm(x, weight, bias, 1e-5)
+                want = F.layer_norm(x.float(), (384,), None if weight is None else weight.float(),
+                                    None if bias is None else bias.float(), 1e-5)
+                assert got.dtype == dtype and got.shape == x.shape
+                torch.testing.assert_close(got.float(), want, **tol)
+    view = x.transpose(0, 1)  # not contiguous
+    torch.testing.assert_close(torch.ops.yunque.layer_norm(view, w, b, 1e-5).float(),
+                               F.layer_norm(view.float(), (384,), w.float(), b.float(), 1e-5), **tol)
+
+
+@needs_kernels
+def test_layer_norm_refuses_what_it_cannot_run():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="layer_norm: x float32 or bfloat16"):
+        torch.ops.yunque.layer_norm(x.half(), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"layer_norm: weight \(8,\) in x's dtype"):
+        torch.ops.yunque.layer_norm(x, torch.ones(7), None, 1e-5)
+    with pytest.raises(RuntimeError, match=r"layer_norm: bias \(8,\) in x's dtype"):
+        torch.ops.yunque.layer_norm(x, None, torch.ones(8).bfloat16(), 1e-5)
+
+
+@needs_kernels
 def test_a_gelu_model_decodes_with_the_kernel_and_equals_the_plain_one():
-    """The engine's copy of a GPT-2-shaped model (GELU blocks) runs the activation kernel; its prompt and step
-    logits equal the model's own, eager and compiled, and a swiglu model keeps its blocks."""
+    """The engine's copy of a GPT-2-shaped model (GELU blocks) runs the activation and layer norm kernels; its
+    prompt and step logits equal the model's own, eager and compiled, and a swiglu model keeps its blocks."""
     torch.manual_seed(0)
     model = GPT(preset("gpt2-tiny", vocab_size=TOK.vocab_size)).eval()
     fast = decode_model(model, torch.float32, CPU, pack=False)
     assert any(type(m) is DecodeMLP for m in fast.modules())
+    assert any(type(m) is DecodeLayerNorm for m in fast.modules())
+    assert not any(type(m) is torch.nn.LayerNorm for m in fast.modules())
     assert not any(type(m) is DecodeMLP for m in decode_model(tiny(), torch.float32, CPU, pack=False).modules())
     prompt = torch.tensor([TOK.encode("a stitch in time")])
     step = compiled_decode_step()

@@ -32,8 +32,9 @@ from yunque.engine.cpu import (
     decode_model,
     decode_precision,
     decode_step,
+    helper_rows,
 )
-from yunque.engine.native import native_kernels
+from yunque.engine.native import helpers, native_kernels
 from yunque.engine.sampling import penalize, sample, token_logprobs, top_logprobs
 from yunque.model.gpt import GPT
 from yunque.model.kv_cache import KVCache
@@ -267,6 +268,8 @@ class Engine:
         """Whether the engine's C++ kernels serve this engine (CPU, and they built): its layers, attention and
         sampling."""
         self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
+        self.helper_rows = helper_rows(self.model) if self.native else 0
+        """Batches of up to this many rows decode on the kernels' helper threads (see `helper_rows`)."""
         # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
         # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
         # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
@@ -301,6 +304,7 @@ class Engine:
         does not reach it."""
         engine = copy.copy(self)
         engine.model = with_adapter(self.model, state, cfg)
+        engine.helper_rows = helper_rows(engine.model) if self.native else 0
         engine.stop_ids = set(self.stop_ids)
         engine._decode = compiled_decode_step() if self.compile else decode_step
         return engine
@@ -427,6 +431,10 @@ class Engine:
         if batch.filled == batch.cache.max_len:
             self._make_room(batch)
             running = list(range(len(batch.rows)))
+        with helpers(len(batch.rows) <= self.helper_rows):
+            return self._step(batch, running)
+
+    def _step(self, batch: Batch, running: list[int]) -> list[Sampled]:
         logits = self._decode(self.model, batch.tokens, batch.cache)  # (B, V)
         batch.filled += 1
         if len(running) == len(batch.rows):

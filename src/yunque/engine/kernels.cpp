@@ -15,12 +15,17 @@
 //
 // gelu_tanh: GELU's tanh form (the GPT-2 family's activation) in one pass.
 //
+// layer_norm: F.layer_norm over the last dimension, its rows on the kernels' own threads (below) like the others'.
+//
 // pairs_linear: a few bfloat16 rows (a decode step of a batch) times a bfloat16 weight with AVX-512 BF16's dot
 // products, on the weight laid out once by pack_pairs; faster than oneDNN's bf16 product up to ~32 rows.
 //
 // decode_attention: one query per (row, head) over a KV cache, the decode step's attention. PyTorch's SDPA on CPU
 // runs a flash kernel meant for long queries; for a query of one token its per-block bookkeeping costs more than
 // the arithmetic. Here each (row, head) is one pass over its keys (scores), one softmax, one pass over its values.
+//
+// Their loops run on OpenMP's team (at::parallel_for), or on the library's own helper threads where the calling
+// thread asks for them (pool::parallel_for, set_helpers): the engine's decode steps that run these kernels alone.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -28,11 +33,22 @@
 #include <immintrin.h>
 #endif
 
+#include <atomic>
+#include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
+#if defined(__linux__)
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -60,6 +76,128 @@ inline uint16_t from_float<uint16_t>(float f) {  // to bfloat16, rounded to near
   return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+// The kernels' parallel loops. at::parallel_for (OpenMP) gives each thread an equal share and waits for all of
+// them: when another process or thread holds one of the cores (a server's clients, its event loop), every loop waits
+// for the thread that was set aside (a server's 16-row decode steps took 11-14 ms against ~7 ms alone; figures in
+// engine/cpu.py, helper_rows). Here a loop is cut into chunks that the calling thread and the helpers take
+// from one counter, and the caller waits only for the chunks a helper has taken and not finished: a helper that is
+// not running leaves its share to the caller. Between loops a helper spins a while, then sleeps until the next one
+// (a futex); the caller never waits for it to wake. A thread asks for the helpers (set_helpers) where no OpenMP
+// region runs between its loops: OpenMP's team spins on the same cores after each of its regions, and the two
+// then take turns (a prefill of oneDNN products ran 1.3x slower with helpers). Elsewhere the loops are OpenMP's.
+namespace pool {
+
+#if defined(__linux__)
+
+constexpr int64_t kChunksPerThread = 8;  // chunks of a loop per thread: a helper set aside holds few
+constexpr auto kSpin = std::chrono::microseconds(200);  // a decode step's loops come ~10-100 us apart
+
+struct Job {
+  void (*call)(const void* f, int64_t begin, int64_t end);
+  const void* f;
+  int64_t begin, n, chunks;
+};
+
+// state: the loop's number (high 32 bits), its chunk count (next 16) and the next chunk to take (low 16)
+std::atomic<uint64_t> state{0};
+std::atomic<uint32_t> posted{0};  // loops posted: what sleeping helpers wait on
+std::atomic<int64_t> done{0};     // chunks of the current loop finished
+std::atomic<const Job*> job{nullptr};
+std::atomic<int> sleepers{0};
+std::atomic<int> wanted{0};  // helpers with a smaller id take part
+std::atomic<bool> busy{false};
+thread_local bool enabled = false;  // this thread's loops on the helpers
+int started = 0;  // helpers started (ids 0 .. started - 1); changed only by the thread holding busy
+
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+inline void futex(std::atomic<uint32_t>* word, int op, uint32_t value) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), op, value, nullptr, nullptr, 0);
+}
+
+// Take chunks of loop `loop` until none is left (none at all if another loop has begun).
+inline void take(uint32_t loop) {
+  uint64_t s = state.load(std::memory_order_acquire);
+  for (;;) {
+    const uint64_t next = s & 0xffff, chunks = (s >> 16) & 0xffff;
+    if (uint32_t(s >> 32) != loop || next >= chunks) return;
+    if (!state.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+    const Job* j = job.load(std::memory_order_acquire);  // the loop cannot end while this chunk is not done
+    j->call(j->f, j->begin + j->n * int64_t(next) / j->chunks, j->begin + j->n * int64_t(next + 1) / j->chunks);
+    done.fetch_add(1, std::memory_order_release);
+    s = state.load(std::memory_order_acquire);
+  }
+}
+
+void helper(int id) {
+  uint32_t seen = posted.load(std::memory_order_acquire);
+  for (;;) {
+    auto until = std::chrono::steady_clock::now() + kSpin;
+    for (int i = 1; posted.load(std::memory_order_acquire) == seen; ++i) {
+      relax();
+      if (i % 64 == 0 && (id >= wanted.load(std::memory_order_relaxed) || std::chrono::steady_clock::now() > until)) {
+        sleepers.fetch_add(1, std::memory_order_seq_cst);
+        if (posted.load(std::memory_order_seq_cst) == seen) futex(&posted, FUTEX_WAIT_PRIVATE, seen);
+        sleepers.fetch_sub(1, std::memory_order_seq_cst);
+        until = std::chrono::steady_clock::now() + kSpin;
+      }
+    }
+    seen = posted.load(std::memory_order_acquire);
+    if (id < wanted.load(std::memory_order_relaxed)) take(uint32_t(state.load(std::memory_order_acquire) >> 32));
+  }
+}
+
+void after_fork_in_child() {  // the helpers do not exist in a forked child: start new ones on its first loop
+  started = 0;
+  sleepers.store(0);
+  busy.store(false);
+}
+
+// f(begin, end) over [begin, end) in chunks of at least `grain` (as at::parallel_for), on this thread and helpers.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int threads = at::get_num_threads();
+  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, kChunksPerThread * threads);
+  if (chunks <= 1 || threads <= 1 || at::in_parallel_region()) return f(begin, end);
+  if (!enabled || busy.exchange(true, std::memory_order_acquire)) {
+    return at::parallel_for(begin, end, grain, f);  // another thread's loop holds the helpers
+  }
+  if (started < threads - 1) {
+    static const int registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
+    (void)registered;
+    for (; started < threads - 1; ++started) std::thread(helper, started).detach();
+  }
+  wanted.store(threads - 1, std::memory_order_relaxed);
+  const Job j{[](const void* fp, int64_t lo, int64_t hi) { (*static_cast<const F*>(fp))(lo, hi); }, &f, begin, n,
+              chunks};
+  const uint32_t loop = uint32_t(state.load(std::memory_order_relaxed) >> 32) + 1;
+  done.store(0, std::memory_order_relaxed);
+  job.store(&j, std::memory_order_relaxed);
+  state.store(uint64_t(loop) << 32 | uint64_t(chunks) << 16, std::memory_order_release);
+  posted.fetch_add(1, std::memory_order_seq_cst);
+  if (sleepers.load(std::memory_order_seq_cst) > 0) futex(&posted, FUTEX_WAKE_PRIVATE, INT32_MAX);
+  take(loop);
+  while (done.load(std::memory_order_acquire) < chunks) relax();
+  busy.store(false, std::memory_order_release);
+}
+
+bool set_enabled(bool on) { return std::exchange(enabled, on); }
+
+#else  // no futex: OpenMP's loops
+bool set_enabled(bool) { return false; }
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) { at::parallel_for(begin, end, grain, f); }
+#endif
+
+}  // namespace pool
+
 // q (B, H, D) contiguous; k, v: element [b, g, s, d] at b * kb + g * kh + s * ks + d; each row b sees its keys
 // [first[b], S); out (B, H, D). Query head h reads key/value head h / (H / K) (grouped-query attention).
 template <typename T, int D>
@@ -68,7 +206,7 @@ void one_query(const float* q, const T* k, const T* v, const int64_t* first, flo
                float scale) {
   const int64_t group = H / K;
   const int64_t grain = std::max<int64_t>(1, 16384 / (S * D));  // small work: no threads woken
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(S);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, g = (i % H) / group;
@@ -135,7 +273,7 @@ void dispatch_head_size(const torch::Tensor& q, const torch::Tensor& k, const to
 // rows of x: for the one or few rows of a decode step, where reading the weights is the whole cost.
 template <typename W>
 void linear_rows(const float* x, const W* w, const float* scales, float* y, int64_t M, int64_t N, int64_t K) {
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const W* wn = w + n * K;
       const float scale = scales ? scales[n] : 1.f;
@@ -232,7 +370,7 @@ void int8_rows(const float* x, const int8_t* w, const float* scales, float* y, i
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M);
   if (!rows_to_int16(x, M, K, xq.data(), xs.data())) return linear_rows(x, w, scales, y, M, N, K);
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int8_t* wn = w + n * K;
       for (int64_t m = 0; m < M; ++m) {
@@ -410,7 +548,7 @@ void int4_rows(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, 
                int64_t N, int64_t K, int64_t G, const int8_t* q, const float* lane, const float* sum,
                const float* qsum) {
   const int64_t blocks = K / 64, groups = K / G;
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* wn = w + n * (K / 2);
       const uint16_t* sn = scales + n * groups;
@@ -485,7 +623,7 @@ template <typename T>
 void widen_int4(const uint8_t* w, const uint16_t* scales, const uint16_t* zeros, T* out, int64_t N, int64_t K,
                 int64_t G) {
   const int64_t groups = K / G;
-  at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < groups; ++g) {
         const float s = to_float(scales[n * groups + g]), z = to_float(zeros[n * groups + g]);
@@ -561,7 +699,7 @@ inline float scaled_exp(float logit, float largest, float scale) {
 template <typename T>
 void sample_rows_impl(const T* logits, const float* u, float scale, int64_t* out, int64_t B, int64_t V) {
   const int64_t blocks = (V + kSampleBlock - 1) / kSampleBlock;
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> cdf(blocks);
     float inside[kSampleBlock];
     for (int64_t b = begin; b < end; ++b) {
@@ -676,11 +814,39 @@ void pair_rows(const uint32_t* x, int64_t M, const uint16_t* w, int64_t Kp, cons
 }
 #endif
 
+// Layer norm of M rows of N: (x - mean) / sqrt(var + eps) * w + b, float32 inside, the variance biased (as
+// F.layer_norm). Rows in parallel, a small batch on the calling thread alone.
+template <typename T>
+void layer_norm_impl(const T* x, const T* w, const T* b, T* y, int64_t M, int64_t N, float eps) {
+  pool::parallel_for(0, M, std::max<int64_t>(1, 32768 / N), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * N;
+      T* yr = y + r * N;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < N; ++j) sum += to_float(xr[j]);
+      const float mean = sum / float(N);
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t j = 0; j < N; ++j) {
+        const float d = to_float(xr[j]) - mean;
+        squares += d * d;
+      }
+      const float rstd = 1.f / std::sqrt(squares / float(N) + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) {
+        const float v = (to_float(xr[j]) - mean) * rstd * (w ? to_float(w[j]) : 1.f) + (b ? to_float(b[j]) : 0.f);
+        yr[j] = from_float<T>(v);
+      }
+    }
+  });
+}
+
 // GELU in its tanh form, x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)) = x / (1 + exp(-2z)), z the tanh's
 // argument: the GPT-2 family's activation, in one pass with float32 inside.
 template <typename T>
 void gelu_tanh_impl(const T* x, T* y, int64_t n) {
-  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+  pool::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
     constexpr int64_t kBlock = 256;
     float buf[kBlock];
     for (int64_t i = begin; i < end; i += kBlock) {
@@ -793,7 +959,7 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
     constexpr int R = decltype(r)::value, NT = decltype(nt)::value;
     const int64_t groups = (T + NT - 1) / NT;
     const int64_t grain = std::max<int64_t>(1, 4096 / (NT * Kp * std::min<int64_t>(M, 16)));
-    at::parallel_for(0, groups, grain, [&](int64_t gb, int64_t ge) {
+    pool::parallel_for(0, groups, grain, [&](int64_t gb, int64_t ge) {
       pair_rows<R, NT>(xp, M, w, Kp, bp, yp, N, gb * NT, std::min(T, ge * NT));
     });
   };
@@ -819,6 +985,34 @@ torch::Tensor gelu_tanh(const torch::Tensor& x) {
     TORCH_CHECK(xc.scalar_type() == torch::kBFloat16, "gelu_tanh: x float32 or bfloat16, not ", xc.scalar_type());
     gelu_tanh_impl(reinterpret_cast<const uint16_t*>(xc.data_ptr()), reinterpret_cast<uint16_t*>(y.data_ptr()),
                    xc.numel());
+  }
+  return y;
+}
+
+// F.layer_norm over the last dimension of x (float32 or bfloat16), weight and bias (that dimension, x's dtype) or
+// None. ATen's runs each call's rows on OpenMP's team; see engine/cpu.py (DecodeLayerNorm) for why that matters.
+torch::Tensor layer_norm(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                         const c10::optional<torch::Tensor>& bias, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "layer_norm: x (..., N), N > 0");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "layer_norm: x float32 or bfloat16, not ", x.scalar_type());
+  const int64_t N = x.size(-1);
+  const torch::Tensor xc = x.contiguous();
+  auto kept = [&](const c10::optional<torch::Tensor>& t, const char* name) {
+    if (!t.has_value()) return torch::Tensor();
+    TORCH_CHECK(t->numel() == N && t->scalar_type() == x.scalar_type(), "layer_norm: ", name, " (", N,
+                ",) in x's dtype");
+    return t->contiguous();
+  };
+  const torch::Tensor w = kept(weight, "weight"), b = kept(bias, "bias");
+  torch::Tensor y = torch::empty_like(xc);
+  const int64_t M = xc.numel() / N;
+  if (xc.scalar_type() == torch::kFloat32) {
+    layer_norm_impl(xc.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr,
+                    b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, float(eps));
+  } else {
+    auto bits = [](const torch::Tensor& t) { return t.defined() ? reinterpret_cast<const uint16_t*>(t.data_ptr()) : nullptr; };
+    layer_norm_impl(bits(xc), bits(w), bits(b), reinterpret_cast<uint16_t*>(y.data_ptr()), M, N, float(eps));
   }
   return y;
 }
@@ -985,6 +1179,9 @@ std::string vector_isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_isa", &vector_isa, "the vector instructions of the integer kernels: avx512-vnni, avx512, avx2 or none");
   m.def("has_pairs", &has_pairs, "whether pairs_linear is built (AVX-512 BF16)");
+  m.def("set_helpers", &pool::set_enabled,
+        "whether the kernels' loops called from this thread run on the module's helper threads (true; Linux) or on "
+        "OpenMP's team (false, the default); returns the previous setting");
   m.def(
       "decode_attention",
       [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
@@ -1003,6 +1200,7 @@ TORCH_LIBRARY(yunque, m) {
   m.def("pack_pairs(Tensor weight) -> Tensor");
   m.def("pairs_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
@@ -1014,4 +1212,5 @@ TORCH_LIBRARY_IMPL(yunque, CPU, m) {
   m.impl("pack_pairs", &pack_pairs);
   m.impl("pairs_linear", &pairs_linear);
   m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("layer_norm", &layer_norm);
 }

@@ -12,6 +12,7 @@ in one line; the engine then keeps PyTorch's own kernels, which give the same re
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -22,6 +23,7 @@ import sys
 import sysconfig
 import threading
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -69,10 +71,26 @@ def native_kernels() -> types.ModuleType | None:
         return None
 
 
+@contextlib.contextmanager
+def helpers(on: bool = True) -> Iterator[None]:
+    """Within the block, the kernels' loops called from this thread run on the library's own helper threads (on)
+    or on OpenMP's team (off, the default): see kernels.cpp's pool and `cpu.helper_rows` for where each serves.
+    Nothing where the kernels did not build (or on a system without futexes, where the loops stay OpenMP's)."""
+    kernels = native_kernels()
+    if kernels is None:
+        yield
+        return
+    before = kernels.set_helpers(on)
+    try:
+        yield
+    finally:
+        kernels.set_helpers(before)
+
+
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs, gelu_tanh and
-    decode_attention return, for tracing a compiled step (the kernels themselves are registered by the library
+    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs, gelu_tanh, layer_norm
+    and decode_attention return, for tracing a compiled step (the kernels themselves are registered by the library
     when it loads). Once per process, even if the library is loaded again."""
 
     @torch.library.register_fake("yunque::rows_linear")
@@ -96,6 +114,10 @@ def _register_shapes() -> None:
 
     @torch.library.register_fake("yunque::gelu_tanh")
     def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("yunque::layer_norm")
+    def _(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
         return torch.empty_like(x)
 
     @torch.library.register_fake("yunque::pack_pairs")
