@@ -163,6 +163,7 @@ def test_the_engine_decodes_the_same_tokens_on_helpers_as_on_openmp(threads, dty
     on, off = (Engine(gpt2(d_model=384, n_head=6, n_layer=3), TOK, precision=precision) for _ in range(2))
     off.helper_rows = 0
     assert on.helper_rows > 0
+    assert Engine(gpt2(d_model=384, n_head=6, n_layer=3), TOK, precision=precision, compile=True).helper_rows == 0
     prompts = [TOK.encode(t) for t in ("Hola, mundo", "The capital of France is", "1, 2, 3,")]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=3)
     assert on.generate(prompts, params) == off.generate(prompts, params)

@@ -268,8 +268,10 @@ class Engine:
         """Whether the engine's C++ kernels serve this engine (CPU, and they built): its layers, attention and
         sampling."""
         self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
-        self.helper_rows = helper_rows(self.model) if self.native else 0
-        """Batches of up to this many rows decode on the kernels' helper threads (see `helper_rows`)."""
+        self.helper_rows = helper_rows(self.model) if self.native and not compile else 0
+        """Batches of up to this many rows decode on the kernels' helper threads (see `helper_rows`). None with
+        `compile`: the compiled step's fused operations are OpenMP regions of their own, and its 16-row steps ran
+        1.7x slower with the helpers (7.9 against 13.7 ms, the 30M GPT-2 shape, Zen 4)."""
         # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
         # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
         # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
@@ -304,7 +306,7 @@ class Engine:
         does not reach it."""
         engine = copy.copy(self)
         engine.model = with_adapter(self.model, state, cfg)
-        engine.helper_rows = helper_rows(engine.model) if self.native else 0
+        engine.helper_rows = helper_rows(engine.model) if self.native and not self.compile else 0
         engine.stop_ids = set(self.stop_ids)
         engine._decode = compiled_decode_step() if self.compile else decode_step
         return engine
