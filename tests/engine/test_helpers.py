@@ -136,11 +136,15 @@ def gpt2(**changes) -> GPT:
 
 
 def test_a_step_takes_the_helpers_where_the_engine_s_own_kernels_run_it_alone():
-    """bf16 with AVX-512 BF16: products, attention, GELU and layer norms are all the engine's up to PAIR_ROWS rows;
-    fp32: products of more than one row are oneDNN's; heads of a size the attention kernel is not built for, plain
-    products (not packed) and LoRA adapters' products are PyTorch's."""
+    """bf16 with AVX-512 BF16: products, attention, GELU and layer norms are all the engine's up to PAIR_ROWS rows,
+    and a SwiGLU block's elementwise work runs on one thread up to ATen's grain; fp32: products of more than one
+    row are oneDNN's; heads of a size the attention kernel is not built for, plain products (not packed) and LoRA
+    adapters' products are PyTorch's."""
     if kernels.has_pairs():
         assert helper_rows(decode_model(gpt2(), torch.bfloat16, CPU)) == PAIR_ROWS
+        # a SwiGLU block's SiLU and product are ATen's, on OpenMP's team from 32,768 values: 16 rows of 2,048
+        llama = GPT(preset("tiny", vocab_size=TOK.vocab_size, d_ff=2048)).eval()
+        assert helper_rows(decode_model(llama, torch.bfloat16, CPU)) == 16
     fp32 = decode_model(gpt2(), torch.float32, CPU)
     assert helper_rows(fp32) == NATIVE_ROWS
     assert helper_rows(decode_model(gpt2(), torch.float32, CPU, pack=False)) == 0

@@ -405,9 +405,14 @@ class Int4PackedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def helper_rows(model: nn.Module) -> int:
+ELEMENTWISE_GRAIN = 32768
+"""Values of an elementwise operation from which ATen runs it on OpenMP's team (at::internal::GRAIN_SIZE)."""
+
+
+def helper_rows(model: GPT) -> int:
     """Rows up to which a decode step of `model` (the engine's copy) runs the engine's own kernels alone, with no
-    OpenMP region of PyTorch's between them: every product (`own_rows`), the attention and the layer norms. Such a
+    OpenMP region of PyTorch's between them: every product (`own_rows`), the attention and the layer norms, and
+    ATen's elementwise operations (a SwiGLU block's, the residual sums) under ELEMENTWISE_GRAIN values. Such a
     step runs their loops on the kernels' helper threads (`native.helpers`, kernels.cpp's pool), which a server's
     other threads cannot hold up as they hold up OpenMP's. 0 where some layer is PyTorch's (a plain or LoRA
     linear, SDPA's attention, ATen's layer norm).
@@ -419,10 +424,12 @@ def helper_rows(model: nn.Module) -> int:
       211.7 against 175.2, 16 clients 1,048.2 against 917.5, the new code ahead in each run at both.
     With no other work on the machine the helpers gain nothing: steps of 1 to 32 rows alone, alternated in one
     process, ran at 0.93-1.04x the speed they have on OpenMP's team."""
-    rows = PAIR_ROWS
+    rows = min(PAIR_ROWS, ELEMENTWISE_GRAIN // model.cfg.d_model)  # residual sums, RMSNorm, rotary embeddings
     for module in model.modules():
         if isinstance(module, (PackedLinear, Int8PackedLinear, Int4PackedLinear)):
             rows = min(rows, module.own_rows)
+        elif type(module) is MLP:  # SwiGLU (GELU blocks are DecodeMLP): ATen's SiLU and product over the hidden
+            rows = min(rows, ELEMENTWISE_GRAIN // module.down.in_features)
         elif isinstance(module, (nn.Linear, LoRAOver)) or type(module) in (Attention, nn.LayerNorm):
             return 0
     return rows
