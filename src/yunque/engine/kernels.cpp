@@ -33,6 +33,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -163,10 +164,12 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int threads = at::get_num_threads();
-  const int64_t chunks = std::min<int64_t>((n + grain - 1) / grain, kChunksPerThread * threads);
+  // at most 0xffff chunks: their count and the next one share the state word
+  const int64_t chunks = std::min<int64_t>({(n + grain - 1) / grain, kChunksPerThread * threads, 0xffff});
   if (chunks <= 1 || threads <= 1 || at::in_parallel_region()) return f(begin, end);
   if (!enabled || busy.exchange(true, std::memory_order_acquire)) {
-    return at::parallel_for(begin, end, grain, f);  // another thread's loop holds the helpers
+    // OpenMP's: this thread did not ask for the helpers, or another thread's loop holds them
+    return at::parallel_for(begin, end, grain, f);
   }
   if (started < threads - 1) {
     static const int registered = pthread_atfork(nullptr, nullptr, after_fork_in_child);
