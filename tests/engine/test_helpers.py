@@ -39,6 +39,7 @@ def every_kernel() -> dict[str, torch.Tensor]:
         "rows_linear bf16": torch.ops.yunque.rows_linear(x[:1].bfloat16(), w.bfloat16(), None),
         "rows_linear int8": torch.ops.yunque.rows_linear(x[:1], w.to(torch.int8), torch.rand(3000, generator=g)),
         "gelu_tanh": torch.ops.yunque.gelu_tanh(torch.randn(64, 4096, generator=g).bfloat16()),
+        "layer_norm": torch.ops.yunque.layer_norm(torch.randn(300, 384, generator=g), w[0], w[1], 1e-5),
         "sample_rows": torch.ops.yunque.sample_rows(torch.randn(16, 50257, generator=g), torch.rand(16, generator=g),
                                                     1.0),
     }
