@@ -268,10 +268,9 @@ class Engine:
         """Whether the engine's C++ kernels serve this engine (CPU, and they built): its layers, attention and
         sampling."""
         self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
-        self.helper_rows = helper_rows(self.model) if self.native and not compile else 0
-        """Batches of up to this many rows decode on the kernels' helper threads (see `helper_rows`). None with
-        `compile`: the compiled step's fused operations are OpenMP regions of their own, and its 16-row steps ran
-        1.7x slower with the helpers (7.9 against 13.7 ms, the 30M GPT-2 shape, Zen 4)."""
+        self.compile = compile
+        self.helper_rows = self._helper_rows(self.model)
+        """Batches of up to this many rows decode on the kernels' helper threads (see `_helper_rows`)."""
         # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
         # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
         # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
@@ -281,8 +280,13 @@ class Engine:
         ends = {tokenizer.eos_id, tokenizer.special_ids.get(END_OF_TURN)}
         self.stop_ids: set[int] = {i for i in ends if i is not None}
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
-        self.compile = compile
         self._decode = compiled_decode_step() if compile else decode_step
+
+    def _helper_rows(self, model: GPT) -> int:
+        """`helper_rows` of the engine's copy `model`; none with `compile`: the compiled step's fused operations
+        are OpenMP regions of their own, and its 16-row steps ran 1.7x slower with the helpers (7.9 against 13.7
+        ms, the 30M GPT-2 shape, Zen 4)."""
+        return helper_rows(model) if self.native and not self.compile else 0
 
     def load_weights(self, model: GPT) -> None:
         """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
@@ -306,7 +310,7 @@ class Engine:
         does not reach it."""
         engine = copy.copy(self)
         engine.model = with_adapter(self.model, state, cfg)
-        engine.helper_rows = helper_rows(engine.model) if self.native and not self.compile else 0
+        engine.helper_rows = self._helper_rows(engine.model)
         engine.stop_ids = set(self.stop_ids)
         engine._decode = compiled_decode_step() if self.compile else decode_step
         return engine

@@ -1010,13 +1010,13 @@ torch::Tensor layer_norm(const torch::Tensor& x, const c10::optional<torch::Tens
   const torch::Tensor w = kept(weight, "weight"), b = kept(bias, "bias");
   torch::Tensor y = torch::empty_like(xc);
   const int64_t M = xc.numel() / N;
-  if (xc.scalar_type() == torch::kFloat32) {
-    layer_norm_impl(xc.data_ptr<float>(), w.defined() ? w.data_ptr<float>() : nullptr,
-                    b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(), M, N, float(eps));
-  } else {
-    auto bits = [](const torch::Tensor& t) { return t.defined() ? reinterpret_cast<const uint16_t*>(t.data_ptr()) : nullptr; };
-    layer_norm_impl(bits(xc), bits(w), bits(b), reinterpret_cast<uint16_t*>(y.data_ptr()), M, N, float(eps));
-  }
+  auto run = [&](auto element) {  // float, or uint16_t for bfloat16's bits
+    using T = decltype(element);
+    auto data = [](const torch::Tensor& t) { return t.defined() ? static_cast<const T*>(t.data_ptr()) : nullptr; };
+    layer_norm_impl(data(xc), data(w), data(b), static_cast<T*>(y.data_ptr()), M, N, float(eps));
+  };
+  if (xc.scalar_type() == torch::kFloat32) run(float{});
+  else run(uint16_t{});
   return y;
 }
 
