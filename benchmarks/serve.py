@@ -13,7 +13,10 @@ tokens / wall time (tokens counted by the server's usage), time to first token a
 between streamed chunks) p50 and p99, and the ratio of aggregate tokens/s to one client's. Beside it, the
 scheduler alone (engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous
 batching gives before the server's own costs. The CPU, its flags and the load average at the start are printed
-first: on a shared machine, say so beside the figures.
+first: on a shared machine, say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then
+again), and each level's figures are those of its median round: on these shared machines one level's speed varied by
+a third between runs minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts
+into the ratio whole.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -21,8 +24,8 @@ exported with `yunque export --format gguf` (--gguf-dtype, f16 by default), prin
 the same prompts as text (each a decoded --prompt-token sequence). llama.cpp's streams carry no usage, so its
 tokens are its streamed chunks (one per token). Where it does not import, the reason is printed and it is skipped.
 
-    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--json out.json]
-                               [--no-llama-cpp] [--gguf-dtype f16]
+    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--repeats 3]
+                               [--json out.json] [--no-llama-cpp] [--gguf-dtype f16]
 """
 
 from __future__ import annotations
@@ -165,6 +168,12 @@ async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool
             "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median aggregate tokens/s (the lower middle one of an even number), with `runs`: how many."""
+    run = sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
+    return {**run, "runs": len(runs)}
+
+
 def warm_up(url: str, clients: int, args, texts: dict[int, str], usage: bool = True) -> None:
     """`clients` clients send one request each, with the warm-up prompts: untimed."""
     asyncio.run(level(url, clients, argparse.Namespace(**{**vars(args), "requests": 1}), texts, usage, WARM_UP))
@@ -215,6 +224,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of yunque's levels, one level after another in each; a level's figures are its "
+                        "median round's (default: 3; a shared machine's speed drifts from minute to minute)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's server")
     p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
@@ -234,10 +246,18 @@ def main() -> None:
         server = start(model_dir, port)
         try:
             url = f"http://127.0.0.1:{port}"
-            rows = []
             for n in args.levels:
                 warm_up(url, n, args, texts)
-                rows.append(asyncio.run(level(url, n, args, texts)))
+            runs: dict[int, list[dict]] = {n: [] for n in args.levels}
+            for i in range(args.repeats):  # rounds of every level: the host's slow minutes fall on all of them
+                for n in args.levels:
+                    runs[n].append(asyncio.run(level(url, n, args, texts)))
+                if args.repeats > 1:
+                    print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
+                                                         for n in args.levels) + " tok/s", flush=True)
+            rows = []
+            for n in args.levels:
+                rows.append(median_run(runs[n]))
                 r = rows[-1]
                 r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
                 alone = scheduler_alone(model_dir, n, args)
@@ -246,7 +266,8 @@ def main() -> None:
                 print(f"yunque    {n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one "
                       f"client), TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
                       f"inter-token p50 {r['itl_p50'] * 1000:5.1f} ms p99 {r['itl_p99'] * 1000:6.1f} ms "
-                      f"({r['tokens']} tokens in {r['seconds']:.1f} s); scheduler alone {alone:6.1f} tok/s "
+                      f"({r['tokens']} tokens in {r['seconds']:.1f} s; median of {r['runs']}); scheduler alone "
+                      f"{alone:6.1f} tok/s "
                       f"({r['scheduler_ratio']:.2f}x)", flush=True)
         finally:
             server.terminate()
