@@ -956,11 +956,13 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   // tiles side by side (NT) and rows per block (R) by the number of rows: a few rows take more tiles at once, to
-  // keep as many independent sums going (the instruction's latency covered); at most 8 x 3 or 14 x 2 accumulators,
-  // which with the weights and a broadcast fit the 32 vector registers. Past 8 rows, blocks of 14 rows read each
-  // tile from the cache fewer times than blocks of 8: Zen 4, 2 threads, the two alternated in one process (20
-  // rounds, medians), the 50,257 x 384 head 1.14-1.15x faster at 16 rows, 1.09x at 12, 1.10-1.14x at 20-28 (even
-  // at 9), the blocks' layers of the 30M GPT-2 shape 1.02-1.08x; at 8 rows blocks of 14 were 0.88x
+  // keep as many independent sums going (the instruction's latency covered). Past 8 rows, blocks of 16 rows x 2
+  // tiles: each tile is read from memory by one block of 16 rows rather than two of 8, and 32 accumulators fill the
+  // vector registers (the weights then come from the cache as operands). Zen 4, 2 threads, alternated in one process
+  // (20 rounds, medians) with the 8 x 3 blocks that 8 rows keep: the 50,257 x 384 head 1.21-1.26x faster at 16 rows,
+  // 1.16x at 12, 1.13x at 24 and 32, 1.06x at 9; the 30M GPT-2 shape's block layers 1.21x at 16, 1.03-1.16x at
+  // 12-32 (a third run at 16 rows, on a busier machine: 1.01-1.04x). 14 x 2 blocks were 1.07-1.11x slower than 16 x
+  // 2 at 16 rows, 9 x 3 slower still; at 8 rows blocks of 14 were 0.88x the speed of 8 x 3
   auto run = [&](auto r, auto nt) {
     constexpr int R = decltype(r)::value, NT = decltype(nt)::value;
     const int64_t groups = (T + NT - 1) / NT;
@@ -974,7 +976,7 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   else if (M == 2) run(integral_constant<int, 2>{}, integral_constant<int, 6>{});
   else if (M <= 4) run(integral_constant<int, 4>{}, integral_constant<int, 4>{});
   else if (M <= 8) run(integral_constant<int, 8>{}, integral_constant<int, 3>{});
-  else run(integral_constant<int, 14>{}, integral_constant<int, 2>{});
+  else run(integral_constant<int, 16>{}, integral_constant<int, 2>{});
 #else
   TORCH_CHECK(false, "pairs_linear: this build has no AVX-512 BF16 (has_pairs() is false)");
 #endif
