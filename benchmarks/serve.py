@@ -22,7 +22,8 @@ Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[ser
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
 exported with `yunque export --format gguf` (--gguf-dtype, f16 by default), printed side by side. Both servers get
 the same prompts as text (each a decoded --prompt-token sequence). llama.cpp's streams carry no usage, so its
-tokens are its streamed chunks (one per token). Where it does not import, the reason is printed and it is skipped.
+tokens are its streamed chunks (one per token); its levels run once (it serves one request at a time: its 16-client
+level alone takes ~40 s). Where it does not import, the reason is printed and it is skipped.
 
     python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--repeats 3]
                                [--json out.json] [--no-llama-cpp] [--gguf-dtype f16]
