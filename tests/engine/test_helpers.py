@@ -13,12 +13,12 @@ import threading
 import pytest
 import torch
 
-from yunque.config import preset
+from yunque.config import LoraConfig, preset
 from yunque.engine import native
 from yunque.engine.cpu import NATIVE_ROWS, PAIR_ROWS, decode_model, helper_rows
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.model.gpt import GPT
-from yunque.model.lora import LoRAOver
+from yunque.model.lora import LoRAOver, attach_lora, lora_state_dict
 from yunque.model.quant import QuantLinear
 from yunque.tokenizer import byte_tokenizer
 
@@ -154,6 +154,22 @@ def test_a_step_takes_the_helpers_where_the_engine_s_own_kernels_run_it_alone():
     qkv = fp32.blocks[0].attn.qkv
     fp32.blocks[0].attn.qkv = LoRAOver(qkv, torch.zeros(4, qkv.in_features), torch.zeros(qkv.out_features, 4), 1.0)
     assert helper_rows(fp32) == 0
+
+
+def test_the_engine_s_helper_rows_follow_the_model_it_decodes_with():
+    """An adapter served over the engine's model puts PyTorch's products into the step (no helpers for that
+    engine, the base's unchanged); weights loaded again give the new copy its own figure."""
+    model = gpt2(d_model=384, n_head=6, n_layer=3)  # 5.3M parameters: packed products in fp32 (see SMALL_MODEL)
+    engine = Engine(model, TOK, precision="fp32")
+    assert engine.helper_rows == helper_rows(engine.model) == NATIVE_ROWS
+    lora = LoraConfig(rank=4, alpha=8, targets=("qkv",))
+    trained = gpt2(d_model=384, n_head=6, n_layer=3)
+    attach_lora(trained, lora)
+    adapted = engine.with_adapter(lora_state_dict(trained), lora)
+    assert adapted.helper_rows == 0 and engine.helper_rows == NATIVE_ROWS
+    engine.helper_rows = -1  # anything stale is replaced
+    engine.load_weights(model)
+    assert engine.helper_rows == NATIVE_ROWS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -267,10 +267,8 @@ class Engine:
         self.native = self.device.type == "cpu" and native_kernels() is not None
         """Whether the engine's C++ kernels serve this engine (CPU, and they built): its layers, attention and
         sampling."""
-        self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
         self.compile = compile
-        self.helper_rows = self._helper_rows(self.model)
-        """Batches of up to this many rows decode on the kernels' helper threads (see `_helper_rows`)."""
+        self._use(decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native))
         # On CPU, SDPA's one-token attention over a bf16 cache is 5-7x slower than over an fp32 one (torch 2.13):
         # the cache stays fp32 there. The engine's own kernel reads bf16 faster than fp32 (it reads half the bytes;
         # benchmarks/decode_attention.py), and keys/values computed in bf16 lose nothing in a bf16 cache.
@@ -282,11 +280,13 @@ class Engine:
         """Token ids that end a sequence (end of text, end of a chat turn); never returned."""
         self._decode = compiled_decode_step() if compile else decode_step
 
-    def _helper_rows(self, model: GPT) -> int:
-        """`helper_rows` of the engine's copy `model`; none with `compile`: the compiled step's fused operations
-        are OpenMP regions of their own, and its 16-row steps ran 1.7x slower with the helpers (7.9 against 13.7
-        ms, the 30M GPT-2 shape, Zen 4)."""
-        return helper_rows(model) if self.native and not self.compile else 0
+    def _use(self, model: GPT) -> None:
+        """Decode with `model` (the engine's copy of a model), and set `helper_rows` for it."""
+        self.model = model
+        # none when compiled: the compiled step's fused operations are OpenMP regions of their own, and its 16-row
+        # steps ran 1.7x slower with the helpers (7.9 against 13.7 ms, the 30M GPT-2 shape, Zen 4)
+        self.helper_rows = helper_rows(model) if self.native and not self.compile else 0
+        """Batches of up to this many rows decode on the kernels' helper threads (see `cpu.helper_rows`)."""
 
     def load_weights(self, model: GPT) -> None:
         """Decode with `model`'s current weights from now on: the engine's copy is made again from it, and compiled
@@ -300,7 +300,7 @@ class Engine:
                              f"load weights of the same architecture, or make a new Engine")
         # the old copy and the graphs that froze it go before the new copy is made: one copy at a time
         self.model = self._decode = None
-        self.model = decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native)
+        self._use(decode_model(model, self.dtype, self.device, pack=self._pack, native=self.native))
         self._decode = compiled_decode_step() if self.compile else decode_step
 
     def with_adapter(self, state: dict[str, torch.Tensor], cfg: LoraConfig) -> Engine:
@@ -309,8 +309,7 @@ class Engine:
         adapter models). Batches and compiled graphs are each engine's own; `load_weights` on this engine later
         does not reach it."""
         engine = copy.copy(self)
-        engine.model = with_adapter(self.model, state, cfg)
-        engine.helper_rows = self._helper_rows(engine.model)
+        engine._use(with_adapter(self.model, state, cfg))
         engine.stop_ids = set(self.stop_ids)
         engine._decode = compiled_decode_step() if self.compile else decode_step
         return engine

@@ -957,12 +957,13 @@ torch::Tensor pairs_linear(const torch::Tensor& x, const torch::Tensor& packed, 
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   // tiles side by side (NT) and rows per block (R) by the number of rows: a few rows take more tiles at once, to
   // keep as many independent sums going (the instruction's latency covered). Past 8 rows, blocks of 16 rows x 2
-  // tiles: each tile is read from memory by one block of 16 rows rather than two of 8, and 32 accumulators fill the
-  // vector registers (the weights then come from the cache as operands). Zen 4, 2 threads, alternated in one process
-  // (20 rounds, medians) with the 8 x 3 blocks that 8 rows keep: the 50,257 x 384 head 1.21-1.26x faster at 16 rows,
-  // 1.16x at 12, 1.13x at 24 and 32, 1.06x at 9; the 30M GPT-2 shape's block layers 1.21x at 16, 1.03-1.16x at
-  // 12-32 (a third run at 16 rows, on a busier machine: 1.01-1.04x). 14 x 2 blocks were 1.07-1.11x slower than 16 x
-  // 2 at 16 rows, 9 x 3 slower still; at 8 rows blocks of 14 were 0.88x the speed of 8 x 3
+  // tiles: each tile is read from memory by one block of 16 rows rather than two of 8. Its 32 sums and the two
+  // weight vectors are more than the 32 vector registers, so GCC keeps a few sums on the stack (in the first-level
+  // cache), and it is still faster. Zen 4, 2 threads, alternated in one process (20 rounds, medians) with the 8 x 3
+  // blocks that 8 rows keep: the 50,257 x 384 head 1.21-1.26x faster at 16 rows, 1.16x at 12, 1.13x at 24 and 32,
+  // 1.06x at 9; the 30M GPT-2 shape's block layers 1.21x at 16, 1.03-1.16x at 12-32 (a third run at 16 rows, on a
+  // busier machine: 1.01-1.04x). 16 x 2 ran 1.07-1.11x faster than 14 x 2 (no sums on the stack) at 16 rows, and
+  // 9 x 3 was slower than both; at 8 rows blocks of 14 ran at 0.88x the speed of 8 x 3
   auto run = [&](auto r, auto nt) {
     constexpr int R = decltype(r)::value, NT = decltype(nt)::value;
     const int64_t groups = (T + NT - 1) / NT;
