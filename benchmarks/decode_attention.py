@@ -60,11 +60,11 @@ def one_layer(rows: int, S: int, dtype: torch.dtype, calls: int) -> tuple[float,
 
     def native():
         k, v = caches[next(turn) % LAYERS]
-        return kernel(q.view(rows, H, D), k, v, pad, D ** -0.5)
+        return kernel(q.view(rows, H, D), k, v, pad, None, D ** -0.5)
 
     k, v = caches[0]
     diff = (F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask).view(rows, H, D)
-            - kernel(q.view(rows, H, D), k, v, pad, D ** -0.5)).abs().max().item()
+            - kernel(q.view(rows, H, D), k, v, pad, None, D ** -0.5)).abs().max().item()
     return per_call_us(sdpa, calls * LAYERS), per_call_us(native, calls * LAYERS), diff
 
 

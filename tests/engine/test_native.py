@@ -73,7 +73,7 @@ def test_decode_attention_equals_sdpa(D, dtype, H, K, S):
     full_v = torch.randn(B, K, slots, D, generator=g).to(dtype)
     full_k[:, :, :S], full_v[:, :, :S] = k, v
     for p in (None, pad):
-        got = kernels.decode_attention(q.view(B, H, D), k, v, p, D ** -0.5)
+        got = kernels.decode_attention(q.view(B, H, D), k, v, p, None, D ** -0.5)
         want = sdpa_step(q, k, v, p).view(B, H, D)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
         # the dispatcher's operator, as the compiled step calls it, over the filled part of a longer cache
@@ -85,9 +85,9 @@ def test_decode_attention_equals_sdpa(D, dtype, H, K, S):
 def test_decode_attention_refuses_what_it_cannot_run():
     q, k = torch.randn(2, 4, 24), torch.randn(2, 4, 9, 24)
     with pytest.raises(RuntimeError, match="head size 24"):
-        kernels.decode_attention(q, k, k, None, 1.0)
+        kernels.decode_attention(q, k, k, None, None, 1.0)
     with pytest.raises(RuntimeError, match="does not match"):
-        kernels.decode_attention(torch.randn(3, 4, 24), k, k, None, 1.0)
+        kernels.decode_attention(torch.randn(3, 4, 24), k, k, None, None, 1.0)
     k = torch.randn(2, 4, 9, 32)
     with pytest.raises(RuntimeError, match="10 keys filled of 9"):
         torch.ops.yunque.decode_attention(torch.randn(2, 4, 32), k, k, None, torch.tensor([10]), 1.0)
@@ -449,8 +449,8 @@ def test_native_sampling_frequencies_match_softmax():
 @needs_kernels
 def test_the_engine_samples_with_the_kernel_where_no_filter_is_set(monkeypatch):
     calls = []
-    kernel = torch.ops.yunque.sample_rows
-    monkeypatch.setattr(torch.ops.yunque, "sample_rows", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    kernel = kernels.sample_rows  # what eager code calls (native.kernels)
+    monkeypatch.setattr(kernels, "sample_rows", lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
     engine = Engine(tiny(), TOK)
     assert engine.native
     engine.generate([TOK.encode("a b")], SamplingParams(max_new_tokens=4, temperature=0.8, seed=1))
@@ -460,10 +460,10 @@ def test_the_engine_samples_with_the_kernel_where_no_filter_is_set(monkeypatch):
 
 
 def counting_kernel(monkeypatch, op: str = "rows_linear") -> list[torch.Size]:
-    """The shapes of x that torch.ops.yunque.<op> is called with from now on."""
+    """The shapes of x that the kernel `op` is called with from now on (eagerly: native.kernels)."""
     calls = []
-    kernel = getattr(torch.ops.yunque, op)
-    monkeypatch.setattr(torch.ops.yunque, op, lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
+    kernel = getattr(kernels, op)
+    monkeypatch.setattr(kernels, op, lambda *a: (calls.append(a[0].shape), kernel(*a))[1])
     return calls
 
 
@@ -490,8 +490,8 @@ def test_the_engine_int4_layer_runs_the_kernel_for_one_row_aten_for_a_few_and_on
     layer = QuantLinear.from_linear(torch.nn.Linear(128, 96, bias=True), 4, 32)
     calls = []
     for op in ("rows_int4", "dense_int4"):
-        kernel = getattr(torch.ops.yunque, op)
-        monkeypatch.setattr(torch.ops.yunque, op, lambda *a, op=op, k=kernel: (calls.append((op, a[0].shape[0])),
+        kernel = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, op=op, k=kernel: (calls.append((op, a[0].shape[0])),
                                                                                 k(*a))[1])
     fast, aten = Int4PackedLinear(layer, native=True, native_bf16=True), Int4PackedLinear(layer)
     w = layer.dequantize()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yunque.engine.native import native_kernels
+from yunque.engine.native import kernels, native_kernels
 from yunque.model.gpt import GPT, MLP, Attention
 from yunque.model.kv_cache import KVCache
 from yunque.model.lora import LoRAOver
@@ -113,7 +113,7 @@ class DecodeMLP(MLP):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.ops.yunque.gelu_tanh(self.up(x)))
+        return self.down(kernels().gelu_tanh(self.up(x)))
 
 
 class DecodeLayerNorm(nn.LayerNorm):
@@ -124,7 +124,7 @@ class DecodeLayerNorm(nn.LayerNorm):
     7.4 ms on OpenMP's threads alone (Zen 4, 2 threads). Same values as F.layer_norm up to rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.yunque.layer_norm(x, self.weight, self.bias, self.eps)
+        return kernels().layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class DecodeAttention(Attention):
@@ -153,7 +153,7 @@ class DecodeAttention(Attention):
         k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
         # a one-token step sees each row's keys from its first real one (pad) to the one just written
         filled = kv_cache.filled_after(1) if kv_cache.static else None
-        y = torch.ops.yunque.decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, filled, D ** -0.5)
+        y = kernels().decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, filled, D ** -0.5)
         return y.view(B, H, 1, D)
 
 
@@ -239,9 +239,9 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
         if self.pairs is not None and x.numel() <= PAIR_ROWS * self.in_features:
-            return torch.ops.yunque.pairs_linear(x, self.pairs, self.bias32, self.out_features)
+            return kernels().pairs_linear(x, self.pairs, self.bias32, self.out_features)
         if self.plain is not None and x.numel() <= NATIVE_ROWS * self.in_features:
-            y = torch.ops.yunque.rows_linear(x, self.plain, None).to(x.dtype)
+            y = kernels().rows_linear(x, self.plain, None).to(x.dtype)
             return y + self.bias[:self.out_features] if self.bias is not None else y
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return y[..., :self.out_features] if self.padded else y
@@ -333,7 +333,7 @@ class Int8PackedLinear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(-1, self.in_features)
         if self.native and rows <= NATIVE_ROWS:
-            y = torch.ops.yunque.rows_linear(x2, self.qweight, self.scales).to(x.dtype)
+            y = kernels().rows_linear(x2, self.qweight, self.scales).to(x.dtype)
         else:
             # not in a compiled graph: freezing would fold the widened weight into a bf16 constant kept for good
             if self.native_bf16 and rows >= DEQUANT_ROWS and not torch.compiler.is_compiling():
@@ -392,10 +392,10 @@ class Int4PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
         if self.native and (rows <= NATIVE_ROWS or (not self.aten and rows < DEQUANT_ROWS)):
-            y = torch.ops.yunque.rows_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
+            y = kernels().rows_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
         elif self.native and rows >= DEQUANT_ROWS and (self.native_bf16 or not self.aten):
             x2 = x2.to(torch.bfloat16) if self.native_bf16 else x2
-            y = torch.ops.yunque.dense_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
+            y = kernels().dense_int4(x2, self.qweight, self.scales, self.zeros, self.group_size)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.int4_weight, self.group_size,
                                                   self.scales_and_zeros)

@@ -1192,11 +1192,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_helpers", &pool::set_enabled,
         "whether the kernels' loops called from this thread run on the module's helper threads (true; Linux) or on "
         "OpenMP's team (false, the default); returns the previous setting");
-  m.def(
-      "decode_attention",
-      [](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-         const c10::optional<torch::Tensor>& pad, double scale) { return decode_attention(q, k, v, pad, {}, scale); },
-      "one-query attention over a KV cache (the decode step)");
+  // The operators below again, for eager calls (engine/native.py, `kernels`). A call through torch.ops releases the
+  // GIL, runs, then drops its stack's references to the arguments, and with torch 2.13 dropping the last one beside
+  // Python's takes the GIL back for a moment (TensorImpl::decref_pyobject) before the call takes it back to return:
+  // two waits for the GIL a call, while the server's event loop holds it. Here the GIL is released for the kernel
+  // only, and the arguments are released after it is taken back: one wait.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("rows_linear", &rows_linear, nogil);
+  m.def("rows_int4", &rows_int4, nogil);
+  m.def("dense_int4", &dense_int4, nogil);
+  m.def("decode_attention", &decode_attention, nogil);
+  m.def("sample_rows", &sample_rows, nogil);
+  m.def("pairs_linear", &pairs_linear, nogil);
+  m.def("gelu_tanh", &gelu_tanh, nogil);
+  m.def("layer_norm", &layer_norm, nogil);
 }
 
 // The kernels as operators of PyTorch's dispatcher (torch.ops.yunque.*), so that a compiled decode

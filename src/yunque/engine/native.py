@@ -25,6 +25,7 @@ import threading
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch._appdirs  # torch's own per-user cache directories (what cpp_extension uses)
@@ -69,6 +70,15 @@ def native_kernels() -> types.ModuleType | None:
         print(f"yunque: the engine's C++ kernels are unavailable ({reason}); decoding with PyTorch's own",
               file=sys.stderr)
         return None
+
+
+def kernels() -> Any:
+    """The kernels for a call now: inside torch.compile, the operators torch.ops.yunque (a graph calls operators);
+    elsewhere the library's own bindings of the same functions (`native_kernels()`). A call through torch.ops waits
+    for the GIL twice on its way back (kernels.cpp says why) and a binding's once: where another thread runs Python
+    beside the decode (a server's event loop), each wait may last until that thread lets go. For callers that know
+    the kernels are built."""
+    return torch.ops.yunque if torch.compiler.is_compiling() else native_kernels()
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from yunque.config import penalty_problems, sampling_problems
+from yunque.engine.native import kernels
 
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -106,7 +107,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     kernel = native and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
     if not kernel or filtered:
         return inverse_cdf(probabilities(logits, temperature, top_k, top_p, min_p), u)
-    tokens = torch.ops.yunque.sample_rows(logits, u.view(-1), 1 / max(temperature, MIN_TEMPERATURE))
+    tokens = kernels().sample_rows(logits, u.view(-1), 1 / max(temperature, MIN_TEMPERATURE))
     odd = (tokens < 0).nonzero().view(-1)  # rows holding an infinity or a NaN: the kernel leaves them to softmax
     if len(odd):
         tokens[odd] = inverse_cdf(probabilities(logits[odd], temperature), u[odd])
