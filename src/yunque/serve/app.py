@@ -80,7 +80,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body: int 
                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
     app.add_middleware(_LimitBody, max_body=max_body, counts=http_counts)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:  # async: FastAPI runs a plain def in its thread pool
         if api_key is None:
             return
         given = request.headers.get("authorization", "")
