@@ -618,3 +618,15 @@ def test_engines_made_at_once_all_get_the_kernels():
         assert len(got) == 4 and all(m is not None and hasattr(m, "decode_attention") for m in got)
     finally:
         native.native_kernels.cache_clear()
+
+
+@needs_kernels
+def test_eager_calls_take_the_bindings_and_the_profiler_sees_the_operators():
+    """native.kernels: the library's bindings in eager code (one wait for the GIL a call); under torch.profiler
+    the operators, so that a profile names the kernels."""
+    assert native.kernels() is kernels
+    layer = torch.nn.LayerNorm(64)
+    with torch.profiler.profile() as prof:
+        assert native.kernels() is torch.ops.yunque
+        DecodeLayerNorm.forward(layer, torch.randn(2, 64))
+    assert any(e.key == "yunque::layer_norm" for e in prof.key_averages())

@@ -73,12 +73,14 @@ def native_kernels() -> types.ModuleType | None:
 
 
 def kernels() -> Any:
-    """The kernels for a call now: inside torch.compile, the operators torch.ops.yunque (a graph calls operators);
-    elsewhere the library's own bindings of the same functions (`native_kernels()`). A call through torch.ops waits
-    for the GIL twice on its way back (kernels.cpp says why) and a binding's once: where another thread runs Python
-    beside the decode (a server's event loop), each wait may last until that thread lets go. For callers that know
-    the kernels are built."""
-    return torch.ops.yunque if torch.compiler.is_compiling() else native_kernels()
+    """The kernels for a call now: inside torch.compile, the operators torch.ops.yunque (a graph calls operators),
+    and under torch.profiler too (which names operators, not bindings); elsewhere the library's own bindings of the
+    same functions (`native_kernels()`). A call through torch.ops waits for the GIL twice on its way back
+    (kernels.cpp says why) and a binding's once: where another thread runs Python beside the decode (a server's
+    event loop), each wait may last until that thread lets go. For callers that know the kernels are built."""
+    if torch.compiler.is_compiling() or torch.autograd.profiler._is_profiler_enabled:
+        return torch.ops.yunque
+    return native_kernels()
 
 
 @contextlib.contextmanager
