@@ -167,9 +167,10 @@ def test_timeout_ends_with_length(engine):
 
 def test_limits(engine):
     s = Scheduler(engine, SchedulerConfig(max_queue=1, max_tokens=50))
-    gate = threading.Event()
+    inside, gate = threading.Event(), threading.Event()
     try:
-        s.call(gate.wait)  # the worker waits: submissions stay queued
+        s.call(lambda: (inside.set(), gate.wait(60)))  # the worker waits: submissions stay queued
+        assert inside.wait(30)  # inside the call first, or the round that runs it would admit the first submission
         with pytest.raises(ValueError, match="max_tokens 51 is more than"):
             s.submit(PROMPTS[0], SamplingParams(max_new_tokens=51), lambda e: None)
         with pytest.raises(ValueError, match="context is 128"):

@@ -4,6 +4,7 @@ while a model loads, 429 when the queue is full, loaded models kept out of the c
 import asyncio
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -110,16 +111,20 @@ def test_503_while_loading(base, tmp_path):
 def test_429_when_the_queue_is_full(base, tmp_path):
     registry = Registry([ModelSpec("a", base)], ServeConfig(), SchedulerConfig(max_queue=1))
     app = create_app(registry, feedback_dir=tmp_path)
-    gate = threading.Event()
+    inside, gate = threading.Event(), threading.Event()
 
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             body = {"model": "a", "prompt": "hi", "max_tokens": 2}
             m = await registry.get("a")
-            m.scheduler.call(gate.wait)  # the worker is busy: the next request waits in the queue
+            m.scheduler.call(lambda: (inside.set(), gate.wait(60)))  # the worker is busy: requests wait in the queue
+            # inside the call before the first request comes, or the round that runs the call would admit it too
+            assert await asyncio.to_thread(inside.wait, 30)
             waiting = asyncio.create_task(c.post("/v1/completions", json=body))
-            while m.scheduler.waiting < 1:
+            deadline = time.monotonic() + 30
+            while m.scheduler.waiting < 1 and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+            assert m.scheduler.waiting == 1, "the first request did not queue behind the busy worker"
             refused = await c.post("/v1/completions", json=body)
             gate.set()
             return refused, await waiting
