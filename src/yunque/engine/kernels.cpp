@@ -1186,30 +1186,38 @@ std::string vector_isa() {
 #endif
 }
 
+// The kernels, each as an operator of PyTorch's dispatcher (torch.ops.yunque.*) and as a binding of this module:
+// one list, so that the two never differ.
+#define YUNQUE_KERNELS(X) \
+  X(rows_linear)          \
+  X(rows_int4)            \
+  X(dense_int4)           \
+  X(decode_attention)     \
+  X(sample_rows)          \
+  X(pack_pairs)           \
+  X(pairs_linear)         \
+  X(gelu_tanh)            \
+  X(layer_norm)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_isa", &vector_isa, "the vector instructions of the integer kernels: avx512-vnni, avx512, avx2 or none");
   m.def("has_pairs", &has_pairs, "whether pairs_linear is built (AVX-512 BF16)");
   m.def("set_helpers", &pool::set_enabled,
         "whether the kernels' loops called from this thread run on the module's helper threads (true; Linux) or on "
         "OpenMP's team (false, the default); returns the previous setting");
-  // The operators below again, for eager calls (engine/native.py, `kernels`). A call through torch.ops releases the
-  // GIL, runs, then drops its stack's references to the arguments, and with torch 2.13 dropping the last one beside
-  // Python's takes the GIL back for a moment (TensorImpl::decref_pyobject) before the call takes it back to return:
-  // two waits for the GIL a call, while the server's event loop holds it. Here the GIL is released for the kernel
-  // only, and the arguments are released after it is taken back: one wait.
+  // The kernels for eager calls (engine/native.py, `kernels`). A call through torch.ops releases the GIL, runs, then
+  // drops its stack's references to the arguments, and with torch 2.13 dropping the last one beside Python's takes
+  // the GIL back for a moment (TensorImpl::decref_pyobject) before the call takes it back to return: two waits for
+  // the GIL a call, while the server's event loop holds it. Here the GIL is released for the kernel only, and the
+  // arguments are released after it is taken back: one wait.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
-  m.def("rows_linear", &rows_linear, nogil);
-  m.def("rows_int4", &rows_int4, nogil);
-  m.def("dense_int4", &dense_int4, nogil);
-  m.def("decode_attention", &decode_attention, nogil);
-  m.def("sample_rows", &sample_rows, nogil);
-  m.def("pairs_linear", &pairs_linear, nogil);
-  m.def("gelu_tanh", &gelu_tanh, nogil);
-  m.def("layer_norm", &layer_norm, nogil);
+#define YUNQUE_BIND(name) m.def(#name, &name, nogil);
+  YUNQUE_KERNELS(YUNQUE_BIND)
+#undef YUNQUE_BIND
 }
 
-// The kernels as operators of PyTorch's dispatcher (torch.ops.yunque.*), so that a compiled decode
-// step calls them from its graph; their shapes for tracing are registered in engine/native.py.
+// The operators, so that a compiled decode step calls the kernels from its graph; their shapes for tracing are
+// registered in engine/native.py.
 TORCH_LIBRARY(yunque, m) {
   m.def("rows_linear(Tensor x, Tensor weight, Tensor? scales) -> Tensor");
   m.def("rows_int4(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
@@ -1223,13 +1231,7 @@ TORCH_LIBRARY(yunque, m) {
 }
 
 TORCH_LIBRARY_IMPL(yunque, CPU, m) {
-  m.impl("rows_linear", &rows_linear);
-  m.impl("rows_int4", &rows_int4);
-  m.impl("dense_int4", &dense_int4);
-  m.impl("decode_attention", &decode_attention);
-  m.impl("sample_rows", &sample_rows);
-  m.impl("pack_pairs", &pack_pairs);
-  m.impl("pairs_linear", &pairs_linear);
-  m.impl("gelu_tanh", &gelu_tanh);
-  m.impl("layer_norm", &layer_norm);
+#define YUNQUE_IMPL(name) m.impl(#name, &name);
+  YUNQUE_KERNELS(YUNQUE_IMPL)
+#undef YUNQUE_IMPL
 }
