@@ -109,10 +109,42 @@ def test_prompts_that_wait_together_are_prefilled_in_one_forward_and_equal_each_
         busy.result()
 
     got = each_from_a_thread(together, release)
-    assert sizes == [len(PROMPTS)]  # five prompts of 1-41 tokens, left-padded into one forward
+    assert sizes == [len(PROMPTS)]  # five prompts of 1-42 tokens, left-padded into one forward
     for g, w in zip(got, want):
         assert g[0:2] == w[0:2] and g[4:] == w[4:]
         assert g[2] == pytest.approx(w[2], abs=1e-4)
+
+
+def test_a_prompt_that_fits_a_turn_waits_for_the_next_rather_than_split(engine, monkeypatch):
+    # A budget of 42 tokens, the longest prompt's length: the first turn takes "hi", the 25-token prompt and "x"
+    # whole (28 tokens), and the 16-token prompt, which no longer fits, waits for the next turn instead of being
+    # split into a chunk now and the rest then; so does the 42-token one after it. No prompt is split.
+    assert [len(p) for p in PROMPTS] == [2, 25, 1, 16, 42]
+    want = each_alone(engine)
+    sizes, calls = [], []
+    prefill_many, prefill = Engine.prefill_many, Engine.prefill
+    monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
+                                                                        prefill_many(self, pending))[1])
+    monkeypatch.setattr(Engine, "prefill", lambda self, pending, n: (calls.append((pending.filled, n)),
+                                                                     prefill(self, pending, n))[1])
+    s, inside, gate = Scheduler(engine, SchedulerConfig(prefill_tokens=42)), threading.Event(), threading.Event()
+    events = [[] for _ in PROMPTS]
+    try:
+        busy = s.call(lambda: (inside.set(), gate.wait()))  # all five queue, in order, while the worker waits
+        inside.wait()
+        seqs = [s.submit(p, q, events[i].append) for i, (p, q) in enumerate(zip(PROMPTS, PARAMS))]
+        gate.set()
+        busy.result(timeout=30)
+        deadline = time.monotonic() + 60
+        while not all(q.finished for q in seqs) and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+    finally:
+        s.close()
+    assert sizes == [3, 1, 1]
+    assert calls and all(filled == 0 for filled, _ in calls)  # each prompt whole, from its start
+    for e, w in zip(events, want):
+        g = fold(e)
+        assert g[0:2] == w[0:2] and g[4:] == w[4:]
 
 
 def test_events_equal_the_engine_generating_alone(engine):
