@@ -125,7 +125,8 @@ def test_a_prompt_that_fits_a_turn_waits_for_the_next_rather_than_split(engine, 
     prefill_many, prefill = Engine.prefill_many, Engine.prefill
     monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
                                                                         prefill_many(self, pending))[1])
-    monkeypatch.setattr(Engine, "prefill", lambda self, pending, n: (calls.append((pending.filled, n)),
+    monkeypatch.setattr(Engine, "prefill", lambda self, pending, n: (calls.append((pending.filled, n,
+                                                                                   len(pending.prompt))),
                                                                      prefill(self, pending, n))[1])
     s, inside, gate = Scheduler(engine, SchedulerConfig(prefill_tokens=42)), threading.Event(), threading.Event()
     events = [[] for _ in PROMPTS]
@@ -141,7 +142,7 @@ def test_a_prompt_that_fits_a_turn_waits_for_the_next_rather_than_split(engine, 
     finally:
         s.close()
     assert sizes == [3, 1, 1]
-    assert calls and all(filled == 0 for filled, _ in calls)  # each prompt whole, from its start
+    assert calls and all(filled == 0 and n == length for filled, n, length in calls)  # each prompt whole
     for e, w in zip(events, want):
         g = fold(e)
         assert g[0:2] == w[0:2] and g[4:] == w[4:]
