@@ -8,6 +8,7 @@ config checks its own values and names the offending field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -159,10 +160,18 @@ LIMITS = {"vocab_size": 1 << 24, "n_layer": 1024, "n_head": 1024, "n_kv_head": 1
 tokens), low enough that a corrupt or hostile config.json fails with one line instead of allocating terabytes."""
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """typing.get_type_hints(cls), once a class: it evaluates every annotation's string at each call. Making a
+    SamplingParams (one a request in a server) took 250 us with a call each time, 36 us with this (medians of 7
+    rounds of 500, Zen 4)."""
+    return typing.get_type_hints(cls)
+
+
 def _type_problems(obj: Any) -> Iterator[str]:
     """A dataclass's field values against their annotations: int (not bool), float (finite), str, bool, None,
     Literal choices, tuples and dicts; one message per wrong field."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, hint = getattr(obj, f.name), hints[f.name]
         if not _fits(value, hint):
