@@ -91,14 +91,23 @@ def test_concurrent_sequences_equal_each_alone(engine):
     assert got[4][4] == "stop" and got[4][0].startswith("rrr\f\f") and "6" not in got[4][0]
 
 
+def hold_worker(scheduler):
+    """Make the worker wait inside a call until the returned gate is set, and return once it is inside: what is
+    submitted meanwhile stays queued (the round that runs the call would admit a submission that came before).
+    (the call's Future, the gate)"""
+    inside, gate = threading.Event(), threading.Event()
+    busy = scheduler.call(lambda: (inside.set(), gate.wait(60)))
+    assert inside.wait(30), "the worker did not take the call"
+    return busy, gate
+
+
 def test_prompts_that_wait_together_are_prefilled_in_one_forward_and_equal_each_alone(engine, monkeypatch):
     want = each_alone(engine)
     sizes, prefill_many = [], Engine.prefill_many
     monkeypatch.setattr(Engine, "prefill_many", lambda self, pending: (sizes.append(len(pending)),
                                                                         prefill_many(self, pending))[1])
-    together, inside, gate = Scheduler(engine), threading.Event(), threading.Event()
-    busy = together.call(lambda: (inside.set(), gate.wait()))  # the worker waits while all five requests queue up
-    inside.wait()  # before any request is submitted: none is admitted in the turn that runs the call
+    together = Scheduler(engine)
+    busy, gate = hold_worker(together)  # the worker waits while all five requests queue up
 
     def release():
         deadline = time.monotonic() + 30
@@ -128,11 +137,10 @@ def test_a_prompt_that_fits_a_turn_waits_for_the_next_rather_than_split(engine, 
     monkeypatch.setattr(Engine, "prefill", lambda self, pending, n: (calls.append((pending.filled, n,
                                                                                    len(pending.prompt))),
                                                                      prefill(self, pending, n))[1])
-    s, inside, gate = Scheduler(engine, SchedulerConfig(prefill_tokens=42)), threading.Event(), threading.Event()
+    s = Scheduler(engine, SchedulerConfig(prefill_tokens=42))
     events = [[] for _ in PROMPTS]
     try:
-        busy = s.call(lambda: (inside.set(), gate.wait()))  # all five queue, in order, while the worker waits
-        inside.wait()
+        busy, gate = hold_worker(s)  # all five queue, in order, while the worker waits
         seqs = [s.submit(p, q, events[i].append) for i, (p, q) in enumerate(zip(PROMPTS, PARAMS))]
         gate.set()
         busy.result(timeout=30)
@@ -200,10 +208,9 @@ def test_timeout_ends_with_length(engine):
 
 def test_limits(engine):
     s = Scheduler(engine, SchedulerConfig(max_queue=1, max_tokens=50))
-    inside, gate = threading.Event(), threading.Event()
+    gate = None
     try:
-        s.call(lambda: (inside.set(), gate.wait(60)))  # the worker waits: submissions stay queued
-        assert inside.wait(30)  # inside the call first, or the round that runs it would admit the first submission
+        _, gate = hold_worker(s)  # the worker waits: submissions stay queued
         with pytest.raises(ValueError, match="max_tokens 51 is more than"):
             s.submit(PROMPTS[0], SamplingParams(max_new_tokens=51), lambda e: None)
         with pytest.raises(ValueError, match="context is 128"):
@@ -214,7 +221,8 @@ def test_limits(engine):
         with pytest.raises(QueueFull, match="max_queue 1"):
             s.submit(PROMPTS[0], SamplingParams(max_new_tokens=5), lambda e: None)
     finally:
-        gate.set()
+        if gate is not None:
+            gate.set()
         s.close()
 
 
