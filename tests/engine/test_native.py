@@ -57,18 +57,28 @@ def sdpa_step(q, k, v, pad):
     return F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
+@pytest.fixture
+def torch_threads():
+    """torch.set_num_threads for one test (the tests otherwise run on one thread, conftest.one_thread)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @needs_kernels
 @pytest.mark.parametrize("D", DecodeAttention.HEAD_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (9, 3), (12, 4)])  # heads a task: all, or split, or padded
 @pytest.mark.parametrize("S", [1, 37])
-def test_decode_attention_equals_sdpa(D, dtype, H, K, S):
+@pytest.mark.parametrize("B", [1, 5])  # one row: its heads split between the threads
+def test_decode_attention_equals_sdpa(D, dtype, H, K, S, B, torch_threads):
+    torch_threads(2)  # as the engine decodes: one row's heads split between the two threads
     g = torch.Generator().manual_seed(D + S)
-    B, slots = 5, S + 7  # views of the first S of more slots, as the cache hands them out
+    slots = S + 7  # views of the first S of more slots, as the cache hands them out
     q = torch.randn(B, H, 1, D, generator=g)
     k = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
     v = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
-    pad = torch.tensor([0, S - 1, S // 2, 3 % S, 0])
+    pad = torch.tensor([0, S - 1, S // 2, 3 % S, 0])[:B]
     full_k = torch.randn(B, K, slots, D, generator=g).to(dtype)  # a static cache: S filled of `slots`
     full_v = torch.randn(B, K, slots, D, generator=g).to(dtype)
     full_k[:, :, :S], full_v[:, :, :S] = k, v
@@ -79,6 +89,28 @@ def test_decode_attention_equals_sdpa(D, dtype, H, K, S):
         # the dispatcher's operator, as the compiled step calls it, over the filled part of a longer cache
         got = torch.ops.yunque.decode_attention(q.view(B, H, D), full_k, full_v, p, torch.tensor([S]), D ** -0.5)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, K", [(6, 6), (9, 3), (12, 4)])
+@pytest.mark.parametrize("threads", [2, 4])
+def test_decode_attention_of_a_row_is_the_same_bits_whatever_rows_are_beside_it(dtype, H, K, threads, torch_threads):
+    """How many heads a task takes depends on the batch and the threads (one row: its heads split between the
+    threads); a row's outputs must not, or a request would decode differently alone and in a server's batch."""
+    torch_threads(threads)
+    g = torch.Generator().manual_seed(H)
+    B, S, D = 7, 53, 64  # 53 positions x heads: scores that fill blocks of 16 and leave some over
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(B, K, S, D, generator=g).to(dtype)
+    v = torch.randn(B, K, S, D, generator=g).to(dtype)
+    pad = torch.tensor([0, 5, 17, 0, 52, 1, 9])
+    together = kernels.decode_attention(q, k, v, pad, None, D ** -0.5)
+    for b in range(B):
+        alone = kernels.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pad[b:b + 1], None, D ** -0.5)
+        assert torch.equal(alone[0], together[b]), f"row {b}"
+        pair = kernels.decode_attention(q[b:b + 2], k[b:b + 2], v[b:b + 2], pad[b:b + 2], None, D ** -0.5)
+        assert torch.equal(pair[0], together[b]), f"row {b} of two"
 
 
 @needs_kernels

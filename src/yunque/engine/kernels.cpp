@@ -22,7 +22,8 @@
 //
 // decode_attention: one query per (row, head) over a KV cache, the decode step's attention. PyTorch's SDPA on CPU
 // runs a flash kernel meant for long queries; for a query of one token its per-block bookkeeping costs more than
-// the arithmetic. Here each (row, head) is one pass over its keys (scores), one softmax, one pass over its values.
+// the arithmetic. Here each (row, head) is one pass over its keys (scores), one softmax, one pass over its values,
+// a few heads of a row side by side (their reads in flight together).
 //
 // Their loops run on OpenMP's team (at::parallel_for), or on the library's own helper threads where the calling
 // thread asks for them (pool::parallel_for, set_helpers): the engine's decode steps that run these kernels alone.
@@ -203,50 +204,212 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) { at::p
 
 // q (B, H, D) contiguous; k, v: element [b, g, s, d] at b * kb + g * kh + s * ks + d; each row b sees its keys
 // [first[b], S); out (B, H, D). Query head h reads key/value head h / (H / K) (grouped-query attention).
+//
+// A decode step reads its keys and values from memory (the step's weights have pushed them out of the CPU's
+// caches), and one head's keys are a run of a few KB: read one head after another, the loads in flight at any
+// time are those of one run, and the memory's latency, not its bandwidth, sets the pace. So a task takes up to
+// kHeadsTogether heads of one row and reads their keys, then their values, position by position across the
+// heads: several runs in flight at once. Read in turns of 4 or 16 positions a head, they were no faster than one
+// head after another; 12 or 16 heads together were slower than 6 or 8. Zen 4, 2 threads, bf16 caches of 6 heads
+// of 64 not in the CPU's caches, alternated with the kernel that took one head a task (9 rounds, medians): 16 rows
+// x 128 positions 140 against 221 us a layer (1.58x), 64 x 128 501 against 875 (1.75x, ~50 GB/s, what the memory
+// gives two threads), 4 x 128 1.10x, one row 1.00x, 16 x 512 0.97x (both ~42 GB/s). In the 16-row decode step of
+// benchmarks/serve.py's model (10 rounds alternated): attention 1.27-1.92 against 1.70-2.35 ms a step, the step
+// 0.23-0.28 ms shorter (~3%).
+constexpr int64_t kHeadsTogether = 8;
+
+// exp(p[j] - max p) in place; returns 1 / their sum. One function for every kernel below and every number of
+// heads a task: compiled once, its loops vectorized one way, so a row's scores give the same bits in any task.
+__attribute__((noinline)) float softmax_in_place(float* p, int64_t len) {
+  float m = p[0];
+  for (int64_t j = 1; j < len; ++j) m = p[j] > m ? p[j] : m;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < len; ++j) {
+    p[j] = std::exp(p[j] - m);
+    sum += p[j];
+  }
+  return 1.f / sum;
+}
+
+// Heads a task: as many as kHeadsTogether allows, but rows cut into enough tasks for every thread when they are
+// few (one row: its heads in two halves on two threads).
+inline int64_t heads_a_task(int64_t B, int64_t H) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = std::max((H + kHeadsTogether - 1) / kHeadsTogether, std::min(H, (threads + B - 1) / B));
+  return (H + tasks - 1) / tasks;
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 widened to float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// The 16 horizontal sums of v[0..15], lane i the sum of v[i]'s lanes: 15 additions, where 16 reductions take ~60.
+// Every v[i] is summed in the same order, ((e0 + e2) + (e1 + e3)) within each 128-bit lane, then the lanes
+// ((l0 + l1) + (l2 + l3)), whatever its i and the other vectors: a score's bits do not depend on its neighbours.
+inline __m512 sums16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // in each 128-bit lane: v[2i] and v[2i+1] folded to two lanes each
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // in each 128-bit lane: the sums of v[4i .. 4i+3] over that lane
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xdd));
+}
+
+// N heads of one row with the CPU's vectors: q (N, D) contiguous, kp[h] and vp[h] head h's first key and value,
+// len positions; ps holds len * N scores (head-major); out (N, D).
+template <typename T, int D, int N>
+void heads_vectors(const float* q, const T* const* kp, const T* const* vp, int64_t len, int64_t ks, int64_t vs,
+                   float scale, float* ps, float* out) {
+  constexpr int C = D / 16;
+  __m512 qv[N][C];
+  for (int h = 0; h < N; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + 16 * c), _mm512_set1_ps(scale));
+  __m512 part[16];  // a score's 16 partial sums, for 16 scores at a time
+  int parts = 0;
+  int64_t at = 0;  // scores done, position-major: score `at` is position at / N of head at % N
+  auto put = [&](int count) {  // head-major into ps, for the softmax below
+    alignas(64) float sums[16];
+    for (int i = count; i < 16; ++i) part[i] = _mm512_setzero_ps();  // the last few summed as the others
+    _mm512_store_ps(sums, sums16(part));
+    for (int i = 0; i < count; ++i, ++at) ps[(at % N) * len + at / N] = sums[i];
+  };
+  for (int64_t j = 0; j < len; ++j) {
+    for (int h = 0; h < N; ++h) {
+      const T* kj = kp[h] + j * ks;
+      __m512 a = _mm512_mul_ps(qv[h][0], load16(kj));
+      for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[h][c], load16(kj + 16 * c), a);
+      part[parts++] = a;
+      if (parts == 16) {
+        put(16);
+        parts = 0;
+      }
+    }
+  }
+  if (parts > 0) put(parts);
+  float inv[N];
+  for (int h = 0; h < N; ++h) inv[h] = softmax_in_place(ps + h * len, len);
+  __m512 acc[N][C];
+  for (int h = 0; h < N; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    for (int h = 0; h < N; ++h) {
+      const T* vj = vp[h] + j * vs;
+      const __m512 w = _mm512_set1_ps(ps[h * len + j]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(w, load16(vj + 16 * c), acc[h][c]);
+    }
+  }
+  for (int h = 0; h < N; ++h) {
+    const __m512 scale_h = _mm512_set1_ps(inv[h]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(acc[h][c], scale_h));
+  }
+}
+
+// Tasks of N heads (a row's last task padded with copies of its first head, whose outputs are dropped).
+template <typename T, int D, int N>
+void one_query_vectors(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B,
+                       int64_t H, int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh,
+                       int64_t vs, float scale) {
+  const int64_t group = H / K, per_row = (H + N - 1) / N;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (S * D * N));  // small work: no threads woken
+  pool::parallel_for(0, B * per_row, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S * N);
+    alignas(64) float qs[N * D];
+    alignas(64) float os[N * D];
+    const T* kp[N];
+    const T* vp[N];
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / per_row, h0 = (i % per_row) * N, n = std::min<int64_t>(N, H - h0);
+      const int64_t start = first ? std::min<int64_t>(std::max<int64_t>(first[b], 0), S - 1) : 0;
+      for (int64_t h = 0; h < N; ++h) {
+        const int64_t head = h0 + (h < n ? h : 0);
+        kp[h] = k + b * kb + (head / group) * kh + start * ks;
+        vp[h] = v + b * vb + (head / group) * vh + start * vs;
+        std::memcpy(qs + h * D, q + (b * H + head) * D, sizeof(float) * D);
+      }
+      heads_vectors<T, D, N>(qs, kp, vp, S - start, ks, vs, scale, p.data(), os);
+      std::memcpy(out + (b * H + h0) * D, os, sizeof(float) * D * n);
+    }
+  });
+}
+#endif
+
 template <typename T, int D>
 void one_query(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B, int64_t H,
                int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
                float scale) {
-  const int64_t group = H / K;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (S * D));  // small work: no threads woken
-  pool::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S);
+  const int64_t G = heads_a_task(B, H);
+#if defined(__AVX512F__)
+  static_assert(D % 16 == 0, "head sizes are multiples of 16");
+  // G rounded up to one of six instantiations: a task of 5 heads runs as 6, the sixth a copy
+#define YUNQUE_HEADS(NN) \
+  return one_query_vectors<T, D, NN>(q, k, v, first, out, B, H, K, S, kb, kh, ks, vb, vh, vs, scale)
+  if (G == 1) YUNQUE_HEADS(1);
+  if (G == 2) YUNQUE_HEADS(2);
+  if (G == 3) YUNQUE_HEADS(3);
+  if (G == 4) YUNQUE_HEADS(4);
+  if (G <= 6) YUNQUE_HEADS(6);
+  YUNQUE_HEADS(8);
+#undef YUNQUE_HEADS
+#else
+  const int64_t group = H / K, per_row = (H + G - 1) / G;
+  const int64_t grain = std::max<int64_t>(1, 16384 / (S * D * G));  // small work: no threads woken
+  pool::parallel_for(0, B * per_row, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(S * G);
+    float qs[kHeadsTogether][D];
+    float acc[kHeadsTogether][D];
+    const T* kp[kHeadsTogether];
+    const T* vp[kHeadsTogether];
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, g = (i % H) / group;
+      const int64_t b = i / per_row, h0 = (i % per_row) * G, n = std::min(G, H - h0);
       const int64_t start = first ? std::min<int64_t>(std::max<int64_t>(first[b], 0), S - 1) : 0;
-      const int64_t n = S - start;
-      const T* kp = k + b * kb + g * kh + start * ks;
-      const T* vp = v + b * vb + g * vh + start * vs;
-      float qs[D];
-      for (int d = 0; d < D; ++d) qs[d] = q[i * D + d] * scale;
-      float* ps = p.data();
-      for (int64_t j = 0; j < n; ++j) {
-        const T* kj = kp + j * ks;
-        float s = 0.f;
+      const int64_t len = S - start;
+      for (int64_t h = 0; h < n; ++h) {
+        const int64_t g = (h0 + h) / group;
+        kp[h] = k + b * kb + g * kh + start * ks;
+        vp[h] = v + b * vb + g * vh + start * vs;
+        const float* qh = q + (b * H + h0 + h) * D;
+        for (int d = 0; d < D; ++d) qs[h][d] = qh[d] * scale;
+      }
+      float* ps = p.data();  // head h's scores at ps[h * len + j]
+      for (int64_t j = 0; j < len; ++j) {
+        for (int64_t h = 0; h < n; ++h) {
+          const T* kj = kp[h] + j * ks;
+          float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int d = 0; d < D; ++d) s += qs[d] * to_float(kj[d]);
-        ps[j] = s;
+          for (int d = 0; d < D; ++d) s += qs[h][d] * to_float(kj[d]);
+          ps[h * len + j] = s;
+        }
       }
-      float m = ps[0];
-      for (int64_t j = 1; j < n; ++j) m = ps[j] > m ? ps[j] : m;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        ps[j] = std::exp(ps[j] - m);
-        sum += ps[j];
+      float inv[kHeadsTogether];
+      for (int64_t h = 0; h < n; ++h) {
+        inv[h] = softmax_in_place(ps + h * len, len);
+        for (int d = 0; d < D; ++d) acc[h][d] = 0.f;
       }
-      float acc[D] = {};
-      for (int64_t j = 0; j < n; ++j) {
-        const T* vj = vp + j * vs;
-        const float w = ps[j];
+      for (int64_t j = 0; j < len; ++j) {
+        for (int64_t h = 0; h < n; ++h) {
+          const T* vj = vp[h] + j * vs;
+          const float w = ps[h * len + j];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) acc[d] += w * to_float(vj[d]);
+          for (int d = 0; d < D; ++d) acc[h][d] += w * to_float(vj[d]);
+        }
       }
-      float* o = out + i * D;
-      const float inv = 1.f / sum;
-      for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+      for (int64_t h = 0; h < n; ++h) {
+        float* o = out + (b * H + h0 + h) * D;
+        for (int d = 0; d < D; ++d) o[d] = acc[h][d] * inv[h];
+      }
     }
   });
+#endif
 }
 
 template <typename T>
