@@ -215,7 +215,7 @@ void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) { at::p
 // x 128 positions 140 against 221 us a layer (1.58x), 64 x 128 501 against 875 (1.75x, ~50 GB/s, what the memory
 // gives two threads), 4 x 128 1.10x, one row 1.00x, 16 x 512 0.97x (both ~42 GB/s). In the 16-row decode step of
 // benchmarks/serve.py's model (10 rounds alternated): attention 1.27-1.92 against 1.70-2.35 ms a step, the step
-// 0.23-0.28 ms shorter (~3%).
+// 1-3% shorter.
 constexpr int64_t kHeadsTogether = 8;
 
 // exp(p[j] - max p) in place; returns 1 / their sum. One function for every kernel below and every number of
