@@ -2,21 +2,22 @@
 `yunque serve` on loopback, continuous batching included.
 
 The model is the issue's ~30M GPT-2 shape (6 layers, width 384, 6 heads, vocab 50257, learned positions), random
-weights with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature
-1 from near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client
-sends --requests completions one after another, each a --prompt-token prompt (different per client) and
---new tokens streamed back. Before each level is timed, the same number of clients send one request each with
-other prompts (nothing in common with the timed ones, so the shared-prefix cache gains nothing): a server that has
-run a while has seen every batch size, and the first of each size costs oneDNN time to build its kernels (once, a
-16-client level that came first ran at 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated
-tokens / wall time (tokens counted by the server's usage), time to first token and inter-token latency (gaps
-between streamed chunks) p50 and p99, and the ratio of aggregate tokens/s to one client's. Beside it, the
-scheduler alone (engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous
-batching gives before the server's own costs. The CPU, its flags and the load average at the start are printed
-first: on a shared machine, say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then
-again), and each level's figures are those of its median round: on these shared machines one level's speed varied by
-a third between runs minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts
-into the ratio whole.
+weights with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature 1
+from near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client sends
+--requests completions one after another, each a --prompt-token prompt (different per client) and --new tokens
+streamed back. Before each level is timed, the same number of clients send one request each with other prompts
+(nothing in common with the timed ones, so the shared-prefix cache gains nothing): a server that has run a while has
+seen every batch size, and the first of each size costs oneDNN time to build its kernels (once, a 16-client level
+that came first ran at 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated tokens / wall time
+(tokens counted by the server's usage), time to first token and inter-token latency (gaps between streamed chunks)
+p50 and p99, the ratio of aggregate tokens/s to one client's, and where the CPU went (Linux, /proc): the server's
+process, this process's clients (each also in ms of CPU per generated token) and the share of the machine left idle;
+the clients share the machine with the server, so their CPU is the server's loss. Beside it, the scheduler alone
+(engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous batching gives before
+the server's own costs. The CPU, its flags and the load average at the start are printed first: on a shared machine,
+say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then again), and each level's
+figures are those of its median round: on these shared machines one level's speed varied by a third between runs
+minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -126,10 +127,29 @@ def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
     return torch.randint(0, min(vocab, 50000), (n,), generator=g).tolist()
 
 
-async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True, first: int = 0) -> dict:
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) process `pid` has used so far, from /proc; None where there is none."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_ticks() -> tuple[int, int] | None:
+    """(idle, all) clock ticks of the machine's CPUs so far, from /proc/stat; None where there is none."""
+    try:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return ticks[3] + ticks[4], sum(ticks)  # idle and waiting for I/O
+
+
+async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True, first: int = 0,
+                server: int | None = None) -> dict:
     """One level of `clients` concurrent streaming clients. texts: the prompt of each (client, request) key
     (`prompt_key`), requests numbered from `first`. usage: the server reports usage in its stream (else tokens are
-    counted as streamed chunks)."""
+    counted as streamed chunks). server: the server's process id, for the CPU it uses (Linux)."""
     ttft, gaps, tokens = [], [], 0
 
     async def one_client(c: openai.AsyncOpenAI, i: int) -> None:
@@ -158,15 +178,31 @@ async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
                                   http_client=httpx.AsyncClient(limits=limits)) as c:
-        t0 = time.perf_counter()
+        t0, mine, theirs, idle = time.perf_counter(), time.process_time(), server and cpu_seconds(server), idle_ticks()
         await asyncio.gather(*(one_client(c, i) for i in range(clients)))
         wall = time.perf_counter() - t0
+        mine = time.process_time() - mine
+        theirs = cpu_seconds(server) - theirs if theirs is not None and cpu_seconds(server) is not None else None
+        idle = [b - a for a, b in zip(idle, idle_ticks() or idle)] if idle else None
 
     def q(values, p):
         return statistics.quantiles(values, n=100)[p - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
     return {"clients": clients, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99)}
+            "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99),
+            "client_cores": mine / wall, "server_cores": theirs / wall if theirs is not None else None,
+            "idle": idle[0] / idle[1] if idle and idle[1] else None}
+
+
+def cpu_line(r: dict) -> str:
+    """Where a level's CPU went: the server, this process's clients (per generated token too) and the machine idle."""
+    per_token = 1000 / r["tokens_per_s"]  # ms of wall time a token
+    parts = [] if r["server_cores"] is None else [
+        f"server {r['server_cores']:.2f} cores ({r['server_cores'] * per_token:.2f} ms a token)"]
+    parts.append(f"the clients {r['client_cores']:.2f} ({r['client_cores'] * per_token:.2f} ms)")
+    if r["idle"] is not None:
+        parts.append(f"the machine idle {r['idle']:.0%}")
+    return "CPU: " + ", ".join(parts)
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -252,7 +288,7 @@ def main() -> None:
             runs: dict[int, list[dict]] = {n: [] for n in args.levels}
             for i in range(args.repeats):  # rounds of every level: the host's slow minutes fall on all of them
                 for n in args.levels:
-                    runs[n].append(asyncio.run(level(url, n, args, texts)))
+                    runs[n].append(asyncio.run(level(url, n, args, texts, server=server.pid)))
                 if args.repeats > 1:
                     print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
                                                          for n in args.levels) + " tok/s", flush=True)
@@ -270,6 +306,7 @@ def main() -> None:
                       f"({r['tokens']} tokens in {r['seconds']:.1f} s; median of {r['runs']}); scheduler alone "
                       f"{alone:6.1f} tok/s "
                       f"({r['scheduler_ratio']:.2f}x)", flush=True)
+                print(f"            {cpu_line(r)}", flush=True)
         finally:
             server.terminate()
             server.wait(30)
@@ -314,13 +351,14 @@ def llama_cpp_rows(model_dir: Path, tmp: Path, args, texts: dict[int, str]) -> l
         url = f"http://127.0.0.1:{port}"
         for n in args.levels:
             warm_up(url, n, args, texts, usage=False)
-            rows.append(asyncio.run(level(url, n, args, texts, usage=False)))
+            rows.append(asyncio.run(level(url, n, args, texts, usage=False, server=server.pid)))
             r = rows[-1]
             r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
             print(f"llama.cpp {n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one "
                   f"client), TTFT p50 {r['ttft_p50'] * 1000:6.0f} ms p99 {r['ttft_p99'] * 1000:6.0f} ms, "
                   f"inter-token p50 {r['itl_p50'] * 1000:5.1f} ms p99 {r['itl_p99'] * 1000:6.1f} ms "
                   f"({r['tokens']} tokens in {r['seconds']:.1f} s)", flush=True)
+            print(f"            {cpu_line(r)}", flush=True)
     finally:
         server.terminate()
         server.wait(30)
