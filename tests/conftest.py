@@ -43,7 +43,7 @@ def one_thread():
 
 @pytest.fixture(autouse=True, scope="session")
 def kernels_built():
-    """The engine's C++ kernels compile once per machine (~30 s): here, before a test that runs `yunque` in a
+    """The engine's C++ kernels compile once per machine (~1 min): here, before a test that runs `yunque` in a
     subprocess under a time limit could be the one to pay for it."""
     native_kernels()
 

@@ -314,32 +314,20 @@ void heads_vectors(const float* q, const T* const* kp, const T* const* vp, int64
   }
 }
 
-// Tasks of N heads (a row's last task padded with copies of its first head, whose outputs are dropped).
-template <typename T, int D, int N>
-void one_query_vectors(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B,
-                       int64_t H, int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh,
-                       int64_t vs, float scale) {
-  const int64_t group = H / K, per_row = (H + N - 1) / N;
-  const int64_t grain = std::max<int64_t>(1, 16384 / (S * D * N));  // small work: no threads woken
-  pool::parallel_for(0, B * per_row, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S * N);
-    alignas(64) float qs[N * D];
-    alignas(64) float os[N * D];
-    const T* kp[N];
-    const T* vp[N];
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / per_row, h0 = (i % per_row) * N, n = std::min<int64_t>(N, H - h0);
-      const int64_t start = first ? std::min<int64_t>(std::max<int64_t>(first[b], 0), S - 1) : 0;
-      for (int64_t h = 0; h < N; ++h) {
-        const int64_t head = h0 + (h < n ? h : 0);
-        kp[h] = k + b * kb + (head / group) * kh + start * ks;
-        vp[h] = v + b * vb + (head / group) * vh + start * vs;
-        std::memcpy(qs + h * D, q + (b * H + head) * D, sizeof(float) * D);
-      }
-      heads_vectors<T, D, N>(qs, kp, vp, S - start, ks, vs, scale, p.data(), os);
-      std::memcpy(out + (b * H + h0) * D, os, sizeof(float) * D * n);
-    }
-  });
+// heads_vectors for n heads (1 to kHeadsTogether), each count compiled on its own.
+template <typename T, int D>
+void heads_vectors_n(int64_t n, const float* q, const T* const* kp, const T* const* vp, int64_t len, int64_t ks,
+                     int64_t vs, float scale, float* ps, float* out) {
+  switch (n) {
+    case 1: return heads_vectors<T, D, 1>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 2: return heads_vectors<T, D, 2>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 3: return heads_vectors<T, D, 3>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 4: return heads_vectors<T, D, 4>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 5: return heads_vectors<T, D, 5>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 6: return heads_vectors<T, D, 6>(q, kp, vp, len, ks, vs, scale, ps, out);
+    case 7: return heads_vectors<T, D, 7>(q, kp, vp, len, ks, vs, scale, ps, out);
+    default: return heads_vectors<T, D, kHeadsTogether>(q, kp, vp, len, ks, vs, scale, ps, out);
+  }
 }
 #endif
 
@@ -347,26 +335,10 @@ template <typename T, int D>
 void one_query(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B, int64_t H,
                int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
                float scale) {
-  const int64_t G = heads_a_task(B, H);
-#if defined(__AVX512F__)
-  static_assert(D % 16 == 0, "head sizes are multiples of 16");
-  // G rounded up to one of six instantiations: a task of 5 heads runs as 6, the sixth a copy
-#define YUNQUE_HEADS(NN) \
-  return one_query_vectors<T, D, NN>(q, k, v, first, out, B, H, K, S, kb, kh, ks, vb, vh, vs, scale)
-  if (G == 1) YUNQUE_HEADS(1);
-  if (G == 2) YUNQUE_HEADS(2);
-  if (G == 3) YUNQUE_HEADS(3);
-  if (G == 4) YUNQUE_HEADS(4);
-  if (G <= 6) YUNQUE_HEADS(6);
-  YUNQUE_HEADS(8);
-#undef YUNQUE_HEADS
-#else
-  const int64_t group = H / K, per_row = (H + G - 1) / G;
+  const int64_t G = heads_a_task(B, H), group = H / K, per_row = (H + G - 1) / G;
   const int64_t grain = std::max<int64_t>(1, 16384 / (S * D * G));  // small work: no threads woken
   pool::parallel_for(0, B * per_row, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(S * G);
-    float qs[kHeadsTogether][D];
-    float acc[kHeadsTogether][D];
+    std::vector<float> p(S * G);  // the scores of a task's heads, head after head
     const T* kp[kHeadsTogether];
     const T* vp[kHeadsTogether];
     for (int64_t i = begin; i < end; ++i) {
@@ -377,9 +349,17 @@ void one_query(const float* q, const T* k, const T* v, const int64_t* first, flo
         const int64_t g = (h0 + h) / group;
         kp[h] = k + b * kb + g * kh + start * ks;
         vp[h] = v + b * vb + g * vh + start * vs;
-        const float* qh = q + (b * H + h0 + h) * D;
-        for (int d = 0; d < D; ++d) qs[h][d] = qh[d] * scale;
       }
+      const float* qh = q + (b * H + h0) * D;  // the task's n heads, one after another
+      float* o = out + (b * H + h0) * D;
+#if defined(__AVX512F__)
+      static_assert(D % 16 == 0, "head sizes are multiples of 16");
+      heads_vectors_n<T, D>(n, qh, kp, vp, len, ks, vs, scale, p.data(), o);
+#else
+      float qs[kHeadsTogether][D];
+      float acc[kHeadsTogether][D];
+      for (int64_t h = 0; h < n; ++h)
+        for (int d = 0; d < D; ++d) qs[h][d] = qh[h * D + d] * scale;
       float* ps = p.data();  // head h's scores at ps[h * len + j]
       for (int64_t j = 0; j < len; ++j) {
         for (int64_t h = 0; h < n; ++h) {
@@ -403,13 +383,11 @@ void one_query(const float* q, const T* k, const T* v, const int64_t* first, flo
           for (int d = 0; d < D; ++d) acc[h][d] += w * to_float(vj[d]);
         }
       }
-      for (int64_t h = 0; h < n; ++h) {
-        float* o = out + (b * H + h0 + h) * D;
-        for (int d = 0; d < D; ++d) o[d] = acc[h][d] * inv[h];
-      }
+      for (int64_t h = 0; h < n; ++h)
+        for (int d = 0; d < D; ++d) o[h * D + d] = acc[h][d] * inv[h];
+#endif
     }
   });
-#endif
 }
 
 template <typename T>

@@ -60,7 +60,7 @@ _LOADING = threading.Lock()
 
 @functools.cache
 def native_kernels() -> types.ModuleType | None:
-    """The compiled kernels module, built on the first call of a machine's life (~30 s); None, said once on
+    """The compiled kernels module, built on the first call of a machine's life (~1 min); None, said once on
     stderr, where they cannot be built."""
     try:
         with _LOADING:  # the server may make two engines at once; one loads, the other then finds it loaded
@@ -170,7 +170,7 @@ def _build_or_import() -> types.ModuleType:
         raise RuntimeError(f"no C++ compiler ({cpp_extension.get_cxx_compiler()}) on PATH; install g++ to get them")
     if not Path(sysconfig.get_paths()["include"], "Python.h").is_file():
         raise RuntimeError("Python's C headers are missing; install your Python's -dev package to get them")
-    print("yunque: compiling the engine's C++ kernels for this CPU (once, ~30 s)", file=sys.stderr)
+    print("yunque: compiling the engine's C++ kernels for this CPU (once, ~1 min)", file=sys.stderr)
     directory.mkdir(parents=True, exist_ok=True)
     # lists of our own: load() appends torch's flags to the ones it is given
     return cpp_extension.load(name, [str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
