@@ -68,7 +68,7 @@ def torch_threads():
 @needs_kernels
 @pytest.mark.parametrize("D", DecodeAttention.HEAD_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (9, 3), (12, 4)])  # heads a task: all, or split, or padded
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2), (9, 3), (12, 4)])  # a row in one task, or in 5 + 4, 6 + 6
 @pytest.mark.parametrize("S", [1, 37])
 @pytest.mark.parametrize("B", [1, 5])  # one row: its heads split between the threads
 def test_decode_attention_equals_sdpa(D, dtype, H, K, S, B, torch_threads):
