@@ -145,6 +145,21 @@ def idle_ticks() -> tuple[int, int] | None:
     return ticks[3] + ticks[4], sum(ticks)  # idle and waiting for I/O
 
 
+def cpu_snapshot(server: int | None) -> tuple[float, float | None, tuple[int, int] | None]:
+    """This process's CPU time, the server's (None without its id or /proc) and the machine's idle ticks, now."""
+    return time.process_time(), cpu_seconds(server) if server else None, idle_ticks()
+
+
+def cpu_use(before: tuple, after: tuple, wall: float) -> dict:
+    """Cores used by this process (the clients) and the server, and the machine's idle share, between two
+    cpu_snapshot()s `wall` seconds apart."""
+    (mine0, theirs0, idle0), (mine1, theirs1, idle1) = before, after
+    idle = [b - a for a, b in zip(idle0, idle1)] if idle0 and idle1 else None
+    return {"client_cores": (mine1 - mine0) / wall,
+            "server_cores": (theirs1 - theirs0) / wall if theirs0 is not None and theirs1 is not None else None,
+            "idle": idle[0] / idle[1] if idle and idle[1] else None}
+
+
 async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True, first: int = 0,
                 server: int | None = None) -> dict:
     """One level of `clients` concurrent streaming clients. texts: the prompt of each (client, request) key
@@ -178,20 +193,17 @@ async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
                                   http_client=httpx.AsyncClient(limits=limits)) as c:
-        t0, mine, theirs, idle = time.perf_counter(), time.process_time(), server and cpu_seconds(server), idle_ticks()
+        t0, before = time.perf_counter(), cpu_snapshot(server)
         await asyncio.gather(*(one_client(c, i) for i in range(clients)))
         wall = time.perf_counter() - t0
-        mine = time.process_time() - mine
-        theirs = cpu_seconds(server) - theirs if theirs is not None and cpu_seconds(server) is not None else None
-        idle = [b - a for a, b in zip(idle, idle_ticks() or idle)] if idle else None
+        cpu = cpu_use(before, cpu_snapshot(server), wall)
 
     def q(values, p):
         return statistics.quantiles(values, n=100)[p - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
     return {"clients": clients, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
             "ttft_p50": q(ttft, 50), "ttft_p99": q(ttft, 99), "itl_p50": q(gaps, 50), "itl_p99": q(gaps, 99),
-            "client_cores": mine / wall, "server_cores": theirs / wall if theirs is not None else None,
-            "idle": idle[0] / idle[1] if idle and idle[1] else None}
+            **cpu}
 
 
 def cpu_line(r: dict) -> str:

@@ -335,6 +335,7 @@ template <typename T, int D>
 void one_query(const float* q, const T* k, const T* v, const int64_t* first, float* out, int64_t B, int64_t H,
                int64_t K, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh, int64_t vs,
                float scale) {
+  static_assert(D % 16 == 0, "head sizes are multiples of 16 (the vectors' width)");
   const int64_t G = heads_a_task(B, H), group = H / K, per_row = (H + G - 1) / G;
   const int64_t grain = std::max<int64_t>(1, 16384 / (S * D * G));  // small work: no threads woken
   pool::parallel_for(0, B * per_row, grain, [&](int64_t begin, int64_t end) {
@@ -353,7 +354,6 @@ void one_query(const float* q, const T* k, const T* v, const int64_t* first, flo
       const float* qh = q + (b * H + h0) * D;  // the task's n heads, one after another
       float* o = out + (b * H + h0) * D;
 #if defined(__AVX512F__)
-      static_assert(D % 16 == 0, "head sizes are multiples of 16");
       heads_vectors_n<T, D>(n, qh, kp, vp, len, ks, vs, scale, p.data(), o);
 #else
       float qs[kHeadsTogether][D];
