@@ -20,7 +20,8 @@ tokens/s against 1,058-1,077 (three alternated runs each, Zen 4). Beside it, the
 the server's own costs. The CPU, its flags and the load average at the start are printed first: on a shared machine,
 say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then again), and each level's
 figures are those of its median round: on these shared machines one level's speed varied by a third between runs
-minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole.
+minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole;
+within one run of 3 rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -29,7 +30,7 @@ the same prompts as text (each a decoded --prompt-token sequence). llama.cpp's s
 tokens are its streamed chunks (one per token); its levels run once (it serves one request at a time: its 16-client
 level alone takes ~40 s). Where it does not import, the reason is printed and it is skipped.
 
-    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--repeats 3]
+    python benchmarks/serve.py [--levels 1 4 16 64] [--requests 4] [--prompt 64] [--new 64] [--repeats 5]
                                [--json out.json] [--no-llama-cpp] [--gguf-dtype f16]
 """
 
@@ -291,9 +292,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="tokens generated per request")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=int, default=5,
                    help="rounds of yunque's levels, one level after another in each; a level's figures are its "
-                        "median round's (default: 3; a shared machine's speed drifts from minute to minute)")
+                        "median round's (default: 5; a shared machine's speed drifts from minute to minute)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's server")
     p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
