@@ -99,8 +99,13 @@ def test_page_streams_a_reply_and_writes_feedback(server, browser):
     preference = wait_for_records(server, 2)[1]
     assert preference == Preference(MODEL, ({"role": "user", "content": QUESTION},), by_seed[other], by_seed[seed],
                                     "page", preference.time)
-    stored = json.loads(driver.execute_script("return localStorage.getItem('yunque.chat')"))
-    assert stored["conversations"][0]["messages"][1]["content"] == by_seed[other]  # the chosen reply stays
+    # the chosen reply stays; the page saves it once the server has answered the feedback POST, which may be just
+    # after the record is on disk
+    def kept(d):
+        stored = json.loads(d.execute_script("return localStorage.getItem('yunque.chat')"))
+        return stored["conversations"][0]["messages"][1]["content"]
+
+    wait.until(lambda d: kept(d) == by_seed[other], "the page did not keep the chosen reply B")
 
 
 def test_markdown_is_rendered_and_never_raw_html(server, browser):
