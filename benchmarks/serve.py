@@ -5,8 +5,10 @@ The model is the issue's ~30M GPT-2 shape (6 layers, width 384, 6 heads, vocab 5
 weights with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature 1
 from near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client sends
 --requests completions one after another, each a --prompt-token prompt (different per client) and --new tokens
-streamed back. Before each level is timed, the same number of clients send one request each with other prompts
-(nothing in common with the timed ones, so the shared-prefix cache gains nothing): a server that has run a while has
+streamed back. No prompt is sent twice: every round of every level has prompts of its own, so the server's
+shared-prefix cache gains nothing (it did from the second round on, when the rounds sent the same prompts: 48 of a
+prompt's 64 tokens were then cached). Before each level is timed, the same number of clients send one request each
+with other prompts (untimed, nothing in common with the timed ones): a server that has run a while has
 seen every batch size, and the first of each size costs oneDNN time to build its kernels (once, a 16-client level
 that came first ran at 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated tokens / wall time
 (tokens counted by the server's usage), time to first token and inter-token latency (gaps between streamed chunks)
@@ -74,6 +76,16 @@ def make_model(directory: Path) -> None:
     save_model(directory, GPT(cfg), tok)
 
 
+def prompt_tokens(url: str) -> tuple[float, float]:
+    """The server's prompt tokens so far (from /metrics): all of them, and those its shared-prefix cache gave."""
+    found = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition("{")[0], None, line.rsplit(" ", 1)[-1]
+        if name in ("yunque_prompt_tokens_total", "yunque_prompt_tokens_cached_total"):
+            found[name] = found.get(name, 0.0) + float(value)
+    return found.get("yunque_prompt_tokens_total", 0.0), found.get("yunque_prompt_tokens_cached_total", 0.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,11 +131,17 @@ def llama_cpp_missing() -> str | None:
 
 
 WARM_UP = 500
-"""Request index of the warm-up prompts (`prompt_key`): other prompts than the timed ones."""
+"""Request index of the warm-up prompts (`prompt_key`): other prompts than the timed ones, which are numbered below."""
 
 
 def prompt_key(client: int, request: int) -> int:
     return 1000 * client + request
+
+
+def first_request(run: int, args) -> int:
+    """The number of the first request of timed level `run` (yunque's levels round after round, then llama.cpp's):
+    each run's prompts are its own (`prompt_key`)."""
+    return run * args.requests
 
 
 def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
@@ -304,6 +322,8 @@ def main() -> None:
                         "concurrent requests; httpx where aiohttp is not installed). The clients run on the server's "
                         "cores, and with aiohttp they take ~0.1 ms less CPU a streamed token")
     args = p.parse_args()
+    if first_request((args.repeats + 1) * len(args.levels), args) > WARM_UP:
+        p.error(f"--repeats, --levels and --requests ask for more than {WARM_UP} requests a client: fewer, please")
     if args.http == "aiohttp" and (why := aiohttp_missing()):
         print(f"clients: httpx, not aiohttp: {why}")
         args.http = "httpx"
@@ -315,7 +335,9 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         in_passing_thread(make_model, model_dir)
         _, tok = in_passing_thread(load_model, model_dir)
-        keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in [*range(args.requests), WARM_UP]]
+        runs_timed = (args.repeats + 1) * len(args.levels)  # yunque's rounds, then llama.cpp's one
+        keys = [prompt_key(i, r) for i in range(max(args.levels))
+                for r in [*range(first_request(runs_timed, args)), WARM_UP]]
         texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
         port = free_port()
         server = start(model_dir, port)
@@ -324,12 +346,17 @@ def main() -> None:
             for n in args.levels:
                 warm_up(url, n, args, texts)
             runs: dict[int, list[dict]] = {n: [] for n in args.levels}
+            prompted, cached = prompt_tokens(url)
             for i in range(args.repeats):  # rounds of every level: the host's slow minutes fall on all of them
-                for n in args.levels:
-                    runs[n].append(asyncio.run(level(url, n, args, texts, server=server.pid)))
+                for j, n in enumerate(args.levels):
+                    first = first_request(i * len(args.levels) + j, args)
+                    runs[n].append(asyncio.run(level(url, n, args, texts, first=first, server=server.pid)))
                 if args.repeats > 1:
                     print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
                                                          for n in args.levels) + " tok/s", flush=True)
+            prompted, cached = (b - a for a, b in zip((prompted, cached), prompt_tokens(url)))
+            print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
+                  f"{cached:.0f}", flush=True)
             rows = []
             for n in args.levels:
                 rows.append(median_run(runs[n]))
@@ -388,9 +415,10 @@ def llama_cpp_rows(model_dir: Path, tmp: Path, args, texts: dict[int, str]) -> l
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
-        for n in args.levels:
+        for j, n in enumerate(args.levels):
             warm_up(url, n, args, texts, usage=False)
-            rows.append(asyncio.run(level(url, n, args, texts, usage=False, server=server.pid)))
+            first = first_request(args.repeats * len(args.levels) + j, args)
+            rows.append(asyncio.run(level(url, n, args, texts, usage=False, first=first, server=server.pid)))
             r = rows[-1]
             r["ratio"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
             print(f"llama.cpp {n:3d} clients: {r['tokens_per_s']:7.1f} tok/s aggregate ({r['ratio']:.2f}x one "
