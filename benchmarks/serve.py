@@ -24,6 +24,7 @@ say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clie
 figures are those of its median round: on these shared machines one level's speed varied by a third between runs
 minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole;
 within one run of 3 rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5.
+Each round's line also gives its own ratios to one client, levels a minute apart: the spread the machine adds.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -352,8 +353,11 @@ def main() -> None:
                     first = first_request(i * len(args.levels) + j, args)
                     runs[n].append(asyncio.run(level(url, n, args, texts, first=first, server=server.pid)))
                 if args.repeats > 1:
+                    one = runs[args.levels[0]][-1]["tokens_per_s"]
                     print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
-                                                         for n in args.levels) + " tok/s", flush=True)
+                                                         for n in args.levels) + " tok/s (" +
+                          ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:]) + ")",
+                          flush=True)
             prompted, cached = (b - a for a, b in zip((prompted, cached), prompt_tokens(url)))
             print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
                   f"{cached:.0f}", flush=True)
