@@ -354,10 +354,10 @@ def main() -> None:
                     runs[n].append(asyncio.run(level(url, n, args, texts, first=first, server=server.pid)))
                 if args.repeats > 1:
                     one = runs[args.levels[0]][-1]["tokens_per_s"]
+                    ratios = ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:])
                     print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
-                                                         for n in args.levels) + " tok/s (" +
-                          ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:]) + ")",
-                          flush=True)
+                                                         for n in args.levels) + " tok/s" +
+                          (f" ({ratios})" if ratios else ""), flush=True)
             prompted, cached = (b - a for a, b in zip((prompted, cached), prompt_tokens(url)))
             print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
                   f"{cached:.0f}", flush=True)
