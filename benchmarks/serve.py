@@ -1,30 +1,30 @@
 """Serving throughput and latency: 1, 4, 16 and 64 concurrent streaming clients (the `openai` async SDK) against
 `yunque serve` on loopback, continuous batching included.
 
-The model is the issue's ~30M GPT-2 shape (6 layers, width 384, 6 heads, vocab 50257, learned positions), random
-weights with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature 1
-from near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client sends
---requests completions one after another, each a --prompt-token prompt (different per client) and --new tokens
-streamed back. No prompt is sent twice: every round of every level has prompts of its own, so the server's
-shared-prefix cache gains nothing (it did from the second round on, when the rounds sent the same prompts: 48 of a
-prompt's 64 tokens were then cached). Before each level is timed, the same number of clients send one request each
-with other prompts (untimed, nothing in common with the timed ones): a server that has run a while has
-seen every batch size, and the first of each size costs oneDNN time to build its kernels (once, a 16-client level
-that came first ran at 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated tokens / wall time
-(tokens counted by the server's usage), time to first token and inter-token latency (gaps between streamed chunks)
-p50 and p99, the ratio of aggregate tokens/s to one client's, and where the CPU went (Linux, /proc): the server's
-process, this process's clients (each also in ms of CPU per generated token) and the share of the machine left idle;
-the clients share the machine with the server, so their CPU is the server's loss. They talk HTTP through the SDK's
-aiohttp transport (`openai.DefaultAioHttpClient`, the `openai[aiohttp]` extra; --http httpx for its default): at 16
-clients it took 0.19-0.26 ms of CPU a streamed token against 0.39-0.41 for httpx, and 16 clients ran at 1,178-1,343
-tokens/s against 1,058-1,077 (three alternated runs each, Zen 4). Beside it, the scheduler alone
-(engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous batching gives before
-the server's own costs. The CPU, its flags and the load average at the start are printed first: on a shared machine,
-say so beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then again), and each level's
-figures are those of its median round: on these shared machines one level's speed varied by a third between runs
-minutes apart (16 clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole;
-within one run of 3 rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5.
-Each round's line also gives its own ratios to one client, levels a minute apart: the spread the machine adds.
+The model is the issue's ~30M GPT-2 shape (6 layers, width 384, 6 heads, vocab 50257, learned positions), random weights
+with GPT-2's tokenizer (untrained: speed does not depend on what the weights say; sampling at temperature 1 from
+near-uniform logits, a reply ends early at end of text with probability ~1/50257 a token). Every client sends --requests
+completions one after another, each a --prompt-token prompt (different per client) and --new tokens streamed back. No
+prompt is sent twice: every round of every level has prompts of its own, so the server's shared-prefix cache gains
+nothing (it did from the second round on, when the rounds sent the same prompts: a prompt's text comes back as ~66
+tokens, and 64 of them were then cached). Before each level is timed, the same number of clients send one request each
+with other prompts (untimed, nothing in common with the timed ones): a server that has run a while has seen every batch
+size, and the first of each size costs oneDNN time to build its kernels (once, a 16-client level that came first ran at
+734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated tokens / wall time (tokens counted by the
+server's usage), time to first token and inter-token latency (gaps between streamed chunks) p50 and p99, the ratio of
+aggregate tokens/s to one client's, and where the CPU went (Linux, /proc): the server's process, this process's clients
+(each also in ms of CPU per generated token) and the share of the machine left idle; the clients share the machine with
+the server, so their CPU is the server's loss. They talk HTTP through the SDK's aiohttp transport
+(`openai.DefaultAioHttpClient`, the `openai[aiohttp]` extra; --http httpx for its default): at 16 clients it took
+0.19-0.26 ms of CPU a streamed token against 0.39-0.41 for httpx, and 16 clients ran at 1,178-1,343 tokens/s against
+1,058-1,077 (three alternated runs each, Zen 4). Beside it, the scheduler alone (engine/scheduler.py in this process,
+the same prompts and lengths, no HTTP): what continuous batching gives before the server's own costs. The CPU, its flags
+and the load average at the start are printed first: on a shared machine, say so beside the figures. The levels run in
+--repeats rounds (1, 4, 16, 64 clients, then again), and each level's figures are those of its median round: on these
+shared machines one level's speed varied by a third between runs minutes apart (16 clients: 958-1,538 tokens/s on one
+code), which a single run per level puts into the ratio whole; within one run of 3 rounds one client still ranged over
+±15% (163-186, 234-271, 195-224 tokens/s), hence 5. Each round's line also gives its own ratios to one client, levels a
+minute apart: the spread the machine adds.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -81,9 +81,9 @@ def prompt_tokens(url: str) -> tuple[float, float]:
     """The server's prompt tokens so far (from /metrics): all of them, and those its shared-prefix cache gave."""
     found = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        name, _, value = line.partition("{")[0], None, line.rsplit(" ", 1)[-1]
+        name = line.split("{", 1)[0].split(" ", 1)[0]  # a sample: name{labels} value, or name value
         if name in ("yunque_prompt_tokens_total", "yunque_prompt_tokens_cached_total"):
-            found[name] = found.get(name, 0.0) + float(value)
+            found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[-1])
     return found.get("yunque_prompt_tokens_total", 0.0), found.get("yunque_prompt_tokens_cached_total", 0.0)
 
 
@@ -324,7 +324,8 @@ def main() -> None:
                         "cores, and with aiohttp they take ~0.1 ms less CPU a streamed token")
     args = p.parse_args()
     if first_request((args.repeats + 1) * len(args.levels), args) > WARM_UP:
-        p.error(f"--repeats, --levels and --requests ask for more than {WARM_UP} requests a client: fewer, please")
+        p.error(f"(--repeats + 1) x the number of --levels x --requests is at most {WARM_UP} (the prompts of a "
+                f"client); ask for fewer")
     if args.http == "aiohttp" and (why := aiohttp_missing()):
         print(f"clients: httpx, not aiohttp: {why}")
         args.http = "httpx"
