@@ -314,7 +314,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5,
                    help="rounds of yunque's levels, one level after another in each; a level's figures are its "
                         "median round's (default: 5; a shared machine's speed drifts from minute to minute)")
-    p.add_argument("--json", help="also write the rows here, with the CPU, the clients' transport and the rounds")
+    p.add_argument("--json", help="also write the rows here, with the CPU, the clients' transport, every round's "
+                                  "tokens/s and the prompt tokens the shared-prefix cache gave")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's server")
     p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
                    help="tensor type of the GGUF export llama.cpp runs (default: f16)")
@@ -398,8 +399,10 @@ def main() -> None:
             print(f"  16 clients: {ratio:.2f}x llama.cpp's server (target >= 1.5x: "
                   f"{'met' if ratio >= 1.5 else 'NOT met'})")
     if args.json:
+        rounds = {n: [r["tokens_per_s"] for r in runs[n]] for n in args.levels}  # every round's, in order
         Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "http": args.http, "repeats": args.repeats,
-                                              "yunque": rows, "llama_cpp": llama}, indent=2))
+                                              "prompt_tokens": prompted, "prompt_tokens_cached": cached,
+                                              "yunque": rows, "yunque_rounds": rounds, "llama_cpp": llama}, indent=2))
 
 
 def llama_cpp_rows(model_dir: Path, tmp: Path, args, texts: dict[int, str]) -> list[dict]:
