@@ -145,6 +145,11 @@ def first_request(run: int, args) -> int:
     return run * args.requests
 
 
+def timed_requests(args) -> int:
+    """Timed requests a client sends in all: yunque's --repeats rounds of the levels, then llama.cpp's one."""
+    return first_request((args.repeats + 1) * len(args.levels), args)
+
+
 def prompt_ids(client: int, n: int, vocab: int) -> list[int]:
     g = torch.Generator().manual_seed(client)
     return torch.randint(0, min(vocab, 50000), (n,), generator=g).tolist()
@@ -324,7 +329,7 @@ def main() -> None:
                         "concurrent requests; httpx where aiohttp is not installed). The clients run on the server's "
                         "cores, and with aiohttp they take ~0.1 ms less CPU a streamed token")
     args = p.parse_args()
-    if first_request((args.repeats + 1) * len(args.levels), args) > WARM_UP:
+    if timed_requests(args) > WARM_UP:
         p.error(f"(--repeats + 1) x the number of --levels x --requests is at most {WARM_UP} (the prompts of a "
                 f"client); ask for fewer")
     if args.http == "aiohttp" and (why := aiohttp_missing()):
@@ -338,9 +343,7 @@ def main() -> None:
         model_dir = Path(tmp) / "model"
         in_passing_thread(make_model, model_dir)
         _, tok = in_passing_thread(load_model, model_dir)
-        runs_timed = (args.repeats + 1) * len(args.levels)  # yunque's rounds, then llama.cpp's one
-        keys = [prompt_key(i, r) for i in range(max(args.levels))
-                for r in [*range(first_request(runs_timed, args)), WARM_UP]]
+        keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in [*range(timed_requests(args)), WARM_UP]]
         texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
         port = free_port()
         server = start(model_dir, port)
@@ -360,7 +363,8 @@ def main() -> None:
                     print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
                                                          for n in args.levels) + " tok/s" +
                           (f" ({ratios})" if ratios else ""), flush=True)
-            prompted, cached = (b - a for a, b in zip((prompted, cached), prompt_tokens(url)))
+            after = prompt_tokens(url)
+            prompted, cached = after[0] - prompted, after[1] - cached
             print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
                   f"{cached:.0f}", flush=True)
             rows = []
