@@ -11,6 +11,8 @@ from torch import nn
 
 from yunque.config import preset
 from yunque.engine import Engine, SamplingParams
+from yunque.engine.engine import _runs
+from yunque.engine.prefix import PrefixCache
 from yunque.model import GPT
 from yunque.precision import bf16_supported
 from yunque.tokenizer import byte_tokenizer
@@ -366,6 +368,49 @@ def test_chunked_prefill_equals_adding_whole(mode):
     (c2,) = engine.join(empty, [first])
     run_out(engine, empty)
     for row, prompt, params in ((a, A, pa), (c, C, pc), (c2, C, pc)):
+        want = engine.new_batch()
+        w = engine.add(want, prompt, params)
+        run_out(engine, want)
+        assert (row.ids, row.finish_reason) == (w.ids, w.finish_reason)
+        if params.logprobs:
+            assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_prompts_prefilled_together_join_as_views_and_equal_each_alone(mode):
+    # A, B, C prefilled in one forward (left-padded to C's length): each pending shows its row of that forward's
+    # cache (no copy), keeps its padding out of `filled`, and the three join a running batch in one part; a
+    # prefix cache fed from a padded row stores what an unpadded prefill would. Each row is what `add` makes alone.
+    engine = Engine(tiny_gpt(), TOK)
+    engine.stop_ids = set()
+    pa, pb, pc = MODES[mode]
+    batch = engine.new_batch()
+    d = engine.add(batch, B, pb)
+    engine.step(batch)
+    pending = [engine.begin(A, pa), engine.begin(B, pb), engine.begin(C, pc)]
+    engine.prefill_many(pending)
+    group = pending[0].group[0]
+    assert [p.group for p in pending] == [(group, 0), (group, 1), (group, 2)]
+    assert all(p.done and p.filled == len(p.prompt) for p in pending)
+    buffer = group.k[0]
+    for i, p in enumerate(pending):
+        assert p.cache.k[0].data_ptr() == buffer[i].data_ptr()  # a view of the forward's cache, not a copy
+        assert int(p.cache.pad[0]) == len(C) - len(p.prompt)
+    (run,) = _runs(pending)
+    assert run.batch_size == 3 and run.k[0].data_ptr() == buffer.data_ptr()
+    prefixes, alone = PrefixCache(block=4), PrefixCache(block=4)
+    prefixes.store(A, pending[0].cache)
+    solo = engine.begin(A, pa)
+    engine.prefill(solo, len(A))
+    alone.store(A, solo.cache)
+    k, v = prefixes.lookup(A + [1])
+    k2, v2 = alone.lookup(A + [1])
+    assert k[0].shape[2] == len(A) // 4 * 4
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(k + v, k2 + v2))
+    a, b, c = engine.join(batch, pending)
+    assert batch.rows == [d, a, b, c]
+    run_out(engine, batch)
+    for row, prompt, params in ((a, A, pa), (b, B, pb), (c, C, pc)):
         want = engine.new_batch()
         w = engine.add(want, prompt, params)
         run_out(engine, want)

@@ -65,18 +65,18 @@ class PrefixCache:
                 [torch.cat([b.v[i] for b in found], dim=2) for i in layers])
 
     def store(self, prompt: list[int], cache: KVCache) -> None:
-        """Keep the whole blocks of `prompt` that a one-row, unpadded cache holds keys and values for (from
-        position 0), those known already only marked as used."""
+        """Keep the whole blocks of `prompt` that a one-row cache holds keys and values for (from its first
+        position after any left padding), those known already only marked as used."""
         if self.max_tokens < self.block:
             return
-        parent = 0
-        for start in range(0, cache.pos - self.block + 1, self.block):
+        parent, pad = 0, int(cache.pad[0]) if cache.pad is not None else 0
+        for start in range(0, cache.pos - pad - self.block + 1, self.block):
             key = (parent, tuple(prompt[start:start + self.block]))
             block = self._blocks.get(key)
             if block is None:
-                end = start + self.block
-                block = _Block(key, [k[:, :, start:end].clone() for k in cache.k],
-                               [v[:, :, start:end].clone() for v in cache.v])
+                first, end = pad + start, pad + start + self.block
+                block = _Block(key, [k[:, :, first:end].clone() for k in cache.k],
+                               [v[:, :, first:end].clone() for v in cache.v])
                 self._blocks[key] = self._by_id[block.id] = block
                 if parent:
                     self._by_id[parent].children += 1

@@ -144,6 +144,20 @@ class KVCache:
         if self.pad is not None:
             self.pad = self.pad[rows]
 
+    def rows(self, start: int, n: int) -> KVCache:
+        """A new dynamic cache showing rows [start, start + n) of this one (its padding, positions and slots too):
+        views, nothing copied. What either writes there, the other sees; joins into the new one never write into
+        this one's other rows (their buffers are made anew)."""
+        assert not self.static and 0 <= start and start + n <= self.batch_size, "rows of a dynamic cache"
+        out = KVCache.__new__(KVCache)
+        out.max_len, out.max_seq_len, out.static = self.max_len, self.max_seq_len, False
+        out.pad = self.pad[start:start + n] if self.pad is not None else None
+        out._pos, out._filled = self._pos, torch.zeros((), dtype=torch.long, device=self.k[0].device)
+        out.k = [t[start:start + n] for t in self.k]
+        out.v = [t[start:start + n] for t in self.v]
+        out._buffers = None  # its k and v count as whole: no rows behind them are free
+        return out
+
     def _view(self, k: list[torch.Tensor], v: list[torch.Tensor], start: int, n: int) -> None:
         """Show rows [start, start + n) of the per-layer buffers k and v as this cache's rows."""
         self.k = [t[start:start + n] for t in k]
@@ -193,7 +207,8 @@ class KVCache:
             k, v, start = buffers  # the newcomer goes into free rows; the rows here stay
             end, shift = start + self.batch_size, pos - other.pos
             for mine, theirs in zip(k + v, other.k + other.v):
-                mine[end:end + other.batch_size, :, :shift] = 0  # padding: hidden, and never stale
+                if shift:
+                    mine[end:end + other.batch_size, :, :shift] = 0  # padding: hidden, and never stale
                 mine[end:end + other.batch_size, :, shift:pos] = theirs[:, :, :other.pos]
             self._view(k, v, start, joined)
         else:
@@ -209,7 +224,7 @@ class KVCache:
                     out = t.new_zeros(shape) if self.static else t.new_empty(shape)
                     for cache, row, shift in parts:
                         src = getattr(cache, name)[i][:, :, :cache.pos]
-                        if not self.static:
+                        if shift and not self.static:
                             out[row:row + len(src), :, :shift] = 0
                         out[row:row + len(src), :, shift:shift + src.shape[2]] = src
                     layers.append(out)
