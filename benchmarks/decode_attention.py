@@ -7,6 +7,9 @@ SDPA with the mask a one-token step over a KV cache gives, and what it does to w
 2. Whole one-token decode steps of the ~30M GPT-2 shape of benchmarks/serve.py (random weights), 1 and 16 rows,
    milliseconds per step, the engine with the kernel and the same engine with SDPA, alternated REPEATS times
    (medians). Both give the same results: tests/engine/test_native.py.
+3. Prompts (prefill): one layer, the kernels' `prompt_attention` against SDPA with a prompt's mask, for N prompts of
+   T tokens left-padded to one length (as `Engine.prefill_many` runs them), bf16; and whole prefills of 8 prompts of
+   66 tokens of that model, kernel and SDPA alternated REPEATS times (medians).
 
     python benchmarks/decode_attention.py [--rows 1 16 64] [--positions 128 512] [--calls 20]
 """
@@ -66,6 +69,29 @@ def one_layer(rows: int, S: int, dtype: torch.dtype, calls: int) -> tuple[float,
     diff = (F.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask).view(rows, H, D)
             - kernel(q.view(rows, H, D), k, v, pad, None, D ** -0.5)).abs().max().item()
     return per_call_us(sdpa, calls * LAYERS), per_call_us(native, calls * LAYERS), diff
+
+
+def prompt_layer(prompts: int, T: int, calls: int) -> tuple[float, float, float]:
+    """(SDPA us, kernel us, largest difference) per layer call of `prompts` bf16 prompts of up to T tokens."""
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(prompts, H, T, D, generator=g).bfloat16() for _ in range(3))
+    pad = torch.tensor([(3 * i) % 5 for i in range(prompts)])
+    qpos, kpos = torch.arange(T).view(1, 1, T, 1), torch.arange(T).view(1, 1, 1, T)
+    mask = (kpos <= qpos) & ((kpos >= pad.view(-1, 1, 1, 1)) | (kpos == qpos))
+    kernel = native_kernels().prompt_attention
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    diff = (kernel(q, k, v, pad, D ** -0.5).float() - want).abs().max().item()
+    return (per_call_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), calls),
+            per_call_us(lambda: kernel(q, k, v, pad, D ** -0.5), calls), diff)
+
+
+def prefill_ms(engine: Engine, prompts: int = 8) -> float:
+    """Milliseconds per `Engine.prefill_many` of `prompts` prompts of 64-68 tokens."""
+    pending = [engine.begin([(7919 * i + 31 * j) % 50000 + 1 for j in range(64 + i % 5)],
+                            SamplingParams(max_new_tokens=8)) for i in range(prompts)]
+    start = time.perf_counter()
+    engine.prefill_many(pending)
+    return (time.perf_counter() - start) * 1e3
 
 
 def step_ms(engine: Engine, rows: int, steps: int = 40) -> float:
@@ -130,6 +156,22 @@ def main() -> None:
     for on in (False, True):
         ratio = statistics.median(times[on, 1]) * 16 / statistics.median(times[on, 16])
         print(f"  16 rows' tokens/s over one row's, {'kernel' if on else 'SDPA'}: {ratio:.2f}x")
+    print(f"3. prompts, one layer, {H} heads of {D}, bf16, microseconds per call (SDPA -> kernel, speed-up; largest "
+          f"difference), and whole prefills")
+    with torch.inference_mode():
+        for prompts, T in ((1, 66), (8, 66), (16, 66), (4, 256)):
+            sdpa, native, diff = prompt_layer(prompts, T, args.calls * 4)
+            print(f"  {prompts:2d} prompts of {T:3d} tokens: {sdpa:7.1f} -> {native:6.1f} us ({sdpa / native:.2f}x; "
+                  f"{diff:.1e})")
+    fills = {False: [], True: []}
+    for r in range(REPEATS):
+        for on in ((False, True) if r % 2 else (True, False)):
+            use_kernel(engine, on)
+            prefill_ms(engine)  # a first call of this shape builds oneDNN's kernels
+            fills[on].append(prefill_ms(engine))
+    sdpa, native = statistics.median(fills[False]), statistics.median(fills[True])
+    print(f"  8 prompts of 64-68 tokens, whole prefill: SDPA {sdpa:.1f} ms, kernel {native:.1f} ms "
+          f"({sdpa / native:.2f}x)")
 
 
 if __name__ == "__main__":

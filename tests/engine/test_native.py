@@ -1,7 +1,8 @@
 """Twin tests of the engine's C++ kernels (engine/kernels.cpp, built by engine/native.py) against PyTorch.
 
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of a
-larger cache, every head size it is built for); a model decoding with it == the same model with SDPA, step by step,
+larger cache, every head size it is built for), and prompt_attention with a prompt's (a prompt's rows the same bits
+padded or alone); a model decoding with it == the same model with SDPA, step by step,
 rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
 compiled, and the engine's float and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on
 bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; gelu_tanh == F.gelu's tanh form,
@@ -123,6 +124,70 @@ def test_decode_attention_refuses_what_it_cannot_run():
     k = torch.randn(2, 4, 9, 32)
     with pytest.raises(RuntimeError, match="10 keys filled of 9"):
         torch.ops.yunque.decode_attention(torch.randn(2, 4, 32), k, k, None, torch.tensor([10]), 1.0)
+
+
+def sdpa_prompt(q, k, v, pad):
+    """The model's own path for a prompt: SDPA with the mask KVCache gives T queries, the last T of S positions,
+    row b's keys from pad[b] (a padding query sees itself). q (B, H, T, D), k/v (B, K, S, D); float32 inside."""
+    T, S = q.shape[2], k.shape[2]
+    qpos, kpos = torch.arange(S - T, S).view(1, 1, T, 1), torch.arange(S).view(1, 1, 1, S)
+    mask = kpos <= qpos
+    if pad is not None:
+        mask = mask & ((kpos >= pad.view(-1, 1, 1, 1)) | (kpos == qpos))
+    return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+@needs_kernels
+@pytest.mark.parametrize("D", DecodeAttention.HEAD_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, K", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("T, S", [(1, 1), (23, 23), (7, 40)])  # a whole prompt, or a chunk after 33 positions
+def test_prompt_attention_equals_sdpa(D, dtype, H, K, T, S, torch_threads):
+    torch_threads(2)
+    g = torch.Generator().manual_seed(D + S)
+    B, slots = 3, S + 5  # views of the first S of more slots, as the cache hands them out
+    q = torch.randn(B, H, T, D, generator=g).to(dtype)
+    k = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
+    v = torch.randn(B, K, slots, D, generator=g).to(dtype)[:, :, :S]
+    pad = torch.tensor([0, S - 1, S // 2])
+    for p in (None, pad):
+        want = sdpa_prompt(q, k, v, p)
+        got = kernels.prompt_attention(q, k, v, p, D ** -0.5)
+        assert got.dtype == dtype and got.shape == q.shape
+        # bf16 out: rounded once from float32 sums (a relative step of 2**-8)
+        torch.testing.assert_close(got.float(), want, atol=2e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 8e-3)
+        got = torch.ops.yunque.prompt_attention(q, k, v, p, D ** -0.5)
+        torch.testing.assert_close(got.float(), want, atol=2e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if dtype == torch.float32 else 8e-3)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prompt_attention_of_a_prompt_is_the_same_bits_padded_in_a_batch_or_alone(threads, torch_threads):
+    """Prompts prefilled together are left-padded to the longest; each one's attention must not depend on that."""
+    torch_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    H, K, D, S = 6, 2, 64, 45
+    q = torch.randn(3, H, S, D, generator=g).bfloat16()
+    k = torch.randn(3, K, S, D, generator=g).bfloat16()
+    v = torch.randn(3, K, S, D, generator=g).bfloat16()
+    pad = torch.tensor([0, 17, 40])
+    together = kernels.prompt_attention(q, k, v, pad, D ** -0.5)
+    for b, n in enumerate(pad.tolist()):
+        alone = kernels.prompt_attention(q[b:b + 1, :, n:], k[b:b + 1, :, n:], v[b:b + 1, :, n:], None, D ** -0.5)
+        assert torch.equal(alone[0], together[b, :, n:]), f"row {b}"
+        assert torch.equal(together[b, :, :n], v[b].repeat_interleave(H // K, dim=0)[:, :n])  # padding: itself
+
+
+@needs_kernels
+def test_prompt_attention_refuses_what_it_cannot_run():
+    k = torch.randn(2, 4, 9, 24)
+    with pytest.raises(RuntimeError, match="head size 24"):
+        kernels.prompt_attention(torch.randn(2, 4, 3, 24), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.prompt_attention(torch.randn(2, 4, 10, 24), k, k, None, 1.0)  # more queries than positions
 
 
 def int16_rounding_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

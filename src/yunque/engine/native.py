@@ -101,9 +101,9 @@ def helpers(on: bool = True) -> Iterator[None]:
 
 @functools.cache
 def _register_shapes() -> None:
-    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs, gelu_tanh, layer_norm
-    and decode_attention return, for tracing a compiled step (the kernels themselves are registered by the library
-    when it loads). Once per process, even if the library is loaded again."""
+    """What torch.ops.yunque.rows_linear, rows_int4, dense_int4, pairs_linear, pack_pairs, gelu_tanh, layer_norm,
+    decode_attention and prompt_attention return, for tracing a compiled step (the kernels themselves are registered
+    by the library when it loads). Once per process, even if the library is loaded again."""
 
     @torch.library.register_fake("yunque::rows_linear")
     def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
@@ -135,6 +135,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("yunque::pack_pairs")
     def _(weight: torch.Tensor) -> torch.Tensor:
         return weight.new_empty(((weight.shape[0] + 15) // 16, weight.shape[1] // 2, 32))
+
+    @torch.library.register_fake("yunque::prompt_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape, dtype=k.dtype)
 
     @torch.library.register_fake("yunque::decode_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad: torch.Tensor | None, filled: torch.Tensor | None,
