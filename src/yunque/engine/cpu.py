@@ -153,8 +153,8 @@ class DecodeAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, H, T, D = q.shape
-        if kv_cache is None or (T != 1 and kv_cache.static):  # training, a compiled step's cache: SDPA
-            return super().attend(q, k, v, mask, kv_cache, layer)
+        if kv_cache is None or (T != 1 and (kv_cache.static or not kv_cache.causal)):
+            return super().attend(q, k, v, mask, kv_cache, layer)  # training, a compiled step's cache, other masks
         k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
         if T != 1:  # a prompt (or a chunk of one) over the keys before it and its own
             return kernels().prompt_attention(q, k, v, kv_cache.pad, D ** -0.5)

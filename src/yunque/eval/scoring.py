@@ -128,6 +128,10 @@ class _PackedCache(KVCache):
 
     packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def causal(self) -> bool:  # type: ignore[override]
+        return self.packed is None
+
     def positions_and_mask(self, T: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.packed if self.packed is not None else super().positions_and_mask(T)
 

@@ -32,6 +32,10 @@ time, so the whole cache is copied at most once per 16 newcomers, and a large ba
 class KVCache:
     """Keys and values of B sequences, up to `max_len` positions each, for every layer."""
 
+    causal = True
+    """Whether the mask of `positions_and_mask` is each row's causal mask from its first real key (`pad`), all that
+    kernels given only `pad` assume (engine/cpu.py's DecodeAttention); a subclass that masks otherwise says no."""
+
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  pad: torch.Tensor | None = None, static: bool = False) -> None:
