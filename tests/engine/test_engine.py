@@ -419,6 +419,14 @@ def test_prompts_prefilled_together_join_as_views_and_equal_each_alone(mode):
             assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
 
 
+def test_a_seeded_rows_uniform_numbers_are_its_generators_one_a_step():
+    # drawn UNIFORMS_AHEAD at a time, they are the numbers torch.rand(1) would give one step after another
+    engine = Engine(tiny_gpt(), TOK)
+    row = engine._row([1, 2], SamplingParams(seed=7, temperature=1.0))
+    g = torch.Generator().manual_seed(7)
+    assert [row._uniform() for _ in range(150)] == [torch.rand(1, generator=g).item() for _ in range(150)]
+
+
 def test_removing_a_row_leaves_the_others_unchanged():
     engine = Engine(tiny_gpt(), TOK)
     params = SamplingParams(max_new_tokens=25, temperature=0.8, seed=4, logprobs=True)

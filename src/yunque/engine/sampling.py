@@ -83,13 +83,14 @@ logits under 3e8, so a tiny positive temperature is (near-)greedy instead of pro
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            min_p: float | None = None, generators: list[torch.Generator | None] | None = None,
-           native: bool = False) -> torch.Tensor:
+           u: torch.Tensor | None = None, native: bool = False) -> torch.Tensor:
     """Draw one token id per row of logits (B, V); returns int64 (B,).
 
     temperature == 0 is greedy (argmax, no randomness); a tiny positive one draws among the tokens tied with the
     most likely. `generators` holds one generator per row (None for torch's global one), so that a row's draw
     depends only on its own generator (batched sampling then equals sampling each row alone); None alone uses
-    torch's global generator for every row.
+    torch's global generator for every row. u: the uniform numbers (B, 1) to draw with instead (then generators is
+    not read), as `uniforms` would give them.
 
     native: fp32 or bf16 logits on CPU with no top-k, top-p or min-p are drawn by the engine's C++ kernel
     (`torch.ops.yunque.sample_rows`, which the caller has loaded): the same rule as the tensor ops below in one pass
@@ -102,7 +103,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     # Inverse transform sampling: one uniform number per row. torch.multinomial, row by row for the rows' own
     # generators, draws an exponential per vocabulary entry: ~3 ms a row at V = 50257, half a 16-row decode step of
     # a 30M model (benchmarks/serve.py's profile).
-    u = uniforms(logits.shape[0], generators, logits.device)  # (B, 1)
+    if u is None:
+        u = uniforms(logits.shape[0], generators, logits.device)  # (B, 1)
     filtered = top_k is not None or (top_p is not None and top_p < 1) or (min_p is not None and min_p > 0)
     kernel = native and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
     if not kernel or filtered:
