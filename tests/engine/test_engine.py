@@ -278,6 +278,17 @@ def run_out(engine: Engine, batch) -> None:
         engine.remove(batch, *(r for r in batch.rows if r.done))
 
 
+def assert_each_as_alone(engine: Engine, runs) -> None:
+    """Each (row, prompt, params) of `runs`, run out, has the tokens, finish and logprobs `add` gives it alone."""
+    for row, prompt, params in runs:
+        want = engine.new_batch()
+        w = engine.add(want, prompt, params)
+        run_out(engine, want)
+        assert (row.ids, row.finish_reason) == (w.ids, w.finish_reason)
+        if params.logprobs:
+            assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_rows_joining_midway_and_leaving_early_equal_each_alone(mode):
     # A runs alone for 5 steps (fill level 33); B joins with a shorter prompt (padded), C three steps later with
@@ -367,13 +378,7 @@ def test_chunked_prefill_equals_adding_whole(mode):
         engine.prefill(first, 5)
     (c2,) = engine.join(empty, [first])
     run_out(engine, empty)
-    for row, prompt, params in ((a, A, pa), (c, C, pc), (c2, C, pc)):
-        want = engine.new_batch()
-        w = engine.add(want, prompt, params)
-        run_out(engine, want)
-        assert (row.ids, row.finish_reason) == (w.ids, w.finish_reason)
-        if params.logprobs:
-            assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert_each_as_alone(engine, ((a, A, pa), (c, C, pc), (c2, C, pc)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -410,13 +415,7 @@ def test_prompts_prefilled_together_join_as_views_and_equal_each_alone(mode):
     a, b, c = engine.join(batch, pending)
     assert batch.rows == [d, a, b, c]
     run_out(engine, batch)
-    for row, prompt, params in ((a, A, pa), (b, B, pb), (c, C, pc)):
-        want = engine.new_batch()
-        w = engine.add(want, prompt, params)
-        run_out(engine, want)
-        assert (row.ids, row.finish_reason) == (w.ids, w.finish_reason)
-        if params.logprobs:
-            assert row.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert_each_as_alone(engine, ((a, A, pa), (b, B, pb), (c, C, pc)))
 
 
 def test_a_seeded_rows_uniform_numbers_are_its_generators_one_a_step():

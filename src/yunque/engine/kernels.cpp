@@ -43,6 +43,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 #if defined(__linux__)
@@ -390,26 +391,33 @@ void one_query(const float* q, const T* k, const T* v, const int64_t* first, flo
   });
 }
 
+// f(std::integral_constant<int, D>{}) for a head size the attention kernels are compiled for (a template each); an
+// error naming `kernel` for any other.
+template <typename F>
+void with_head_size(int64_t D, const char* kernel, const F& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 48: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: TORCH_CHECK(false, kernel, ": head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128");
+  }
+}
+
 template <typename T>
 void dispatch_head_size(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                         const int64_t* first, int64_t S, torch::Tensor& out, double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), K = k.size(1);
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
-#define YUNQUE_CALL(DD)                                                                                              \
-  one_query<T, DD>(q.data_ptr<float>(), kp, vp, first, out.data_ptr<float>(), B, H, K, S, k.stride(0), k.stride(1), \
-                   k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale))
-  switch (D) {
-    case 16: YUNQUE_CALL(16); break;
-    case 32: YUNQUE_CALL(32); break;
-    case 48: YUNQUE_CALL(48); break;
-    case 64: YUNQUE_CALL(64); break;
-    case 80: YUNQUE_CALL(80); break;
-    case 96: YUNQUE_CALL(96); break;
-    case 128: YUNQUE_CALL(128); break;
-    default: TORCH_CHECK(false, "decode_attention: head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128");
-  }
-#undef YUNQUE_CALL
+  with_head_size(D, "decode_attention", [&](auto d) {
+    one_query<T, decltype(d)::value>(q.data_ptr<float>(), kp, vp, first, out.data_ptr<float>(), B, H, K, S,
+                                     k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                     float(scale));
+  });
 }
 
 // A prompt's queries over its keys (prefill): q (B, H, Tq, D) contiguous, the last Tq of S positions; k, v: element
@@ -523,20 +531,11 @@ void dispatch_prompt(const torch::Tensor& q, const torch::Tensor& k, const torch
   const T* kp = reinterpret_cast<const T*>(k.data_ptr());
   const T* vp = reinterpret_cast<const T*>(v.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
-#define YUNQUE_CALL(DD)                                                                                          \
-  prompt_queries<T, DD>(q.data_ptr<float>(), kp, vp, first, op, B, H, K, Tq, S, k.stride(0), k.stride(1),       \
-                        k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale))
-  switch (D) {
-    case 16: YUNQUE_CALL(16); break;
-    case 32: YUNQUE_CALL(32); break;
-    case 48: YUNQUE_CALL(48); break;
-    case 64: YUNQUE_CALL(64); break;
-    case 80: YUNQUE_CALL(80); break;
-    case 96: YUNQUE_CALL(96); break;
-    case 128: YUNQUE_CALL(128); break;
-    default: TORCH_CHECK(false, "prompt_attention: head size ", D, " is not one of 16, 32, 48, 64, 80, 96, 128");
-  }
-#undef YUNQUE_CALL
+  with_head_size(D, "prompt_attention", [&](auto d) {
+    prompt_queries<T, decltype(d)::value>(q.data_ptr<float>(), kp, vp, first, op, B, H, K, Tq, S, k.stride(0),
+                                          k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                                          float(scale));
+  });
 }
 
 // y (M, N) = x (M, K) times the weight (N, K) (float32, bfloat16 or int8), each output column times scales[n] if
@@ -1385,6 +1384,21 @@ torch::Tensor dense_int4(const torch::Tensor& x, const torch::Tensor& qweight, c
   return torch::linear(x.to(dense.scalar_type()), dense);
 }
 
+// What both attention kernels ask of k and v (one dtype, unit stride on D, on the CPU), and each row's first key
+// (pad as int64; undefined without pad).
+static torch::Tensor checked_rows(const char* kernel, const torch::Tensor& q, const torch::Tensor& k,
+                                  const torch::Tensor& v, const c10::optional<torch::Tensor>& pad) {
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.dtype() == v.dtype(), kernel,
+              ": k, v of one dtype, unit stride on D");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), kernel, ": CPU tensors");
+  torch::Tensor first;
+  if (pad.has_value()) {
+    first = pad->to(torch::kInt64).contiguous();
+    TORCH_CHECK(first.numel() == q.size(0), kernel, ": pad needs one entry per row");
+  }
+  return first;
+}
+
 // Attention of one query per row and head: q (B, H, D), k and v (B, K, S, D) float32 or bfloat16 with unit stride
 // on D (views of a larger cache are fine), pad (B,) int64 or None, filled a one-element int64 tensor or None (S):
 // row b attends to keys [pad[b], filled), the filled part of a static cache's buffers.
@@ -1395,16 +1409,9 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(), "decode_attention: q (B, H, D), k/v (B, K, S, D)");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(3) && q.size(1) % k.size(1) == 0 && k.size(2) > 0,
               "decode_attention: q ", q.sizes(), " does not match k ", k.sizes());
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.dtype() == v.dtype(), "decode_attention: k, v of one dtype, "
-              "unit stride on D");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
+  const torch::Tensor first = checked_rows("decode_attention", q, k, v, pad);
   const torch::Tensor qc = q.to(torch::kFloat32).contiguous();
   torch::Tensor out = torch::empty(qc.sizes(), qc.options());
-  torch::Tensor first;
-  if (pad.has_value()) {
-    first = pad->to(torch::kInt64).contiguous();
-    TORCH_CHECK(first.numel() == q.size(0), "decode_attention: pad needs one entry per row");
-  }
   const int64_t* fp = first.defined() ? first.data_ptr<int64_t>() : nullptr;
   int64_t S = k.size(2);
   if (filled.has_value()) {
@@ -1426,20 +1433,14 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 // k's dtype: see prompt_queries.
 torch::Tensor prompt_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const c10::optional<torch::Tensor>& pad, double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "prompt_attention: q (B, H, T, D), k/v (B, K, S, D)");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "prompt_attention: q (B, H, T, D), k/v (B, K, S, D)");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 &&
                   q.size(2) <= k.size(2) && q.size(2) > 0,
               "prompt_attention: q ", q.sizes(), " does not match k ", k.sizes());
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.dtype() == v.dtype(), "prompt_attention: k, v of one dtype, "
-              "unit stride on D");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "prompt_attention: CPU tensors");
+  const torch::Tensor first = checked_rows("prompt_attention", q, k, v, pad);
   const torch::Tensor qc = q.to(torch::kFloat32).contiguous();
   torch::Tensor out = torch::empty(q.sizes(), k.options());
-  torch::Tensor first;
-  if (pad.has_value()) {
-    first = pad->to(torch::kInt64).contiguous();
-    TORCH_CHECK(first.numel() == q.size(0), "prompt_attention: pad needs one entry per row");
-  }
   const int64_t* fp = first.defined() ? first.data_ptr<int64_t>() : nullptr;
   if (k.dtype() == torch::kFloat32) {
     dispatch_prompt<float>(qc, k, v, fp, out, scale);
