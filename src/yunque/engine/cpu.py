@@ -143,8 +143,8 @@ class DecodeAttention(Attention):
 
     Prompts over a dynamic cache (prefill) run the kernels' `prompt_attention`, where SDPA's flash kernel, built for
     long queries, spent ~100 us on one row of 6 heads of 66 positions. 6 heads of 64, bf16, 2 threads, Zen 4
-    (`python benchmarks/decode_attention.py`): 8 prompts of 66 tokens 430 us against SDPA's 756-1,079 us, one
-    prompt 63 against 104-141 us, 4 prompts of 256 2.0 against 3.2-3.6 ms.
+    (`python benchmarks/decode_attention.py`, one layer): 8 prompts of 66 tokens 384 us against SDPA's 944 us, one
+    prompt 59 against 127 us, 16 prompts 697 against 1,527 us, 4 prompts of 256 2,059 against 3,115 us.
     """
 
     HEAD_SIZES = (16, 32, 48, 64, 80, 96, 128)

@@ -147,8 +147,8 @@ class Row:
         self._drawn: list[float] = []  # uniform numbers drawn ahead from generator, the next one last
 
     def _uniform(self) -> float:
-        """The next uniform number in [0, 1) of this row's draws: from its generator, UNIFORMS_AHEAD at a time (the
-        same numbers, in the same order, as one torch.rand(1) a step), or from torch's global one."""
+        """The next uniform number in [0, 1) of this row's draws: from its generator, UNIFORMS_AHEAD at a time (on
+        the CPU the same numbers, in the same order, as one torch.rand(1) a step), or from torch's global one."""
         if self.generator is None:
             return torch.rand(1).item()
         if not self._drawn:
