@@ -31,6 +31,7 @@ from yunque.engine.cpu import (
     compiled_decode_step,
     decode_model,
     decode_step,
+    prompt_kernel,
 )
 from yunque.engine.engine import Engine, SamplingParams
 from yunque.engine.sampling import inverse_cdf, probabilities, sample
@@ -179,6 +180,19 @@ def test_prompt_attention_of_a_prompt_is_the_same_bits_padded_in_a_batch_or_alon
         alone = kernels.prompt_attention(q[b:b + 1, :, n:], k[b:b + 1, :, n:], v[b:b + 1, :, n:], None, D ** -0.5)
         assert torch.equal(alone[0], together[b, :, n:]), f"row {b}"
         assert torch.equal(together[b, :, :n], v[b].repeat_interleave(H // K, dim=0)[:, :n])  # padding: itself
+
+
+def test_prompts_take_the_kernel_where_it_was_measured_faster():
+    cfg = preset("tiny", vocab_size=TOK.vocab_size, max_seq_len=4096)
+    empty = KVCache(cfg, 1, 4096)
+    assert prompt_kernel(empty, 66) and prompt_kernel(empty, 1024) and not prompt_kernel(empty, 2048)
+    later = KVCache(cfg, 1, 4096)
+    later.advance(512)  # a second chunk of 512 after 512: SDPA
+    assert not prompt_kernel(later, 512) and prompt_kernel(later, 1536) is False
+    short = KVCache(cfg, 1, 4096)
+    short.advance(64)  # a prompt's last token after a shared prefix of 64: few keys
+    assert prompt_kernel(short, 2)
+    assert not prompt_kernel(KVCache(cfg, 1, 4096, static=True), 66)
 
 
 @needs_kernels

@@ -141,8 +141,9 @@ class DecodeAttention(Attention):
     behind a mask; and compiled, SDPA with grouped-query heads became MKL matrix-vector products over keys and
     values repeated per query head (13% of SmolLM2-135M's int8 decode on a Zen 4, in `perf`).
 
-    Prompts over a dynamic cache (prefill) run the kernels' `prompt_attention`, where SDPA's flash kernel, built for
-    long queries, spent ~100 us on one row of 6 heads of 66 positions. 6 heads of 64, bf16, 2 threads, Zen 4
+    Prompts over a dynamic cache (prefill) run the kernels' `prompt_attention` where `prompt_kernel` says it is the
+    faster (up to 1,024 keys, most of them the prompt's own): SDPA's flash kernel, built for long queries, spent
+    ~100 us on one row of 6 heads of 66 positions. 6 heads of 64, bf16, 2 threads, Zen 4
     (`python benchmarks/decode_attention.py`, one layer): 8 prompts of 66 tokens 384 us against SDPA's 944 us, one
     prompt 59 against 127 us, 16 prompts 697 against 1,527 us, 4 prompts of 256 2,059 against 3,115 us.
     """
@@ -153,7 +154,7 @@ class DecodeAttention(Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                kv_cache: KVCache | None, layer: int) -> torch.Tensor:
         B, H, T, D = q.shape
-        if kv_cache is None or (T != 1 and (kv_cache.static or not kv_cache.causal)):
+        if kv_cache is None or (T != 1 and not prompt_kernel(kv_cache, T)):
             return super().attend(q, k, v, mask, kv_cache, layer)  # training, a compiled step's cache, other masks
         k, v = kv_cache.update(layer, k, v)  # (B, K, S, D)
         if T != 1:  # a prompt (or a chunk of one) over the keys before it and its own
@@ -162,6 +163,18 @@ class DecodeAttention(Attention):
         filled = kv_cache.filled_after(1) if kv_cache.static else None
         y = kernels().decode_attention(q.reshape(B, H, D), k, v, kv_cache.pad, filled, D ** -0.5)
         return y.view(B, H, 1, D)
+
+
+def prompt_kernel(kv_cache: KVCache, T: int) -> bool:
+    """Whether T queries (a prompt, or a chunk of one) over `kv_cache` run the kernels' `prompt_attention` rather than
+    SDPA: a dynamic cache with the causal mask, and keys few, or most of them the queries' own. Over long histories
+    SDPA's blocked products win (one layer, 6 heads of 64, bf16, 2 threads, Zen 4, ms: 512 queries after 512 keys
+    6.1 against the kernel's 12.2, 2,048 over 2,048 73 against 88; 1,024 over 1,024 15.4 against 12.4, 300 after
+    300 2.2 against 1.7, 64 after 64 0.13 against 0.11)."""
+    if kv_cache.static or not kv_cache.causal:
+        return False
+    S = kv_cache.pos + T  # the keys they see, their own included
+    return S <= 128 or (S <= 1024 and 4 * T >= 3 * S)
 
 
 NATIVE_ROWS = 1
@@ -550,4 +563,5 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
 
 __all__ = ["DEQUANT_ROWS", "PAIR_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "DecodeLayerNorm", "DecodeMLP",
            "Int4PackedLinear", "Int8PackedLinear", "PackedLinear", "quant_kernel", "quantized_layer", "cache_bucket",
-           "compiled_decode_step", "decode_model", "decode_precision", "decode_step", "helper_rows", "quantized"]
+           "compiled_decode_step", "decode_model", "decode_precision", "decode_step", "helper_rows", "prompt_kernel",
+           "quantized"]
