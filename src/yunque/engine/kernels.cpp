@@ -420,13 +420,7 @@ void dispatch_head_size(const torch::Tensor& q, const torch::Tensor& k, const to
   });
 }
 
-// A prompt's queries over its keys (prefill): q (B, H, Tq, D) contiguous, the last Tq of S positions; k, v: element
-// [b, g, s, d] at b * kb + g * kh + s * ks + d. Row b's query at position p sees keys [first[b], p], and a padding
-// query (p < first[b]) itself alone, as the mask that SDPA gets says; out (B, H, Tq, D) in T. A task is one head of
-// one row: its keys are widened to float32 once, laid out position-minor so that 16 scores of one query are summed
-// in one vector over the head's dimensions, and its values once. PyTorch's SDPA (a flash kernel, built for long
-// queries) spent ~100 us a row of 6 heads of 66 positions on this, ~17 GFLOP/s (Zen 4, bf16).
-constexpr int64_t kQueriesTogether = 4;
+constexpr int64_t kQueriesTogether = 4;  // prompt_queries' queries a pass over the keys
 
 // kt[d * St + j] = k's position j, dimension d, for j in [lo, S): one element at a time (vectorized, GCC made it
 // gathers over the keys, 13% of the kernel's time).
@@ -460,6 +454,12 @@ inline void weighted_values(const float* w, const float* v, int64_t lo, int64_t 
 #endif
 }
 
+// A prompt's queries over its keys (prefill): q (B, H, Tq, D) contiguous, the last Tq of S positions; k, v: element
+// [b, g, s, d] at b * kb + g * kh + s * ks + d. Row b's query at position p sees keys [first[b], p], and a padding
+// query (p < first[b]) itself alone, as the mask that SDPA gets says; out (B, H, Tq, D) in T. A task is one head of
+// one row: its keys are widened to float32 once, laid out position-minor so that 16 scores of one query are summed
+// in one vector over the head's dimensions, and its values once. PyTorch's SDPA (a flash kernel, built for long
+// queries) spent ~100 us a row of 6 heads of 66 positions on this, ~17 GFLOP/s (Zen 4, bf16).
 template <typename T, int D>
 void prompt_queries(const float* q, const T* k, const T* v, const int64_t* first, T* out, int64_t B, int64_t H,
                     int64_t K, int64_t Tq, int64_t S, int64_t kb, int64_t kh, int64_t ks, int64_t vb, int64_t vh,
