@@ -241,7 +241,8 @@ class Batch:
 
 class Prefill:
     """A prompt being prefilled a chunk at a time (`Engine.begin`, `Engine.prefill`) in a one-row KV cache of its
-    own, until `Engine.join` puts it into a batch."""
+    own, or with others in one forward (`Engine.prefill_many`, its cache then that forward's row), until
+    `Engine.join` puts it into a batch."""
 
     def __init__(self, prompt: list[int], row: Row, new_cache: Callable[[], KVCache]) -> None:
         self.prompt, self.row, self._new_cache = prompt, row, new_cache
