@@ -1112,8 +1112,10 @@ void layer_norm_impl(const T* x, const T* w, const T* b, T* y, int64_t M, int64_
   });
 }
 
-// GELU in its tanh form, x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)) = x / (1 + exp(-2z)), z the tanh's
-// argument: the GPT-2 family's activation, in one pass with float32 inside.
+// GELU in its tanh form, x * sigmoid(2 sqrt(2 / pi) (x + 0.044715 x^3)) = x * sigmoid(2z), z the tanh's argument:
+// the GPT-2 family's activation, in one pass with float32 inside. The sigmoid takes exp_nonpositive of -|2z| (for
+// 2z < 0, sigmoid(2z) = e / (1 + e)): inline, so the loop vectorizes whole, where glibc's vector expf was a call per
+// 8 values (figures in engine/cpu.py, DecodeMLP).
 template <typename T>
 void gelu_tanh_impl(const T* x, T* y, int64_t n) {
   pool::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
@@ -1124,9 +1126,9 @@ void gelu_tanh_impl(const T* x, T* y, int64_t n) {
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) {
         const float v = to_float(x[i + j]);
-        // exp(80) is finite: far below, x / (1 + e) is 0 already (-ffast-math lets the compiler assume no inf)
-        const float t = std::min(-1.5957691216057308f * (v + 0.044715f * v * v * v), 80.f);
-        buf[j] = v / (1.f + std::exp(t));
+        const float z2 = 1.5957691216057308f * (v + 0.044715f * v * v * v);
+        const float e = exp_nonpositive(-std::fabs(z2));
+        buf[j] = v * (z2 >= 0.f ? 1.f : e) / (1.f + e);
       }
 #pragma omp simd
       for (int64_t j = 0; j < m; ++j) y[i + j] = from_float<T>(buf[j]);
