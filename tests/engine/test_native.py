@@ -2,14 +2,14 @@
 
 decode_attention == SDPA with the decode step's mask (padding, grouped-query heads, fp32 and bf16 caches, views of a
 larger cache, every head size it is built for), and prompt_attention with a prompt's (a prompt's rows the same bits
-padded or alone); a model decoding with it == the same model with SDPA, step by step,
-rows joining with padding; rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also
-compiled, and the engine's float and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on
-bfloat16 rows, and the engine's bf16 layers use it for up to PAIR_ROWS rows; gelu_tanh == F.gelu's tanh form,
-layer_norm == F.layer_norm, and a GELU model decoding with them == the plain model; rows_int4 and dense_int4 ==
-F.linear on an int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows
-== softmax and inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for
-AVX2 alone give the same; without a compiler the engine says so in one line and keeps SDPA.
+padded or alone); a model decoding with it == the same model with SDPA, step by step, rows joining with padding;
+rows_linear == F.linear on a float32, bfloat16 or int8 (dequantized) weight, also compiled, and the engine's float
+and int8 layers use it for one row; pairs_linear (AVX-512 BF16) == F.linear on bfloat16 rows, and the engine's bf16
+layers use it for up to PAIR_ROWS rows (a block's, PROMPT_PAIR_ROWS); gelu_tanh == F.gelu's tanh form, layer_norm ==
+F.layer_norm, and a GELU model decoding with them == the plain model; rows_int4 and dense_int4 == F.linear on an
+int4 (dequantized) weight, the engine's int4 layer using them for one row and for many; sample_rows == softmax and
+inverse_cdf with the same uniform numbers, and the engine's sampling uses it; the kernels built for AVX2 alone give
+the same; without a compiler the engine says so in one line and keeps SDPA.
 """
 
 import pytest
@@ -22,6 +22,7 @@ from yunque.engine.cpu import (
     DEQUANT_ROWS,
     NATIVE_ROWS,
     PAIR_ROWS,
+    PROMPT_PAIR_ROWS,
     DecodeAttention,
     DecodeLayerNorm,
     DecodeMLP,
@@ -640,22 +641,26 @@ def test_the_engine_float_layer_runs_a_kernel_for_a_few_rows_and_onednn_for_more
     if not PackedLinear.supported(CPU, dtype):
         pytest.skip("this CPU has no native bf16 products, so the engine decodes in fp32 and never packs bf16")
     torch.manual_seed(0)
-    linear = torch.nn.Linear(64, 100, bias=True).to(dtype)  # 100 rows: oneDNN's copy is padded to 128
     calls = counting_kernel(monkeypatch)
     pairs = counting_kernel(monkeypatch, "pairs_linear") if kernels.has_pairs() else []
-    fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    shapes = [(1, 64), (1, 1, 64), (NATIVE_ROWS + 3, 64), (PAIR_ROWS, 1, 64), (PAIR_ROWS + 1, 1, 64)]
-    for shape in shapes:
-        x = torch.randn(shape).to(dtype)
-        got = fast(x)
-        assert got.shape == (*shape[:-1], 100) and got.dtype == dtype
-        torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), **tol)
-        torch.testing.assert_close(got, onednn(x), **tol)
-    if dtype == torch.bfloat16 and kernels.has_pairs():  # up to PAIR_ROWS rows the bf16 kernel, then oneDNN
-        assert calls == [] and pairs == [torch.Size(s) for s in shapes[:-1]]
-    else:
-        assert calls == [torch.Size([1, 64]), torch.Size([1, 1, 64])] and pairs == []
+    # a block's layer (100 outputs: oneDNN's copy is padded to 128) and a head's (40 times its inputs)
+    for outputs, rows in ((100, PROMPT_PAIR_ROWS), (40 * 16, PAIR_ROWS)):
+        inputs = 64 if outputs == 100 else 16
+        calls.clear(), pairs.clear()
+        linear = torch.nn.Linear(inputs, outputs, bias=True).to(dtype)
+        fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
+        shapes = [(1, inputs), (1, 1, inputs), (NATIVE_ROWS + 3, inputs), (rows, 1, inputs), (rows + 1, 1, inputs)]
+        for shape in shapes:
+            x = torch.randn(shape).to(dtype)
+            got = fast(x)
+            assert got.shape == (*shape[:-1], outputs) and got.dtype == dtype
+            torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), **tol)
+            torch.testing.assert_close(got, onednn(x), **tol)
+        if dtype == torch.bfloat16 and kernels.has_pairs():  # up to `rows` rows the bf16 kernel, then oneDNN
+            assert calls == [] and pairs == [torch.Size(s) for s in shapes[:-1]]
+        else:
+            assert calls == [torch.Size([1, inputs]), torch.Size([1, 1, inputs])] and pairs == []
 
 
 def tiny(**overrides) -> GPT:

@@ -188,8 +188,21 @@ fast or faster)."""
 PAIR_ROWS = 32
 """Rows of x up to which a bf16 layer on a CPU with AVX-512 BF16 runs the engine's bf16 dot-product kernel
 (torch.ops.yunque.pairs_linear) rather than oneDNN's product: a decode step of up to 32 sequences. At 32 rows
-the two are even on an output head, and the kernel still 1.1-1.2x faster on a block's layers (see PackedLinear);
-more rows are a prompt, where oneDNN's blocking serves."""
+the two are even on an output head, and the kernel still 1.1-1.2x faster on a block's layers (see PackedLinear).
+A block's layers keep the kernel further, up to PROMPT_PAIR_ROWS."""
+
+PROMPT_PAIR_ROWS = 256
+"""Rows of x up to which a block's bf16 layer (at most BLOCK_WIDENING times as many outputs as inputs: an output
+head has tens of times more) runs pairs_linear: prompts of a few hundred tokens. Zen 4, 2 threads, best of 7,
+against oneDNN's product on its blocked weight: the 30M GPT-2 shape's layers at 66 rows 1.06-1.20x faster, at 264
+1.00-1.04x, at 1,056 0.97-1.00x; SmolLM2's shapes 1.02-1.17x at 66, 1.01-1.08x at 264; the 50,257-output head
+0.98x at 66. Whole prefills of the 30M shape (64-token prompts, medians of 8 alternated rounds): one prompt 1.21x
+faster at 128 and 1.24x at 256 than at 32, two 1.19x / 1.12x, three 1.04x / 1.09x, four or more within 2%; all 16
+of a batch 0.91x with no limit, so oneDNN keeps longer prompts."""
+
+BLOCK_WIDENING = 8
+"""A layer with at most this many times as many outputs as inputs is a block's (SwiGLU and GELU blocks widen 2.7-5.4
+times); more is an output head (vocabularies of 32k-150k over widths up to 8,192: 18x and more)."""
 
 
 class PackedLinear(nn.Module):
@@ -213,8 +226,8 @@ class PackedLinear(nn.Module):
 
     A bf16 layer on a CPU with AVX-512 BF16 keeps, instead of the plain weight, one laid out for the engine's
     bf16 dot-product kernel (`torch.ops.yunque.pairs_linear`), which takes up to PAIR_ROWS rows (a decode step of
-    a batch) and adds the bias itself. Against oneDNN's bf16 product, same run of `python
-    benchmarks/quant_kernels.py --threads 2` (Zen 4), microseconds:
+    a batch; a block's layers up to PROMPT_PAIR_ROWS, short prompts) and adds the bias itself. Against oneDNN's
+    bf16 product, same run of `python benchmarks/quant_kernels.py --threads 2` (Zen 4), microseconds:
 
     | layer | 1 row | 4 | 16 | 32 |
     |---|---|---|---|---|
@@ -242,7 +255,9 @@ class PackedLinear(nn.Module):
         self.bias32 = bias.float() if pairs and bias is not None else None
         # a plain attribute too: the tied head's is the embedding's parameter, which state_dict holds already
         self.plain = weight.contiguous() if native and not pairs else None
-        self.own_rows = PAIR_ROWS if pairs else NATIVE_ROWS if native else 0
+        block = self.out_features <= BLOCK_WIDENING * self.in_features
+        self.pair_rows = (PROMPT_PAIR_ROWS if block else PAIR_ROWS) if pairs else 0
+        self.own_rows = self.pair_rows if pairs else NATIVE_ROWS if native else 0
         """Rows up to which the layer runs the engine's own kernels (see `helper_rows`)."""
         extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
         if extra:
@@ -261,7 +276,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
-        if self.pairs is not None and x.numel() <= PAIR_ROWS * self.in_features:
+        if self.pairs is not None and x.numel() <= self.pair_rows * self.in_features:
             return kernels().pairs_linear(x, self.pairs, self.bias32, self.out_features)
         if self.plain is not None and x.numel() <= NATIVE_ROWS * self.in_features:
             y = kernels().rows_linear(x, self.plain, None).to(x.dtype)
@@ -564,7 +579,7 @@ def _forget_graphs(code: types.CodeType, modules: list[types.ModuleType]) -> Non
     modules.clear()
 
 
-__all__ = ["DEQUANT_ROWS", "PAIR_ROWS", "QUANT_KERNELS", "SMALL_MODEL", "DecodeLayerNorm", "DecodeMLP",
-           "Int4PackedLinear", "Int8PackedLinear", "PackedLinear", "quant_kernel", "quantized_layer", "cache_bucket",
-           "compiled_decode_step", "decode_model", "decode_precision", "decode_step", "helper_rows", "prompt_kernel",
-           "quantized"]
+__all__ = ["BLOCK_WIDENING", "DEQUANT_ROWS", "PAIR_ROWS", "PROMPT_PAIR_ROWS", "QUANT_KERNELS", "SMALL_MODEL",
+           "DecodeLayerNorm", "DecodeMLP", "Int4PackedLinear", "Int8PackedLinear", "PackedLinear", "quant_kernel",
+           "quantized_layer", "cache_bucket", "compiled_decode_step", "decode_model", "decode_precision", "decode_step",
+           "helper_rows", "prompt_kernel", "quantized"]

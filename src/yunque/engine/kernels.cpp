@@ -137,6 +137,7 @@ inline void take(uint32_t loop) {
 }
 
 void helper(int id) {
+  pthread_setname_np(pthread_self(), "yunque-helper");  // in top, ps -L, py-spy: its own line
   uint32_t seen = posted.load(std::memory_order_acquire);
   for (;;) {
     auto until = std::chrono::steady_clock::now() + kSpin;
