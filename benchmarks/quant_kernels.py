@@ -1,6 +1,7 @@
 """Weight-only quantized matrix products on this CPU: what `engine/cpu.py`'s `quant_kernel` chooses from.
 
-For the linear layers of SmolLM2-135M (and its output head), 1, 4, 8, 16 and 32 rows, microseconds per call of:
+For the linear layers of SmolLM2-135M (and its output head), 1, 4, 8, 16 and 32 rows (--rows: say 66 264 for
+prompts), microseconds per call of:
 fp32 `F.linear` (the simple path) and oneDNN-packed fp32 and bf16 (`PackedLinear`, what the engine does for float
 weights); ATen's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed fp32 activations, and fed bf16 ones
 (`Int8PackedLinear`, `Int4PackedLinear` without the engine's kernels: casts included); the engine's C++ products
@@ -8,14 +9,15 @@ weights); ATen's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` fed fp3
 run up to NATIVE_ROWS rows, `rows_int4` (x rounded to 8 bits per group) and `dense_int4` (the int4 weight
 widened to bf16 for the call, then oneDNN), which `Int4PackedLinear` runs up to NATIVE_ROWS and from
 DEQUANT_ROWS rows, and, where the CPU has AVX-512 BF16, `pairs_linear` (bf16 dot products on the weight laid out
-by `pack_pairs`), which `PackedLinear` runs for bf16 weights up to PAIR_ROWS rows. The last column is the kernel
+by `pack_pairs`), which `PackedLinear` runs for bf16 weights up to PAIR_ROWS rows (a block's layers up to
+PROMPT_PAIR_ROWS: compare "bf16 packed" at --rows 66 264). The last column is the kernel
 family the engine picks here for int8 and int4. Each call reads the same weight, so layers that fit in the CPU's
 caches are read from there.
 
 To see what a CPU without native bf16 (AVX2 only) gets, on a machine that has it: ATen and oneDNN then dispatch
 to their AVX2 code and `bf16_supported` says False.
 
-    python benchmarks/quant_kernels.py [--threads 1] [--calls 200]
+    python benchmarks/quant_kernels.py [--threads 1] [--calls 200] [--rows 1 4 8 16 32]
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/quant_kernels.py
 """
 
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="rows of x (tokens) a call")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     native = bf16_supported("cpu")
@@ -81,7 +84,7 @@ def main() -> None:
         q4_parts = (int4.qweight, int4.scales, int4.zeros, args.group_size)  # as the engine's kernels take them
         choice = [quant_kernel(bits, K, N, args.group_size, native_bf16=native, device=cpu,
                                native=native_kernels() is not None) for bits in (8, 4)]
-        for rows in (1, 4, 8, 16, 32):
+        for rows in args.rows:
             x = torch.randn(rows, K)
             x16 = x.bfloat16()
             fns = {"fp32 F.linear": lambda: F.linear(x, w), "fp32 packed": lambda: packed(x),
