@@ -13,18 +13,19 @@ size, and the first of each size costs oneDNN time to build its kernels (once, a
 734 tokens/s, its repeats at 820 and 872). Per level: aggregate generated tokens / wall time (tokens counted by the
 server's usage), time to first token and inter-token latency (gaps between streamed chunks) p50 and p99, the ratio of
 aggregate tokens/s to one client's, and where the CPU went (Linux, /proc): the server's process, this process's clients
-(each also in ms of CPU per generated token) and the share of the machine left idle; the clients share the machine with
-the server, so their CPU is the server's loss. They talk HTTP through the SDK's aiohttp transport
-(`openai.DefaultAioHttpClient`, the `openai[aiohttp]` extra; --http httpx for its default): at 16 clients it took
-0.19-0.26 ms of CPU a streamed token against 0.39-0.41 for httpx, and 16 clients ran at 1,178-1,343 tokens/s against
-1,058-1,077 (three alternated runs each, Zen 4). Beside it, the scheduler alone (engine/scheduler.py in this process,
-the same prompts and lengths, no HTTP): what continuous batching gives before the server's own costs. The CPU, its flags
-and the load average at the start are printed first: on a shared machine, say so beside the figures. The levels run in
---repeats rounds (1, 4, 16, 64 clients, then again), and each level's figures are those of its median round: on these
-shared machines one level's speed varied by a third between runs minutes apart (16 clients: 958-1,538 tokens/s on one
-code), which a single run per level puts into the ratio whole; within one run of 3 rounds one client still ranged over
-±15% (163-186, 234-271, 195-224 tokens/s), hence 5. Each round's line also gives its own ratios to one client, levels a
-minute apart: the spread the machine adds.
+(each also in ms of CPU per generated token), the share of the machine left idle, how much of the time the server's
+threads waited for a core while ready to run (summed over its threads, in cores; from /proc/<pid>/task/*/schedstat) and
+the share the hypervisor stole; the clients share the machine with the server, so their CPU is the server's loss. They
+talk HTTP through the SDK's aiohttp transport (`openai.DefaultAioHttpClient`, the `openai[aiohttp]` extra; --http httpx
+for its default): at 16 clients it took 0.19-0.26 ms of CPU a streamed token against 0.39-0.41 for httpx, and 16 clients
+ran at 1,178-1,343 tokens/s against 1,058-1,077 (three alternated runs each, Zen 4). Beside it, the scheduler alone
+(engine/scheduler.py in this process, the same prompts and lengths, no HTTP): what continuous batching gives before the
+server's own costs. The CPU, its flags and the load average at the start are printed first: on a shared machine, say so
+beside the figures. The levels run in --repeats rounds (1, 4, 16, 64 clients, then again), and each level's figures are
+those of its median round: on these shared machines one level's speed varied by a third between runs minutes apart (16
+clients: 958-1,538 tokens/s on one code), which a single run per level puts into the ratio whole; within one run of 3
+rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5. Each round's line also gives its
+own ratios to one client, levels a minute apart: the spread the machine adds.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -164,28 +165,47 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def idle_ticks() -> tuple[int, int] | None:
-    """(idle, all) clock ticks of the machine's CPUs so far, from /proc/stat; None where there is none."""
+def idle_ticks() -> tuple[int, int, int] | None:
+    """(idle, stolen, all) clock ticks of the machine's CPUs so far, from /proc/stat; None where there is none."""
     try:
         ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
-    return ticks[3] + ticks[4], sum(ticks)  # idle and waiting for I/O
+    return ticks[3] + ticks[4], ticks[7] if len(ticks) > 7 else 0, sum(ticks)  # idle (and I/O wait), steal
 
 
-def cpu_snapshot(server: int | None) -> tuple[float, float | None, tuple[int, int] | None]:
-    """This process's CPU time, the server's (None without its id or /proc) and the machine's idle ticks, now."""
-    return time.process_time(), cpu_seconds(server) if server else None, idle_ticks()
+def waiting_seconds(pid: int) -> float | None:
+    """Seconds the threads of process `pid` have spent ready to run but waiting for a core, summed over its threads
+    (the second field of /proc/<pid>/task/<tid>/schedstat); None where that cannot be read."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # a thread that ended meanwhile
+    except OSError:
+        return None
+    return total / 1e9
+
+
+def cpu_snapshot(server: int | None) -> tuple:
+    """This process's CPU time, the server's and its threads' time waiting for a core (None without its id or
+    /proc), and the machine's idle and stolen ticks, now."""
+    return (time.process_time(), cpu_seconds(server) if server else None, idle_ticks(),
+            waiting_seconds(server) if server else None)
 
 
 def cpu_use(before: tuple, after: tuple, wall: float) -> dict:
-    """Cores used by this process (the clients) and the server, and the machine's idle share, between two
-    cpu_snapshot()s `wall` seconds apart."""
-    (mine0, theirs0, idle0), (mine1, theirs1, idle1) = before, after
-    idle = [b - a for a, b in zip(idle0, idle1)] if idle0 and idle1 else None
+    """Cores used by this process (the clients) and the server, the server's threads' waiting for a core (in cores),
+    and the machine's idle and stolen shares, between two cpu_snapshot()s `wall` seconds apart."""
+    (mine0, theirs0, idle0, wait0), (mine1, theirs1, idle1, wait1) = before, after
+    ticks = [b - a for a, b in zip(idle0, idle1)] if idle0 and idle1 else None
     return {"client_cores": (mine1 - mine0) / wall,
             "server_cores": (theirs1 - theirs0) / wall if theirs0 is not None and theirs1 is not None else None,
-            "idle": idle[0] / idle[1] if idle and idle[1] else None}
+            "server_waiting": (wait1 - wait0) / wall if wait0 is not None and wait1 is not None else None,
+            "idle": ticks[0] / ticks[2] if ticks and ticks[2] else None,
+            "stolen": ticks[1] / ticks[2] if ticks and ticks[2] else None}
 
 
 async def level(url: str, clients: int, args, texts: dict[int, str], usage: bool = True, first: int = 0,
@@ -250,13 +270,18 @@ def http_client(transport: str):
 
 
 def cpu_line(r: dict) -> str:
-    """Where a level's CPU went: the server, this process's clients (per generated token too) and the machine idle."""
+    """Where a level's CPU went: the server, this process's clients (per generated token too), the machine idle, the
+    server's threads waiting for a core and what the hypervisor took."""
     per_token = 1000 / r["tokens_per_s"]  # ms of wall time a token
     parts = [] if r["server_cores"] is None else [
         f"server {r['server_cores']:.2f} cores ({r['server_cores'] * per_token:.2f} ms a token)"]
     parts.append(f"the clients {r['client_cores']:.2f} ({r['client_cores'] * per_token:.2f} ms)")
     if r["idle"] is not None:
         parts.append(f"the machine idle {r['idle']:.0%}")
+    if r.get("server_waiting") is not None:
+        parts.append(f"the server's threads waiting for a core {r['server_waiting']:.2f}")
+    if r.get("stolen"):
+        parts.append(f"stolen by the hypervisor {r['stolen']:.0%}")
     return "CPU: " + ", ".join(parts)
 
 
