@@ -644,10 +644,10 @@ def test_the_engine_float_layer_runs_a_kernel_for_a_few_rows_and_onednn_for_more
     calls = counting_kernel(monkeypatch)
     pairs = counting_kernel(monkeypatch, "pairs_linear") if kernels.has_pairs() else []
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
-    # a block's layer (100 outputs: oneDNN's copy is padded to 128) and a head's (40 times its inputs)
-    for outputs, rows in ((100, PROMPT_PAIR_ROWS), (40 * 16, PAIR_ROWS)):
-        inputs = 64 if outputs == 100 else 16
-        calls.clear(), pairs.clear()
+    # a block's layer (100 outputs: oneDNN's copy is padded to 128) and a head's (40 times as many outputs as inputs)
+    for inputs, outputs, rows in ((64, 100, PROMPT_PAIR_ROWS), (16, 640, PAIR_ROWS)):
+        calls.clear()
+        pairs.clear()
         linear = torch.nn.Linear(inputs, outputs, bias=True).to(dtype)
         fast, onednn = PackedLinear(linear, native=True), PackedLinear(linear)
         shapes = [(1, inputs), (1, 1, inputs), (NATIVE_ROWS + 3, inputs), (rows, 1, inputs), (rows + 1, 1, inputs)]
