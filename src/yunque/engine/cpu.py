@@ -197,8 +197,8 @@ head has tens of times more) runs pairs_linear: prompts of a few hundred tokens.
 against oneDNN's product on its blocked weight: the 30M GPT-2 shape's layers at 66 rows 1.06-1.20x faster, at 264
 1.00-1.04x, at 1,056 0.97-1.00x; SmolLM2's shapes 1.02-1.17x at 66, 1.01-1.08x at 264; the 50,257-output head
 0.98x at 66. Whole prefills of the 30M shape (64-token prompts, medians of 8 alternated rounds): one prompt 1.21x
-faster at 128 and 1.24x at 256 than at 32, two 1.19x / 1.12x, three 1.04x / 1.09x, four or more within 2%; all 16
-of a batch 0.91x with no limit, so oneDNN keeps longer prompts."""
+faster at 128 and 1.24x at 256 than at 32, two 1.19x / 1.12x, three 1.04x / 1.09x, four 0.98x / 1.06x, eight
+1.00x / 1.02x; all 16 of a batch 0.91x with no limit, so oneDNN keeps longer prompts."""
 
 BLOCK_WIDENING = 8
 """A layer with at most this many times as many outputs as inputs is a block's (SwiGLU and GELU blocks widen 2.7-5.4
