@@ -191,8 +191,10 @@ def main() -> None:
 
     recipes["fast"] = dict(RECIPES["fast_bf16" if bf16_supported("cpu") else "fast_fp32"])
     for item in args.set:
-        key, value = item.split("=", 1)
-        name, field = key.split(".", 1)
+        key, _, value = item.partition("=")
+        name, _, field = key.partition(".")
+        if not (value and field) or name not in recipes:
+            ap.error(f"--set {item!r}: write RECIPE.KEY=VALUE with RECIPE one of {', '.join(recipes)}")
         try:  # numbers, lists, true/false as JSON; anything else as text
             recipes[name][field] = json.loads(value)
         except json.JSONDecodeError:
@@ -240,7 +242,7 @@ def main() -> None:
         print(f"\nfast recipe: {results['nanogpt']['seconds_to_target'] / results['fast']['seconds_to_target']:.2f}x "
               f"sooner than the nanoGPT recipe in the same run")
     own = results.get("nanogpt_model")
-    if own and not own["reached"] and results.get("fast", {}).get("reached"):
+    if own and not own["reached"] and own["final_val_loss"] and results.get("fast", {}).get("reached"):
         print(f"nanoGPT's model on its recipe ends at sample loss {own['final_val_loss']:.4f} after {own['steps']} "
               f"steps, {own['wall_seconds']:.1f} s: the fast recipe reached {TARGET} in "
               f"{own['wall_seconds'] / results['fast']['seconds_to_target']:.2f}x less time than that run took")
