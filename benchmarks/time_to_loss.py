@@ -150,7 +150,7 @@ def train_to_target(recipe: dict, data: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         loop = LoopConfig(out_dir=out, max_steps=r["max_steps"], lr=r["lr"], warmup_steps=r["warmup_steps"],
                           min_lr_ratio=r["min_lr_ratio"], betas=tuple(r["betas"]), precision=r["precision"],
-                          compile=r["compile"], schedule=r.get("schedule", "cosine"),
+                          compile=r["compile"], schedule=r.get("schedule", LoopConfig.schedule),
                           optimizer=r.get("optimizer", "adamw"), threads=r.get("threads", 0),
                           weight_decay=r.get("weight_decay", LoopConfig.weight_decay),
                           eval_every=CHECK_EVERY_NEAR, log_every=CHECK_EVERY_NEAR,

@@ -255,8 +255,11 @@ class PackedLinear(nn.Module):
         self.bias32 = bias.float() if pairs and bias is not None else None
         # a plain attribute too: the tied head's is the embedding's parameter, which state_dict holds already
         self.plain = weight.contiguous() if native and not pairs else None
-        block = self.out_features <= BLOCK_WIDENING * self.in_features
-        self.own_rows = (PROMPT_PAIR_ROWS if block else PAIR_ROWS) if pairs else NATIVE_ROWS if native else 0
+        if pairs:  # a block's layer (few outputs an input) up to prompt sizes, the output head up to decode batches
+            block = self.out_features <= BLOCK_WIDENING * self.in_features
+            self.own_rows = PROMPT_PAIR_ROWS if block else PAIR_ROWS
+        else:
+            self.own_rows = NATIVE_ROWS if native else 0
         """Rows up to which the layer runs the engine's own kernels (see `helper_rows`)."""
         extra = -self.out_features % 64  # whole 64-row tiles: a 50257-row bf16 output head runs ~15% faster
         if extra:
@@ -277,7 +280,7 @@ class PackedLinear(nn.Module):
         """(..., in_features) -> (..., out_features), in x's dtype (that of the weight)."""
         if self.pairs is not None and x.numel() <= self.own_rows * self.in_features:
             return kernels().pairs_linear(x, self.pairs, self.bias32, self.out_features)
-        if self.plain is not None and x.numel() <= NATIVE_ROWS * self.in_features:
+        if self.plain is not None and x.numel() <= self.own_rows * self.in_features:
             y = kernels().rows_linear(x, self.plain, None).to(x.dtype)
             return y + self.bias[:self.out_features] if self.bias is not None else y
         y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
