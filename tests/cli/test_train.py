@@ -245,7 +245,7 @@ def test_a_short_fp32_budget_trains_the_short_run_recipe(text, tmp_path, capsys)
                  "--precision", "fp32", "--batch-size", "4", "--no-progress"]) == 0
     assert "budget in fp32 on this CPU trains with" in capsys.readouterr().err
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["d_ff"], cfg["n_kv_head"], cfg["max_seq_len"], cfg["d_model"]) == (256, 2, 64, 128)
+    assert (cfg["n_layer"], cfg["d_ff"], cfg["n_kv_head"], cfg["max_seq_len"], cfg["d_model"]) == (2, 256, 2, 64, 128)
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["batch_size"] == 4 and run["loop"]["lr"] == 2e-3  # the flag given wins; the rest chosen
 

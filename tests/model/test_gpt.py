@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from yunque.config import PRESETS, ModelConfig, preset
 from yunque.losses import next_token_loss
-from yunque.model.gpt import GPT, causal_attention_bf16, rope_frequencies
+from yunque.model.gpt import GPT, RMSNorm, _RMSNormGrad, causal_attention_bf16, rms_norm, rope_frequencies
 from yunque.model.kv_cache import KVCache
 
 V = 97  # small vocabulary: tests need shapes, not language
@@ -179,6 +179,37 @@ def test_model_takes_the_bf16_path_in_training_with_the_same_logits(monkeypatch)
         eval_logits = model.eval()(ids).float()
         assert len(calls) == cfg.n_layer  # and not in eval mode
     torch.testing.assert_close(train_logits, eval_logits, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_written_out_gradient_equals_autograds(dtype):
+    """Training uses RMSNorm's hand-written backward; autograd through the plain ops (`rms_norm`, what inference
+    runs) is the reference: the same output and the same gradients for x and the weight."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 24, generator=g).to(dtype)
+    dy = torch.randn(3, 5, 24, generator=g)
+    norm = RMSNorm(24, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
+    fast_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast = norm(fast_x)
+    (y_fast.float() * dy).sum().backward()
+    fast_w, norm.weight.grad = norm.weight.grad, None
+    y_ref = rms_norm(ref_x, norm.weight, 1e-5)
+    (y_ref.float() * dy).sum().backward()
+    assert y_fast.dtype == y_ref.dtype and torch.equal(y_fast, y_ref)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fast_x.grad, ref_x.grad, **tol)
+    torch.testing.assert_close(fast_w, norm.weight.grad, **tol)
+
+
+def test_rmsnorm_gradient_passes_gradcheck_and_leaves_a_frozen_weight_alone():
+    norm = RMSNorm(6, 1e-6).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNormGrad.apply(a, w, 1e-6), (x, norm.weight))
+    norm.weight.requires_grad_(False)  # a LoRA run freezes it
+    norm(x).sum().backward()
+    assert norm.weight.grad is None and x.grad is not None
 
 
 def test_logits_to_keep_is_the_tail_of_all_logits():

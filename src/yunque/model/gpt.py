@@ -27,10 +27,42 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # training, eager: the cheaper backward
+            return _RMSNormGrad.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's forward: x scaled to unit root mean square over its last dim (in fp32 or wider), times weight."""
+    dtype = x.dtype
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class _RMSNormGrad(torch.autograd.Function):
+    """`rms_norm` with its gradient written out: fewer elementwise ops than autograd records for it, which makes
+    forward + backward ~1.5x faster at training shapes on CPU (fp32, 12 x 64 x 128 on two AVX2 cores: 340-380 us
+    against 540), where the norms are a tenth of a small model's step. Twin tests: tests/model/test_gpt.py."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        r = torch.rsqrt(wide.square().mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, r, weight)
+        return weight * (wide * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, r, weight = ctx.saved_tensors
+        n = x.to(r.dtype) * r  # the normalised x, in fp32 or wider
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * n.to(x.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(r.dtype)  # the gradient at the normalised x
+            grad_x = ((g - n * (g * n).mean(-1, keepdim=True)) * r).to(x.dtype)
+        return grad_x, grad_w, None
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:

@@ -27,17 +27,22 @@ benchmarks/train.py). Compiling pays when the time left times this exceeds COMPI
 SHORT_RUN_MINUTES = 2.0
 """Time budgets up to this many minutes, in fp32 on a CPU, train FP32_SHORT_RUN where not given (measured at
 0.3-1 minute; longer runs keep the preset, whose wider MLP pays back once the tokens are many)."""
-FP32_SHORT_RUN: dict[str, Any] = {"batch_size": 12, "seq_len": 64, "d_ff": 256, "n_kv_head": 2, "lr": 2e-3,
-                                  "warmup_steps": 50, "min_lr_ratio": 0.05, "betas": (0.9, 0.99)}
-"""The mini preset (4 layers, width 128) for the steps a short fp32 budget affords (~0.4M tokens in 20 s on two
-AVX2 cores). Measured on Tiny Shakespeare bytes with AVX2 emulated on a Zen 5 (benchmarks/time_to_loss.py): the
-time is the matrix products' (at the CPU's peak) and attention's; torch.compile saved nothing measurable at this
-size in fp32. A narrower MLP (d_ff 256, not 384) and two key/value heads give 1.1-1.3x the tokens/s for 8% more
-tokens to validation loss 1.88; batch 12 at context 64 and lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3,
-and context 128-256 costs more time for the same loss. `yunque pretrain --minutes 0.35` on the first 90% of Tiny
-Shakespeare: held-out loss 1.93 with this, 2.81 with the preset's defaults (76 steps at context 256)."""
+FP32_SHORT_RUN: dict[str, Any] = {"n_layer": 2, "batch_size": 12, "seq_len": 64, "d_ff": 256, "n_kv_head": 2,
+                                  "lr": 2e-3, "warmup_steps": 50, "min_lr_ratio": 0.05, "betas": (0.9, 0.99)}
+"""The mini preset's width (128) in two layers, for the steps a short fp32 budget affords (~0.7M tokens in 30 s on
+two AVX2 cores). Measured on Tiny Shakespeare bytes with AVX2 emulated on a Zen 4 (benchmarks/time_to_loss.py,
+4 Dec 2026): at this size a step's time is the matrix products' and, as much again, the elementwise and attention
+ops of each layer, so two layers take 0.54x the time of four per step (27.7 against 51.3 ms, alternated in one
+process) and reach validation loss 1.88 in 1.3x the steps: a 950-step schedule ends at 1.863, four layers' 720-step
+one at 1.873, in 0.67x the time; `pretrain --minutes 2` ends at held-out loss 1.725 with two layers, 1.767 with four
+(4,456 against 2,281 steps). Three layers fall between; one layer ends at 2.01; lr 3e-3 ends at ~1.98.
+A narrower MLP (d_ff 256, not 384) and two key/value heads give 1.1-1.3x the tokens/s; batch 12 at context 64 and
+lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3, and context 128-256 costs more time for the same loss;
+torch.compile saves ~10% of a step at this size in fp32 but takes 15-35 s cold. `yunque pretrain --minutes 0.35`
+on the first 90% of Tiny Shakespeare: held-out loss 1.93 with four layers of this, 2.81 with the preset's defaults
+(76 steps at context 256)."""
 SHAPE_FLAGS = ("n_layer", "n_head", "d_model", "d_ff", "n_kv_head")
-"""Flags that change the preset's shape: FP32_SHORT_RUN is tuned for the mini preset as it is."""
+"""Flags that change the preset's shape: FP32_SHORT_RUN is tuned for the mini preset's width and heads."""
 
 
 def short_run_choice(minutes: float | None, *, fp32_cpu: bool, preset: str,
