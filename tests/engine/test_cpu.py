@@ -126,7 +126,16 @@ def test_bf16_decoding_equals_fp32_on_a_model_that_has_learned(learned):
     fp32, bf16 = Engine(learned, TOK, precision="fp32"), Engine(learned, TOK, precision="bf16")
     prompts = [TOK.encode("the quick"), TOK.encode("a stitch in"), TOK.encode("over the lazy")]
     params = SamplingParams(max_new_tokens=40, temperature=0)
-    assert bf16.generate(prompts, params) == fp32.generate(prompts, params)
+    for prompt, want, got in zip(prompts, fp32.generate(prompts, params), bf16.generate(prompts, params)):
+        if got == want:
+            continue
+        # past the 32 tokens it was trained on the model may meet a near-tie; bf16 may take the other side of one
+        # (its logits agree to ~2% of their range, below), and only of one: the first difference must be there
+        k = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
+        with torch.inference_mode():
+            logits = fp32.model(torch.tensor([prompt + want[:k]]))[0, -1].float()
+        first, second = logits.topk(2).values
+        assert first - second <= 0.02 * logits.abs().max(), f"bf16 left fp32's greedy text at token {k} of {prompt}"
     ids = torch.tensor([TOK.encode(TEXT[:40])])
     with torch.inference_mode():
         a, b = fp32.model(ids).float(), bf16.model(ids).float()
