@@ -8,7 +8,7 @@ Recipes side by side, each in its own fresh process so that each clock starts at
            `pretrain --minutes` chooses there: two layers of width 128, d_ff 256, 2 key/value heads, batch 12 at
            context 64, lr 2e-3), a 950-step cosine schedule run to its end ("run" protocol, below): 1.863 on the
            whole split at its end, emulated AVX2 (900 steps end at 1.874, 920 at 1.872; four layers' 720 at 1.873
-           in 1.5x the time);
+           in 1.4x the time);
   nanogpt_model  nanoGPT's CPU recipe as nanoGPT runs it, the reference of the comparison: its model (GPT-2 blocks:
            learned positions, LayerNorm, a GELU MLP of 4x the width, no biases, tied embeddings), shape (4 layers,
            4 heads, width 128, context 64), batch 12, schedule (lr 1e-3 cosine to 1e-4 over 2000 iterations, warmup

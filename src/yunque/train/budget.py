@@ -34,7 +34,7 @@ two AVX2 cores). Measured on Tiny Shakespeare bytes with AVX2 emulated on a Zen 
 4 Dec 2026): at this size a step's time is the matrix products' and, as much again, the elementwise and attention
 ops of each layer, so two layers take 0.54x the time of four per step (27.7 against 51.3 ms, alternated in one
 process) and reach validation loss 1.88 in 1.3x the steps: a 950-step schedule ends at 1.863, four layers' 720-step
-one at 1.873, in 0.67x the time; `pretrain --minutes 2` ends at held-out loss 1.725 with two layers, 1.767 with four
+one at 1.873, in 0.71x the time; `pretrain --minutes 2` ends at held-out loss 1.725 with two layers, 1.767 with four
 (4,456 against 2,281 steps). Three layers fall between; one layer ends at 2.01; lr 3e-3 ends at ~1.98.
 A narrower MLP (d_ff 256, not 384) and two key/value heads give 1.1-1.3x the tokens/s; batch 12 at context 64 and
 lr 2e-3 need fewer tokens than batch 16-32 or lr 3e-3, and context 128-256 costs more time for the same loss;
