@@ -193,6 +193,7 @@ def test_rmsnorm_written_out_gradient_equals_autograds(dtype):
         norm.weight.copy_(torch.rand(24, generator=g) + 0.5)
     fast_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_fast = norm(fast_x)
+    assert type(y_fast.grad_fn).__name__ == "_RMSNormGradBackward"  # the written-out gradient is the one taken
     (y_fast.float() * dy).sum().backward()
     fast_w, norm.weight.grad = norm.weight.grad, None
     y_ref = rms_norm(ref_x, norm.weight, 1e-5)

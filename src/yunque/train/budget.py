@@ -26,7 +26,7 @@ benchmarks/train.py). Compiling pays when the time left times this exceeds COMPI
 
 SHORT_RUN_MINUTES = 2.0
 """Time budgets up to this many minutes, in fp32 on a CPU, train FP32_SHORT_RUN where not given (measured at
-0.3-1 minute; longer runs keep the preset, whose wider MLP pays back once the tokens are many)."""
+0.3-2 minutes; longer runs keep the preset, whose depth and wider MLP pay back once the tokens are many)."""
 FP32_SHORT_RUN: dict[str, Any] = {"n_layer": 2, "batch_size": 12, "seq_len": 64, "d_ff": 256, "n_kv_head": 2,
                                   "lr": 2e-3, "warmup_steps": 50, "min_lr_ratio": 0.05, "betas": (0.9, 0.99)}
 """The mini preset's width (128) in two layers, for the steps a short fp32 budget affords (~0.7M tokens in 30 s on
