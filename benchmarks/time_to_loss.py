@@ -87,8 +87,8 @@ RECIPES = {
                  max_steps=700, min_lr_ratio=0.05, betas=(0.9, 0.99), precision="auto", compile="auto",
                  optimizer="muon"),
     # the default on a CPU without native bf16 (fp32): what `pretrain --minutes` chooses there, on the mini preset
-    "fast_fp32": {**dict(n_layer=4, n_head=4, d_model=128, max_steps=950, precision="auto", compile="off",
-                         protocol="run"), **FP32_SHORT_RUN},
+    "fast_fp32": dict(n_head=4, d_model=128, max_steps=950, precision="auto", compile="off", protocol="run",
+                      **FP32_SHORT_RUN),
     "nanogpt": dict(n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=12, lr=1e-3, warmup_steps=100,
                     max_steps=2000, min_lr_ratio=0.1, betas=(0.9, 0.99), precision="fp32", compile="off"),
 }
@@ -112,7 +112,7 @@ def train_to_target(recipe: dict, data: str) -> dict:
     from yunque.config import ModelConfig
     from yunque.data.loaders import TokenWindows
     from yunque.eval.perplexity import score_windows
-    from yunque.losses import next_token_loss
+    from yunque.losses import next_token_loss, nll_over
     from yunque.model.gpt import GPT
     from yunque.precision import resolve_precision
     from yunque.tokenizer.bpe import byte_tokenizer
@@ -152,12 +152,12 @@ def train_to_target(recipe: dict, data: str) -> dict:
 
     def estimate(m: torch.nn.Module) -> float:
         """nanoGPT's own estimate (train.py's estimate_loss): the mean loss of NANOGPT_EVAL_ITERS random batches
-        of each split; the run's validation figure is the second."""
+        of each split (nanoGPT scores both; the run's validation figure is the second)."""
         losses = []
         for split in (train, val):
-            batch = [split.sample(r["batch_size"], T, seed=1, step=state["checks"] * 1000 + i)
-                     for i in range(NANOGPT_EVAL_ITERS)]
-            losses.append(sum(float(next_token_loss(m(x), y)) for x, y in batch) / len(batch))
+            nll, n = nll_over(m, (split.sample(r["batch_size"], T, seed=1, step=state["checks"] * 1000 + i)
+                                  for i in range(NANOGPT_EVAL_ITERS)))
+            losses.append(nll / n)  # batches of one size: the mean of their means
         return losses[1]
 
     def evaluate(m: torch.nn.Module) -> float | None:
@@ -210,9 +210,8 @@ def train_to_target(recipe: dict, data: str) -> dict:
         except TargetReached:
             reached = True
         end = time.perf_counter()
-        if not curve or curve[-1][0] != state["step"]:  # the whole split's loss where the run ended, for the table
-            # (after the clock stopped)
-            model.eval()
+        if not curve or curve[-1][0] != state["step"]:  # the whole split's loss where the run ended, for the
+            model.eval()  # table; the clock has stopped
             with torch.no_grad():
                 curve.append((state["step"], end - T0, whole_split(model, stop_above=False)[0]))
         records = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
@@ -285,7 +284,7 @@ def main() -> None:
             ("steps", lambda r: str(r["steps"])),
             ("tokens", lambda r: f"{r['tokens'] / 1e3:.0f}k"),
             ("training tokens/s", lambda r: f"{r['tokens_per_sec']:.0f}"),
-            ("val loss at stop (whole)", lambda r: f"{r['final_val_loss']:.4f}" if r["final_val_loss"] else "-")]
+            ("val loss at stop (whole)", lambda r: f"{r['final_val_loss']:.4f}")]
     names = list(results)
     for name in names:
         results[name]["name"] = name
