@@ -27,6 +27,14 @@ clients: 958-1,538 tokens/s on one code), which a single run per level puts into
 rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5. Each round's line also gives its
 own ratios to one client, levels a minute apart: the spread the machine adds.
 
+Once the server has stopped, what an engine running at this machine's limits would serve for the same requests
+(`engine_bound`): the engine's own product on the output head timed at 16 rows (its FLOP/s) and at one row (the
+bytes/s it reads the weight at), and every product of each round's prefill and decode steps at the longer of its two
+bounds; attention, HTTP and the clients cost nothing there. One row reads every weight for 2 FLOPs and 16 rows make 32
+of each read, so the ratio such an engine gets between 16 clients and one is set by the machine's balance of the
+two, and by the share of prefill (which 16 clients pay in full): on the Zen 4 of 4 Dec, 409 GFLOP/s and 67.5 GB/s
+gave 4.70x. A measured ratio above that bound means one client runs further from its bound than 16 clients do.
+
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
 exported with `yunque export --format gguf` (--gguf-dtype, f16 by default), printed side by side. Both servers get
@@ -335,6 +343,48 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
         scheduler.close()
 
 
+def engine_bound(model_dir: Path, prompt: float, new: int, levels: list[int]) -> dict:
+    """What an engine running at this machine's measured limits would serve for these requests (prompts of `prompt`
+    tokens on average, `new` generated): tokens/s at each of `levels` clients, and the limits. The limits are the
+    pace of the engine's own product on the model's output head (its copy, dtype and kernel, both threads; best of
+    30 calls): 16 rows, bound by the dot products (FLOP/s), and one row, bound by reading the weight (bytes/s).
+    Each round of requests (one a client, all at once) is prefilled together, then runs its new - 1 decode steps;
+    every product takes the longer of its two bounds (its FLOPs at that rate, its weight read once at that
+    bandwidth), and attention and everything else are free. The ratios between levels are then set by the
+    machine's balance: one row reads every weight for 2 FLOPs, 16 rows make 32 of each read."""
+    from yunque.engine.cpu import PackedLinear
+    from yunque.engine.engine import Engine
+    from yunque.engine.native import helpers
+
+    engine = in_passing_thread(lambda: Engine(*load_model(model_dir)))
+    cfg, head = engine.model.cfg, engine.model.lm_head
+    size = engine.dtype.itemsize  # bytes a weight
+
+    def best(rows: int) -> float:
+        x = torch.randn(rows, 1, cfg.d_model, dtype=engine.dtype)
+        times = []
+        with torch.inference_mode(), helpers(rows <= engine.helper_rows):
+            for _ in range(35):
+                t0 = time.perf_counter()
+                head(x)
+                times.append(time.perf_counter() - t0)
+        return min(times[5:])  # the first few build and warm what the product uses
+
+    head_macs = head.in_features * head.out_features  # multiply-adds a row
+    flops, bandwidth = 2 * 16 * head_macs / best(16), head_macs * size / best(1)
+    block_macs = sum(m.in_features * m.out_features for m in engine.model.modules()
+                     if isinstance(m, (torch.nn.Linear, PackedLinear)) and m is not head)
+
+    def product(macs: int, rows: float) -> float:
+        return max(macs * size / bandwidth, 2 * rows * macs / flops)
+
+    def tokens_per_s(n: int) -> float:
+        prefill = product(block_macs, n * prompt) + product(head_macs, n)
+        return n * new / (prefill + (new - 1) * (product(block_macs, n) + product(head_macs, n)))
+
+    return {"flops": flops, "bandwidth": bandwidth, "tokens_per_s": {n: tokens_per_s(n) for n in levels}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -410,6 +460,15 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+        prompt = statistics.mean(len(tok.encode(texts[prompt_key(i, r)], bos=tok.bos_id is not None))
+                                 for i in range(max(args.levels)) for r in range(timed_requests(args)))
+        bound = engine_bound(model_dir, prompt, args.new, args.levels)
+        best = bound["tokens_per_s"]
+        print(f"an engine at this machine's limits as measured now (products at {bound['flops'] / 1e9:.0f} GFLOP/s, "
+              f"weights read at {bound['bandwidth'] / 1e9:.1f} GB/s; prompts of {prompt:.1f} tokens prefilled "
+              f"together; attention, HTTP and clients free): " +
+              ", ".join(f"{n} clients {best[n]:,.0f} tok/s ({best[n] / best[args.levels[0]]:.2f}x)"
+                        for n in args.levels), flush=True)
         llama = llama_cpp_rows(model_dir, Path(tmp), args, texts)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     print(f"targets: {TARGETS}")
@@ -431,6 +490,7 @@ def main() -> None:
         rounds = {n: [r["tokens_per_s"] for r in runs[n]] for n in args.levels}  # every round's, in order
         Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "http": args.http, "repeats": args.repeats,
                                               "prompt_tokens": prompted, "prompt_tokens_cached": cached,
+                                              "engine_bound": bound,
                                               "yunque": rows, "yunque_rounds": rounds, "llama_cpp": llama}, indent=2))
 
 
