@@ -27,13 +27,15 @@ clients: 958-1,538 tokens/s on one code), which a single run per level puts into
 rounds one client still ranged over ±15% (163-186, 234-271, 195-224 tokens/s), hence 5. Each round's line also gives its
 own ratios to one client, levels a minute apart: the spread the machine adds.
 
-Once the server has stopped, what an engine running at this machine's limits would serve for the same requests
-(`engine_bound`): the engine's own product on the output head timed at 16 rows (its FLOP/s) and at one row (the
-bytes/s it reads the weight at), and every product of each round's prefill and decode steps at the longer of its two
-bounds; attention, HTTP and the clients cost nothing there. One row reads every weight for 2 FLOPs and 16 rows make 32
-of each read, so the ratio such an engine gets between 16 clients and one is set by the machine's balance of the
-two, and by the share of prefill (which 16 clients pay in full): on the Zen 4 of 4 Dec, 409 GFLOP/s and 67.5 GB/s
-gave 4.70x. A measured ratio above that bound means one client runs further from its bound than 16 clients do.
+After each round, with the server idle, what an engine running at this machine's limits would serve for the same
+requests (`EngineBound`): the engine's own product on the output head timed at 16 rows (its FLOP/s) and at one row
+(the bytes/s it reads the weight at), and every product of each round's prefill and decode steps at the longer of its
+two bounds; attention, HTTP and the clients cost nothing there. One row reads every weight for 2 FLOPs and 16 rows make
+32 of each read, so the ratio such an engine gets between 16 clients and one is set by the machine's balance of the
+two, and by the share of prefill (which 16 clients pay in full). Each round's line gives it beside the measured
+ratios, and the end the median round's: on the Zen 4 of 4 Dec, 409 GFLOP/s and 67.5 GB/s gave 4.70x, and 321 GFLOP/s
+with the memory at half its pace (33.9 GB/s) 7.16x: one row is bound by reading, so a neighbour's memory traffic
+slows one client and not 16.
 
 Then, where llama-cpp-python[server] imports (`pip install 'llama-cpp-python[server]'`; the `bench` extra), the
 same clients against llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`) on the same weights
@@ -343,46 +345,66 @@ def scheduler_alone(model_dir: Path, clients: int, args) -> float:
         scheduler.close()
 
 
-def engine_bound(model_dir: Path, prompt: float, new: int, levels: list[int]) -> dict:
-    """What an engine running at this machine's measured limits would serve for these requests (prompts of `prompt`
-    tokens on average, `new` generated): tokens/s at each of `levels` clients, and the limits. The limits are the
-    pace of the engine's own product on the model's output head (its copy, dtype and kernel, both threads; best of
-    30 calls): 16 rows, bound by the dot products (FLOP/s), and one row, bound by reading the weight (bytes/s).
-    Each round of requests (one a client, all at once) is prefilled together, then runs its new - 1 decode steps;
-    every product takes the longer of its two bounds (its FLOPs at that rate, its weight read once at that
-    bandwidth), and attention and everything else are free. The ratios between levels are then set by the
-    machine's balance: one row reads every weight for 2 FLOPs, 16 rows make 32 of each read."""
-    from yunque.engine.cpu import PackedLinear
-    from yunque.engine.engine import Engine
-    from yunque.engine.native import helpers
+class EngineBound:
+    """What an engine running at this machine's limits, as measured now, would serve for these requests (prompts of
+    `prompt` tokens on average, `new` generated). The limits are the pace of the engine's own product on the
+    model's output head (its copy, dtype and kernel, both threads; best of 30 calls): 16 rows, bound by the dot
+    products (FLOP/s), and one row, bound by reading the weight (bytes/s). Each round of requests (one a client,
+    all at once) is prefilled together, then runs its new - 1 decode steps; every product takes the longer of its
+    two bounds (its FLOPs at that rate, its weight read once at that bandwidth), and attention and everything else
+    are free. The ratios between levels are then set by the machine's balance: one row reads every weight for 2
+    FLOPs, 16 rows make 32 of each read."""
 
-    engine = in_passing_thread(lambda: Engine(*load_model(model_dir)))
-    cfg, head = engine.model.cfg, engine.model.lm_head
-    size = engine.dtype.itemsize  # bytes a weight
+    def __init__(self, model_dir: Path, prompt: float, new: int) -> None:
+        from yunque.engine.cpu import PackedLinear
+        from yunque.engine.engine import Engine
 
-    def best(rows: int) -> float:
-        x = torch.randn(rows, 1, cfg.d_model, dtype=engine.dtype)
-        times = []
-        with torch.inference_mode(), helpers(rows <= engine.helper_rows):
-            for _ in range(35):
-                t0 = time.perf_counter()
-                head(x)
-                times.append(time.perf_counter() - t0)
-        return min(times[5:])  # the first few build and warm what the product uses
+        self.engine = in_passing_thread(lambda: Engine(*load_model(model_dir)))
+        self.head, self.prompt, self.new = self.engine.model.lm_head, prompt, new
+        self.head_macs = self.head.in_features * self.head.out_features  # multiply-adds a row
+        self.block_macs = sum(m.in_features * m.out_features for m in self.engine.model.modules()
+                              if isinstance(m, (torch.nn.Linear, PackedLinear)) and m is not self.head)
 
-    head_macs = head.in_features * head.out_features  # multiply-adds a row
-    flops, bandwidth = 2 * 16 * head_macs / best(16), head_macs * size / best(1)
-    block_macs = sum(m.in_features * m.out_features for m in engine.model.modules()
-                     if isinstance(m, (torch.nn.Linear, PackedLinear)) and m is not head)
+    def measure(self, levels: list[int]) -> dict:
+        """The limits now, and the tokens/s at each of `levels` clients of an engine running at them."""
+        from yunque.engine.native import helpers
 
-    def product(macs: int, rows: float) -> float:
-        return max(macs * size / bandwidth, 2 * rows * macs / flops)
+        engine, size = self.engine, self.engine.dtype.itemsize  # bytes a weight
 
-    def tokens_per_s(n: int) -> float:
-        prefill = product(block_macs, n * prompt) + product(head_macs, n)
-        return n * new / (prefill + (new - 1) * (product(block_macs, n) + product(head_macs, n)))
+        def best(rows: int) -> float:
+            x = torch.randn(rows, 1, engine.model.cfg.d_model, dtype=engine.dtype)
+            times = []
+            with torch.inference_mode(), helpers(rows <= engine.helper_rows):
+                for _ in range(35):
+                    t0 = time.perf_counter()
+                    self.head(x)
+                    times.append(time.perf_counter() - t0)
+            return min(times[5:])  # the first few build and warm what the product uses
 
-    return {"flops": flops, "bandwidth": bandwidth, "tokens_per_s": {n: tokens_per_s(n) for n in levels}}
+        flops, bandwidth = 2 * 16 * self.head_macs / best(16), self.head_macs * size / best(1)
+
+        def product(macs: int, rows: float) -> float:
+            return max(macs * size / bandwidth, 2 * rows * macs / flops)
+
+        def tokens_per_s(n: int) -> float:
+            prefill = product(self.block_macs, n * self.prompt) + product(self.head_macs, n)
+            decode = product(self.block_macs, n) + product(self.head_macs, n)
+            return n * self.new / (prefill + (self.new - 1) * decode)
+
+        return {"flops": flops, "bandwidth": bandwidth, "tokens_per_s": {n: tokens_per_s(n) for n in levels}}
+
+
+def median_bound(bounds: list[dict], levels: list[int]) -> dict:
+    """The round whose bound of the last level over the first is the median (the lower middle one of an even
+    number)."""
+    key = [b["tokens_per_s"][levels[-1]] / b["tokens_per_s"][levels[0]] for b in bounds]
+    return bounds[sorted(range(len(bounds)), key=key.__getitem__)[(len(bounds) - 1) // 2]]
+
+
+def bound_ratios(bound: dict, levels: list[int]) -> str:
+    """The bound's tokens/s at each level after the first over the first's."""
+    best = bound["tokens_per_s"]
+    return ", ".join(f"{best[n] / best[levels[0]]:.2f}x" for n in levels[1:])
 
 
 def main() -> None:
@@ -420,6 +442,9 @@ def main() -> None:
         _, tok = in_passing_thread(load_model, model_dir)
         keys = [prompt_key(i, r) for i in range(max(args.levels)) for r in [*range(timed_requests(args)), WARM_UP]]
         texts = {k: tok.decode(prompt_ids(k, args.prompt, GPT2_30M.vocab_size)) for k in keys}
+        prompt = statistics.mean(len(tok.encode(texts[prompt_key(i, r)], bos=tok.bos_id is not None))
+                                 for i in range(max(args.levels)) for r in range(timed_requests(args)))
+        limits = EngineBound(model_dir, prompt, args.new)
         port = free_port()
         server = start(model_dir, port)
         try:
@@ -427,17 +452,20 @@ def main() -> None:
             for n in args.levels:
                 warm_up(url, n, args, texts)
             runs: dict[int, list[dict]] = {n: [] for n in args.levels}
+            bounds: list[dict] = []  # the machine's limits after each round, with the server idle
             prompted, cached = prompt_tokens(url)
             for i in range(args.repeats):  # rounds of every level: the host's slow minutes fall on all of them
                 for j, n in enumerate(args.levels):
                     first = first_request(i * len(args.levels) + j, args)
                     runs[n].append(asyncio.run(level(url, n, args, texts, first=first, server=server.pid)))
-                if args.repeats > 1:
-                    one = runs[args.levels[0]][-1]["tokens_per_s"]
-                    ratios = ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:])
-                    print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
-                                                         for n in args.levels) + " tok/s" +
-                          (f" ({ratios})" if ratios else ""), flush=True)
+                bounds.append(limits.measure(args.levels))
+                one = runs[args.levels[0]][-1]["tokens_per_s"]
+                ratios = ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:])
+                print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
+                                                     for n in args.levels) + " tok/s" +
+                      (f" ({ratios}; an engine at the machine's limits {bound_ratios(bounds[-1], args.levels)}: "
+                       f"{bounds[-1]['flops'] / 1e9:.0f} GFLOP/s, {bounds[-1]['bandwidth'] / 1e9:.1f} GB/s)"
+                       if ratios else ""), flush=True)
             after = prompt_tokens(url)
             prompted, cached = after[0] - prompted, after[1] - cached
             print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
@@ -460,12 +488,10 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-        prompt = statistics.mean(len(tok.encode(texts[prompt_key(i, r)], bos=tok.bos_id is not None))
-                                 for i in range(max(args.levels)) for r in range(timed_requests(args)))
-        bound = engine_bound(model_dir, prompt, args.new, args.levels)
+        bound = median_bound(bounds, args.levels)
         best = bound["tokens_per_s"]
-        print(f"an engine at this machine's limits as measured now (products at {bound['flops'] / 1e9:.0f} GFLOP/s, "
-              f"weights read at {bound['bandwidth'] / 1e9:.1f} GB/s; prompts of {prompt:.1f} tokens prefilled "
+        print(f"an engine at this machine's limits (its median round: products at {bound['flops'] / 1e9:.0f} GFLOP/s, "
+              f"weights read at {bound['bandwidth'] / 1e9:.1f} GB/s; prompts of {limits.prompt:.1f} tokens prefilled "
               f"together; attention, HTTP and clients free): " +
               ", ".join(f"{n} clients {best[n]:,.0f} tok/s ({best[n] / best[args.levels[0]]:.2f}x)"
                         for n in args.levels), flush=True)
@@ -490,7 +516,7 @@ def main() -> None:
         rounds = {n: [r["tokens_per_s"] for r in runs[n]] for n in args.levels}  # every round's, in order
         Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "http": args.http, "repeats": args.repeats,
                                               "prompt_tokens": prompted, "prompt_tokens_cached": cached,
-                                              "engine_bound": bound,
+                                              "engine_bound": bound, "engine_bound_rounds": bounds,
                                               "yunque": rows, "yunque_rounds": rounds, "llama_cpp": llama}, indent=2))
 
 
