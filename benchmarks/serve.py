@@ -295,10 +295,14 @@ def cpu_line(r: dict) -> str:
     return "CPU: " + ", ".join(parts)
 
 
+def lower_median(items: list[dict], key) -> dict:
+    """The item of median `key` (the lower middle one of an even number)."""
+    return sorted(items, key=key)[(len(items) - 1) // 2]
+
+
 def median_run(runs: list[dict]) -> dict:
-    """The run of median aggregate tokens/s (the lower middle one of an even number), with `runs`: how many."""
-    run = sorted(runs, key=lambda r: r["tokens_per_s"])[(len(runs) - 1) // 2]
-    return {**run, "runs": len(runs)}
+    """The run of median aggregate tokens/s, with `runs`: how many."""
+    return {**lower_median(runs, lambda r: r["tokens_per_s"]), "runs": len(runs)}
 
 
 def warm_up(url: str, clients: int, args, texts: dict[int, str], usage: bool = True) -> None:
@@ -394,17 +398,9 @@ class EngineBound:
         return {"flops": flops, "bandwidth": bandwidth, "tokens_per_s": {n: tokens_per_s(n) for n in levels}}
 
 
-def median_bound(bounds: list[dict], levels: list[int]) -> dict:
-    """The round whose bound of the last level over the first is the median (the lower middle one of an even
-    number)."""
-    key = [b["tokens_per_s"][levels[-1]] / b["tokens_per_s"][levels[0]] for b in bounds]
-    return bounds[sorted(range(len(bounds)), key=key.__getitem__)[(len(bounds) - 1) // 2]]
-
-
-def bound_ratios(bound: dict, levels: list[int]) -> str:
-    """The bound's tokens/s at each level after the first over the first's."""
-    best = bound["tokens_per_s"]
-    return ", ".join(f"{best[n] / best[levels[0]]:.2f}x" for n in levels[1:])
+def bound_ratio(bound: dict, n: int, levels: list[int]) -> float:
+    """An `EngineBound.measure` result's tokens/s at n clients over those at the first level."""
+    return bound["tokens_per_s"][n] / bound["tokens_per_s"][levels[0]]
 
 
 def main() -> None:
@@ -458,14 +454,15 @@ def main() -> None:
                 for j, n in enumerate(args.levels):
                     first = first_request(i * len(args.levels) + j, args)
                     runs[n].append(asyncio.run(level(url, n, args, texts, first=first, server=server.pid)))
-                bounds.append(limits.measure(args.levels))
+                bound = limits.measure(args.levels)
+                bounds.append(bound)
                 one = runs[args.levels[0]][-1]["tokens_per_s"]
                 ratios = ", ".join(f"{runs[n][-1]['tokens_per_s'] / one:.2f}x" for n in args.levels[1:])
+                ideal = ", ".join(f"{bound_ratio(bound, n, args.levels):.2f}x" for n in args.levels[1:])
                 print(f"round {i + 1}: " + ", ".join(f"{n} clients {runs[n][-1]['tokens_per_s']:.1f}"
                                                      for n in args.levels) + " tok/s" +
-                      (f" ({ratios}; an engine at the machine's limits {bound_ratios(bounds[-1], args.levels)}: "
-                       f"{bounds[-1]['flops'] / 1e9:.0f} GFLOP/s, {bounds[-1]['bandwidth'] / 1e9:.1f} GB/s)"
-                       if ratios else ""), flush=True)
+                      (f" ({ratios}; an engine at the machine's limits {ideal}: {bound['flops'] / 1e9:.0f} GFLOP/s, "
+                       f"{bound['bandwidth'] / 1e9:.1f} GB/s)" if ratios else ""), flush=True)
             after = prompt_tokens(url)
             prompted, cached = after[0] - prompted, after[1] - cached
             print(f"prompt tokens of the timed rounds: {prompted:.0f}, of which the shared-prefix cache gave "
@@ -488,12 +485,12 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-        bound = median_bound(bounds, args.levels)
+        bound = lower_median(bounds, lambda b: bound_ratio(b, args.levels[-1], args.levels))
         best = bound["tokens_per_s"]
         print(f"an engine at this machine's limits (its median round: products at {bound['flops'] / 1e9:.0f} GFLOP/s, "
               f"weights read at {bound['bandwidth'] / 1e9:.1f} GB/s; prompts of {limits.prompt:.1f} tokens prefilled "
               f"together; attention, HTTP and clients free): " +
-              ", ".join(f"{n} clients {best[n]:,.0f} tok/s ({best[n] / best[args.levels[0]]:.2f}x)"
+              ", ".join(f"{n} clients {best[n]:,.0f} tok/s ({bound_ratio(bound, n, args.levels):.2f}x)"
                         for n in args.levels), flush=True)
         llama = llama_cpp_rows(model_dir, Path(tmp), args, texts)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
